@@ -1,0 +1,366 @@
+//! CPU kernels: the matrix products that dominate every step, and the small vector ops.
+//!
+//! Matmuls read the weights in their stored dtype and widen them in registers or a small
+//! per-task buffer; activations and accumulation are f32. Work is split over output rows with
+//! rayon; the inner product kernel is compiled for AVX-512 and AVX2+FMA and picked at run time,
+//! with a portable fallback for other machines.
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use crate::tensor::{Weight, WeightData, bf16_to_f32};
+
+/// Output rows handled per rayon task (a multiple of the 4-row kernel).
+const ROW_TILE: usize = 32;
+const LANES: usize = 16;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SimdLevel {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+fn simd_level() -> SimdLevel {
+    static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
+                return SimdLevel::Avx512;
+            }
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                return SimdLevel::Avx2;
+            }
+        }
+        SimdLevel::Portable
+    })
+}
+
+/// Name of the kernel variant in use (for `sluice bench`).
+pub fn kernel_name() -> &'static str {
+    match simd_level() {
+        SimdLevel::Portable => "portable",
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => "avx2+fma",
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 => "avx512f",
+    }
+}
+
+/// `y = x · Wᵀ`: x `[t, w.cols]`, y `[t, w.rows]`.
+pub fn matmul(x: &[f32], w: &Weight, y: &mut [f32]) {
+    let t = x.len() / w.cols;
+    debug_assert_eq!(x.len(), t * w.cols);
+    debug_assert_eq!(y.len(), t * w.rows);
+    if t == 1 {
+        // y is already [rows] = [rows, 1]: tiles write straight into it.
+        y.par_chunks_mut(ROW_TILE)
+            .enumerate()
+            .for_each(|(i, out)| row_tile(x, 1, w, i * ROW_TILE, out));
+        return;
+    }
+    // Tiles produce yᵀ [rows, t]; one transpose puts it back to [t, rows].
+    let mut yt = vec![0.0f32; w.rows * t];
+    yt.par_chunks_mut(ROW_TILE * t)
+        .enumerate()
+        .for_each(|(i, out)| row_tile(x, t, w, i * ROW_TILE, out));
+    for (r, col) in yt.chunks_exact(t).enumerate() {
+        for (tok, v) in col.iter().enumerate() {
+            y[tok * w.rows + r] = *v;
+        }
+    }
+}
+
+/// Computes rows `r0 .. r0 + out.len()/t` of Wᵀ-products into `out` `[rows, t]`.
+fn row_tile(x: &[f32], t: usize, w: &Weight, r0: usize, out: &mut [f32]) {
+    match simd_level() {
+        // SAFETY: the CPU features these variants are compiled for were detected at run time.
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 => unsafe { row_tile_avx512(x, t, w, r0, out) },
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => unsafe { row_tile_avx2(x, t, w, r0, out) },
+        SimdLevel::Portable => row_tile_impl::<false>(x, t, w, r0, out),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+fn row_tile_avx512(x: &[f32], t: usize, w: &Weight, r0: usize, out: &mut [f32]) {
+    row_tile_impl::<true>(x, t, w, r0, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn row_tile_avx2(x: &[f32], t: usize, w: &Weight, r0: usize, out: &mut [f32]) {
+    row_tile_impl::<true>(x, t, w, r0, out)
+}
+
+#[inline(always)]
+fn row_tile_impl<const FMA: bool>(x: &[f32], t: usize, w: &Weight, r0: usize, out: &mut [f32]) {
+    let n = w.cols;
+    let rows = out.len() / t;
+    // Widened copies of up to four weight rows (unused for f32 weights).
+    let mut scratch = match w.data {
+        WeightData::F32(_) => Vec::new(),
+        _ => vec![0.0f32; 4 * n],
+    };
+    let mut r = 0;
+    while r < rows {
+        let group = (rows - r).min(4);
+        let wrows: [&[f32]; 4] = match &w.data {
+            WeightData::F32(d) => std::array::from_fn(|i| {
+                let row = r0 + r + i.min(group - 1);
+                &d[row * n..(row + 1) * n]
+            }),
+            _ => {
+                for i in 0..group {
+                    w.row_f32(r0 + r + i, &mut scratch[i * n..(i + 1) * n]);
+                }
+                let s = &scratch;
+                std::array::from_fn(|i| {
+                    let i = i.min(group - 1);
+                    &s[i * n..(i + 1) * n]
+                })
+            }
+        };
+        let mut tok = 0;
+        while tok + 4 <= t {
+            let xs: [&[f32]; 4] = std::array::from_fn(|j| &x[(tok + j) * n..(tok + j + 1) * n]);
+            let d = dot_block::<FMA, 4>(wrows, xs);
+            for i in 0..group {
+                out[(r + i) * t + tok..(r + i) * t + tok + 4].copy_from_slice(&d[i]);
+            }
+            tok += 4;
+        }
+        while tok < t {
+            let d = dot_block::<FMA, 1>(wrows, [&x[tok * n..(tok + 1) * n]]);
+            for i in 0..group {
+                out[(r + i) * t + tok] = d[i][0];
+            }
+            tok += 1;
+        }
+        r += group;
+    }
+}
+
+#[inline(always)]
+fn fmadd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA { a.mul_add(b, c) } else { a * b + c }
+}
+
+/// Dot products of 4 weight rows with `T` activation rows, 16 lanes at a time.
+#[inline(always)]
+fn dot_block<const FMA: bool, const T: usize>(w: [&[f32]; 4], x: [&[f32]; T]) -> [[f32; T]; 4] {
+    let n = w[0].len();
+    let full = n / LANES * LANES;
+    let mut acc = [[[0.0f32; LANES]; T]; 4];
+    let mut c = 0;
+    while c < full {
+        let wc: [&[f32; LANES]; 4] =
+            std::array::from_fn(|r| w[r][c..c + LANES].try_into().unwrap_or(&[0.0; LANES]));
+        let xc: [&[f32; LANES]; T] =
+            std::array::from_fn(|j| x[j][c..c + LANES].try_into().unwrap_or(&[0.0; LANES]));
+        for r in 0..4 {
+            for j in 0..T {
+                for l in 0..LANES {
+                    acc[r][j][l] = fmadd::<FMA>(wc[r][l], xc[j][l], acc[r][j][l]);
+                }
+            }
+        }
+        c += LANES;
+    }
+    let mut out = [[0.0f32; T]; 4];
+    for r in 0..4 {
+        for j in 0..T {
+            let mut s = lane_sum(&acc[r][j]);
+            for i in full..n {
+                s = fmadd::<FMA>(w[r][i], x[j][i], s);
+            }
+            out[r][j] = s;
+        }
+    }
+    out
+}
+
+#[inline(always)]
+fn lane_sum(v: &[f32; LANES]) -> f32 {
+    let mut h = *v;
+    let mut width = LANES / 2;
+    while width > 0 {
+        for i in 0..width {
+            h[i] += h[i + width];
+        }
+        width /= 2;
+    }
+    h[0]
+}
+
+/// Embedding lookup: row `id` of `w`, widened, into `out`.
+pub fn embed_row(w: &Weight, id: usize, out: &mut [f32]) {
+    w.row_f32(id, out);
+}
+
+/// Zero-centred RMSNorm `x̂·(1+w)` over rows of `w.len()`, in place.
+pub fn rms_norm_1p(x: &mut [f32], w: &[f32], eps: f32) {
+    for row in x.chunks_exact_mut(w.len()) {
+        let inv = inv_rms(row, eps);
+        for (v, g) in row.iter_mut().zip(w) {
+            *v = *v * inv * (1.0 + g);
+        }
+    }
+}
+
+/// Plain-weight RMSNorm gated by SiLU(z): `(w·x̂)·silu(z)`, rows of `w.len()`, in place.
+pub fn rms_norm_gated(x: &mut [f32], z: &[f32], w: &[f32], eps: f32) {
+    for (row, zrow) in x.chunks_exact_mut(w.len()).zip(z.chunks_exact(w.len())) {
+        let inv = inv_rms(row, eps);
+        for ((v, g), zv) in row.iter_mut().zip(w).zip(zrow) {
+            *v = g * (*v * inv) * silu(*zv);
+        }
+    }
+}
+
+#[inline]
+fn inv_rms(row: &[f32], eps: f32) -> f32 {
+    let ss: f32 = row.iter().map(|v| v * v).sum();
+    1.0 / (ss / row.len() as f32 + eps).sqrt()
+}
+
+/// L2 normalisation `x · rsqrt(Σx² + eps)` of each row of `dim`, in place.
+pub fn l2_norm(x: &mut [f32], dim: usize, eps: f32) {
+    for row in x.chunks_exact_mut(dim) {
+        let ss: f32 = row.iter().map(|v| v * v).sum();
+        let inv = 1.0 / (ss + eps).sqrt();
+        row.iter_mut().for_each(|v| *v *= inv);
+    }
+}
+
+#[inline]
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+#[inline]
+pub fn silu(x: f32) -> f32 {
+    x * sigmoid(x)
+}
+
+/// `log(1 + e^x)` as torch computes it (linear above 20).
+#[inline]
+pub fn softplus(x: f32) -> f32 {
+    if x > 20.0 { x } else { x.exp().ln_1p() }
+}
+
+/// In-place softmax of one row, in f32.
+pub fn softmax(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// SwiGLU on a fused `[t, 2i]` gate|up product → `[t, i]`.
+pub fn swiglu(gate_up: &[f32], inter: usize, out: &mut [f32]) {
+    for (g, o) in gate_up.chunks_exact(2 * inter).zip(out.chunks_exact_mut(inter)) {
+        let (gate, up) = g.split_at(inter);
+        for ((o, a), b) in o.iter_mut().zip(gate).zip(up) {
+            *o = silu(*a) * b;
+        }
+    }
+}
+
+/// `acc += x`.
+pub fn add_assign(acc: &mut [f32], x: &[f32]) {
+    for (a, b) in acc.iter_mut().zip(x) {
+        *a += b;
+    }
+}
+
+/// Reads a bf16 bit pattern as f32 (re-exported for kernels that stream bf16).
+#[inline]
+pub fn widen_bf16(bits: u16) -> f32 {
+    bf16_to_f32(bits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::f32_to_bf16;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    /// f64 reference for `x · Wᵀ`.
+    fn reference(x: &[f32], w: &[f32], rows: usize, cols: usize) -> Vec<f64> {
+        let t = x.len() / cols;
+        let mut y = vec![0.0f64; t * rows];
+        for tok in 0..t {
+            for r in 0..rows {
+                y[tok * rows + r] = (0..cols)
+                    .map(|i| x[tok * cols + i] as f64 * w[r * cols + i] as f64)
+                    .sum();
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn matmul_matches_f64_reference_for_all_shapes_and_dtypes() {
+        let mut seed = 7;
+        for &(t, rows, cols) in &[(1, 37, 50), (3, 64, 16), (9, 70, 33), (4, 5, 128), (17, 33, 100)] {
+            let x: Vec<f32> = (0..t * cols).map(|_| lcg(&mut seed)).collect();
+            let wf: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed)).collect();
+            let bits: Vec<u16> = wf.iter().map(|v| f32_to_bf16(*v)).collect();
+            let wb: Vec<f32> = bits.iter().map(|b| bf16_to_f32(*b)).collect();
+            for (w, wref) in [
+                (Weight { rows, cols, data: WeightData::F32(wf.clone()) }, &wf),
+                (Weight { rows, cols, data: WeightData::BF16(bits.clone()) }, &wb),
+            ] {
+                let mut y = vec![0.0; t * rows];
+                matmul(&x, &w, &mut y);
+                let r = reference(&x, wref, rows, cols);
+                for (a, b) in y.iter().zip(&r) {
+                    assert!((*a as f64 - b).abs() < 1e-4, "t={t} {rows}x{cols}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn norms_follow_their_definitions() {
+        let mut x = vec![1.0, 2.0, 3.0, 4.0];
+        rms_norm_1p(&mut x, &[0.0, 1.0, 0.0, -1.0], 0.0);
+        let rms = (30.0f32 / 4.0).sqrt();
+        assert!((x[0] - 1.0 / rms).abs() < 1e-6);
+        assert!((x[1] - 4.0 / rms).abs() < 1e-6);
+        assert_eq!(x[3], 0.0);
+        let mut v = vec![3.0, 4.0];
+        l2_norm(&mut v, 2, 0.0);
+        assert!((v[0] - 0.6).abs() < 1e-6 && (v[1] - 0.8).abs() < 1e-6);
+        let mut g = vec![3.0, 4.0];
+        rms_norm_gated(&mut g, &[0.0, 100.0], &[1.0, 2.0], 0.0);
+        assert_eq!(g[0], 0.0); // silu(0) = 0
+        let rms = (12.5f32).sqrt();
+        assert!((g[1] - 2.0 * 4.0 / rms * 100.0).abs() < 1e-3);
+    }
+
+    #[test]
+    fn softmax_sums_to_one_and_softplus_is_stable() {
+        let mut row = vec![1000.0, 1001.0, -5.0];
+        softmax(&mut row);
+        assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(row[1] > row[0] && row[2] < 1e-6);
+        assert_eq!(softplus(50.0), 50.0);
+        assert!((softplus(0.0) - 2f32.ln()).abs() < 1e-7);
+    }
+}

@@ -1,0 +1,17 @@
+//! Sluice's inference engine: Qwen3.5 / Qwen3-Next models from Hugging Face checkpoints on the
+//! CPU, with paged KV cache, Gated DeltaNet state slots, batching, sampling and tokenisation.
+//! No async runtime and no RPC here: the services build on this crate.
+
+pub mod backend;
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod model;
+pub mod tensor;
+pub mod weights;
+
+pub use backend::Device;
+pub use cache::{CacheConfig, CacheLayout, CacheSnapshot, ModelCache, SeqId};
+pub use config::{ModelFamily, ModelSpec};
+pub use error::{EngineError, Result};
+pub use model::{LogitsMode, Model, SeqChunk};

@@ -1,0 +1,146 @@
+//! Gated full attention: q_proj yields [q | gate] per head, zero-centred q/k RMSNorm, partial
+//! NeoX RoPE on the first `rotary_dim` dims, GQA over the paged KV cache, causal softmax in f32,
+//! output × sigmoid(gate).
+
+use rayon::prelude::*;
+
+use super::Segment;
+use crate::backend::cpu;
+use crate::cache::ModelCache;
+use crate::config::AttentionSpec;
+use crate::error::Result;
+use crate::tensor::Weight;
+use crate::weights::WeightStore;
+
+pub struct Attention {
+    layer: usize,
+    spec: AttentionSpec,
+    /// `[heads · 2 · head_dim, hidden]`, per head [q | gate].
+    q_proj: Weight,
+    /// `[kv_heads · head_dim, hidden]`.
+    k_proj: Weight,
+    v_proj: Weight,
+    /// `[hidden, heads · head_dim]`.
+    o_proj: Weight,
+    q_norm: Vec<f32>,
+    k_norm: Vec<f32>,
+    eps: f32,
+    /// `[rotary_dim / 2]`: θ^(-2i/rotary_dim).
+    inv_freq: Vec<f32>,
+}
+
+impl Attention {
+    pub fn load(
+        store: &WeightStore,
+        prefix: &str,
+        layer: usize,
+        spec: &AttentionSpec,
+        hidden: usize,
+        eps: f32,
+    ) -> Result<Self> {
+        let (h, kv, d) = (spec.heads, spec.kv_heads, spec.head_dim);
+        let rot = spec.rotary_dim;
+        let inv_freq = (0..rot / 2)
+            .map(|i| (1.0 / spec.rope_theta.powf((2 * i) as f64 / rot as f64)) as f32)
+            .collect();
+        Ok(Attention {
+            layer,
+            spec: spec.clone(),
+            q_proj: store.matrix(&format!("{prefix}.q_proj.weight"), 2 * h * d, hidden)?,
+            k_proj: store.matrix(&format!("{prefix}.k_proj.weight"), kv * d, hidden)?,
+            v_proj: store.matrix(&format!("{prefix}.v_proj.weight"), kv * d, hidden)?,
+            o_proj: store.matrix(&format!("{prefix}.o_proj.weight"), hidden, h * d)?,
+            q_norm: store.f32_tensor(&format!("{prefix}.q_norm.weight"), &[d])?,
+            k_norm: store.f32_tensor(&format!("{prefix}.k_norm.weight"), &[d])?,
+            eps,
+            inv_freq,
+        })
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        self.q_proj.bytes() + self.k_proj.bytes() + self.v_proj.bytes() + self.o_proj.bytes()
+    }
+
+    /// Rotates the first `rotary_dim` dims of one head vector for position `pos`.
+    fn rope(&self, x: &mut [f32], pos: usize) {
+        let half = self.spec.rotary_dim / 2;
+        for (i, inv) in self.inv_freq.iter().enumerate() {
+            let angle = pos as f32 * inv;
+            let (sin, cos) = angle.sin_cos();
+            let (a, b) = (x[i], x[i + half]);
+            x[i] = a * cos - b * sin;
+            x[i + half] = b * cos + a * sin;
+        }
+    }
+
+    /// x `[t, hidden]` (normed) → out `[t, hidden]`; appends this step's keys and values.
+    pub fn forward(
+        &self,
+        x: &[f32],
+        segments: &[Segment],
+        cache: &mut ModelCache,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let (nh, nkv, d) = (self.spec.heads, self.spec.kv_heads, self.spec.head_dim);
+        let t = x.len() / self.q_proj.cols;
+        let mut qg = vec![0.0; t * nh * 2 * d]; // [t, nh, 2d]
+        let mut k = vec![0.0; t * nkv * d]; // [t, nkv, d]
+        let mut v = vec![0.0; t * nkv * d];
+        cpu::matmul(x, &self.q_proj, &mut qg);
+        cpu::matmul(x, &self.k_proj, &mut k);
+        cpu::matmul(x, &self.v_proj, &mut v);
+
+        for seg in segments {
+            for i in 0..seg.len {
+                let tok = seg.offset + i;
+                let pos = seg.start_pos + i;
+                for head in qg[tok * nh * 2 * d..(tok + 1) * nh * 2 * d].chunks_exact_mut(2 * d) {
+                    let q = &mut head[..d];
+                    cpu::rms_norm_1p(q, &self.q_norm, self.eps);
+                    self.rope(q, pos);
+                }
+                let krow = &mut k[tok * nkv * d..(tok + 1) * nkv * d];
+                for head in krow.chunks_exact_mut(d) {
+                    cpu::rms_norm_1p(head, &self.k_norm, self.eps);
+                    self.rope(head, pos);
+                }
+                cache.write_kv(self.layer, seg.seq, pos, krow, &v[tok * nkv * d..(tok + 1) * nkv * d])?;
+            }
+        }
+
+        let mut attn = vec![0.0; t * nh * d]; // [t, nh·d]
+        let scale = (d as f32).powf(-0.5);
+        let group = nh / nkv;
+        for seg in segments {
+            let view = cache.kv_view(self.layer, seg.seq, seg.start_pos + seg.len)?;
+            let rows = &mut attn[seg.offset * nh * d..(seg.offset + seg.len) * nh * d];
+            rows.par_chunks_mut(nh * d).enumerate().for_each(|(i, row)| {
+                let tok = seg.offset + i;
+                let visible = seg.start_pos + i + 1; // causal
+                let mut scores = vec![0.0f32; visible];
+                for (h, o) in row.chunks_exact_mut(d).enumerate() {
+                    let q = &qg[(tok * nh + h) * 2 * d..(tok * nh + h) * 2 * d + d];
+                    let kh = h / group;
+                    for (p, s) in scores.iter_mut().enumerate() {
+                        let key = &view.key(p)[kh * d..(kh + 1) * d];
+                        *s = q.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    }
+                    cpu::softmax(&mut scores);
+                    o.fill(0.0);
+                    for (p, w) in scores.iter().enumerate() {
+                        let val = &view.value(p)[kh * d..(kh + 1) * d];
+                        for (acc, vv) in o.iter_mut().zip(val) {
+                            *acc += w * vv;
+                        }
+                    }
+                    let gate = &qg[(tok * nh + h) * 2 * d + d..(tok * nh + h + 1) * 2 * d];
+                    for (acc, g) in o.iter_mut().zip(gate) {
+                        *acc *= cpu::sigmoid(*g);
+                    }
+                }
+            });
+        }
+        cpu::matmul(&attn, &self.o_proj, out);
+        Ok(())
+    }
+}

@@ -1,0 +1,48 @@
+//! SwiGLU MLP (`down(silu(gate x) · up x)`), used for dense layers, shared experts and experts.
+
+use crate::backend::cpu;
+use crate::error::{EngineError, Result};
+use crate::tensor::Weight;
+use crate::weights::WeightStore;
+
+pub struct Mlp {
+    /// `[2·inter, hidden]`: gate rows then up rows, so one product gives both.
+    gate_up: Weight,
+    /// `[hidden, inter]`.
+    down: Weight,
+    inter: usize,
+}
+
+impl Mlp {
+    pub fn new(gate_up: Weight, down: Weight) -> Self {
+        let inter = gate_up.rows / 2;
+        Mlp { gate_up, down, inter }
+    }
+
+    /// Loads `{prefix}.gate_proj`, `{prefix}.up_proj`, `{prefix}.down_proj`.
+    pub fn load(store: &WeightStore, prefix: &str, hidden: usize, inter: usize) -> Result<Self> {
+        let gate = store.matrix(&format!("{prefix}.gate_proj.weight"), inter, hidden)?;
+        let up = store.matrix(&format!("{prefix}.up_proj.weight"), inter, hidden)?;
+        let down = store.matrix(&format!("{prefix}.down_proj.weight"), hidden, inter)?;
+        let gate_up = Weight::concat_rows(&[gate, up]).ok_or_else(|| EngineError::TensorDType {
+            name: format!("{prefix}.up_proj.weight"),
+            actual: "a dtype different from gate_proj".into(),
+            expected: "the dtype of gate_proj",
+        })?;
+        Ok(Mlp::new(gate_up, down))
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        self.gate_up.bytes() + self.down.bytes()
+    }
+
+    /// x `[t, hidden]` → out `[t, hidden]` (overwritten).
+    pub fn forward(&self, x: &[f32], out: &mut [f32]) {
+        let t = x.len() / self.gate_up.cols;
+        let mut gate_up = vec![0.0; t * 2 * self.inter]; // [t, 2·inter]
+        cpu::matmul(x, &self.gate_up, &mut gate_up);
+        let mut act = vec![0.0; t * self.inter]; // [t, inter]
+        cpu::swiglu(&gate_up, self.inter, &mut act);
+        cpu::matmul(&act, &self.down, out);
+    }
+}

@@ -1,0 +1,252 @@
+//! Qwen3.5 hybrid model, top-down: spec → decoder layers → model.
+//!
+//! Each decoder layer is `x += mixer(norm(x)); x += ffn(norm(x))`, where the mixer is gated
+//! full attention or Gated DeltaNet and the FFN is a sparse MoE or a dense SwiGLU MLP.
+//! `forward` runs a packed batch of sequences of different lengths: prefill chunks of some
+//! sequences and decode tokens of others in one call.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use super::layers::Segment;
+use super::layers::attention::Attention;
+use super::layers::gated_delta::GatedDeltaNet;
+use super::layers::mlp::Mlp;
+use super::layers::moe::SparseMoe;
+use super::layers::norm::RmsNorm;
+use crate::backend::cpu;
+use crate::cache::{CacheConfig, ModelCache, SeqId};
+use crate::config::{FfnKind, MixerKind, ModelSpec, load_spec};
+use crate::error::{EngineError, Result};
+use crate::tensor::{DType, Weight};
+use crate::weights::WeightStore;
+
+enum Mixer {
+    Attention(Attention),
+    Linear(GatedDeltaNet),
+}
+
+enum Ffn {
+    Dense(Mlp),
+    Moe(SparseMoe),
+}
+
+struct DecoderLayer {
+    input_norm: RmsNorm,
+    mixer: Mixer,
+    post_norm: RmsNorm,
+    ffn: Ffn,
+}
+
+pub struct Model {
+    spec: ModelSpec,
+    /// `[vocab, hidden]`.
+    embed: Weight,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    /// `[vocab, hidden]`; `None` when tied to `embed`.
+    lm_head: Option<Weight>,
+    dtype: DType,
+    fingerprint: u64,
+}
+
+/// One sequence's new tokens in a batch.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqChunk<'a> {
+    pub seq: SeqId,
+    pub tokens: &'a [u32],
+}
+
+/// Which positions get logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsMode {
+    /// One row per chunk: its last token (what sampling needs).
+    LastPerSequence,
+    /// One row per token of the batch, in packed order.
+    AllTokens,
+}
+
+impl Model {
+    /// Loads `config.json` and the safetensors weights of `dir`. `progress(done, total)` is
+    /// called after each layer.
+    pub fn load(dir: &Path, mut progress: impl FnMut(usize, usize)) -> Result<Model> {
+        let spec = load_spec(dir)?;
+        let store = WeightStore::open(dir)?;
+        let prefix = if store.contains("model.language_model.embed_tokens.weight") {
+            "model.language_model"
+        } else {
+            "model"
+        };
+        let (h, v, eps) = (spec.hidden, spec.vocab, spec.eps);
+        let embed = store.matrix(&format!("{prefix}.embed_tokens.weight"), v, h)?;
+        let total = spec.layers.len();
+        let mut layers = Vec::with_capacity(total);
+        for (i, layer) in spec.layers.iter().enumerate() {
+            let p = format!("{prefix}.layers.{i}");
+            let mixer = match layer.mixer {
+                MixerKind::FullAttention => Mixer::Attention(Attention::load(
+                    &store,
+                    &format!("{p}.self_attn"),
+                    i,
+                    &spec.attention,
+                    h,
+                    eps,
+                )?),
+                MixerKind::LinearAttention => Mixer::Linear(GatedDeltaNet::load(
+                    &store,
+                    &format!("{p}.linear_attn"),
+                    i,
+                    &spec.linear,
+                    h,
+                    eps,
+                )?),
+            };
+            let ffn = match (layer.ffn, &spec.moe) {
+                (FfnKind::Moe, Some(moe)) => Ffn::Moe(SparseMoe::load(&store, &format!("{p}.mlp"), moe, h)?),
+                _ => Ffn::Dense(Mlp::load(&store, &format!("{p}.mlp"), h, spec.dense_intermediate)?),
+            };
+            layers.push(DecoderLayer {
+                input_norm: RmsNorm::load(&store, &format!("{p}.input_layernorm.weight"), h, eps)?,
+                mixer,
+                post_norm: RmsNorm::load(&store, &format!("{p}.post_attention_layernorm.weight"), h, eps)?,
+                ffn,
+            });
+            progress(i + 1, total);
+        }
+        let lm_head = if spec.tie_embeddings && !store.contains("lm_head.weight") {
+            None
+        } else {
+            Some(store.matrix("lm_head.weight", v, h)?)
+        };
+        let norm = RmsNorm::load(&store, &format!("{prefix}.norm.weight"), h, eps)?;
+        let dtype = embed.dtype();
+        let fingerprint = fingerprint(&spec, dtype);
+        Ok(Model { spec, embed, layers, norm, lm_head, dtype, fingerprint })
+    }
+
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// Dtype of the stored weights (of the embedding; a few small tensors may differ).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Identifies the architecture and weight dtype: two workers may exchange cache snapshots
+    /// only when their fingerprints match.
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+
+    /// A cache for this model.
+    pub fn new_cache(&self, config: CacheConfig) -> Result<ModelCache> {
+        ModelCache::new(&self.spec, config)
+    }
+
+    /// Bytes of weights read to decode one token (active experts only).
+    pub fn active_weight_bytes(&self) -> usize {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed).bytes();
+        let row = self.embed.bytes() / self.spec.vocab;
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let mixer = match &l.mixer {
+                    Mixer::Attention(a) => a.weight_bytes(),
+                    Mixer::Linear(g) => g.weight_bytes(),
+                };
+                let ffn = match &l.ffn {
+                    Ffn::Dense(m) => m.weight_bytes(),
+                    Ffn::Moe(m) => m.active_weight_bytes(),
+                };
+                mixer + ffn
+            })
+            .sum();
+        head + row + layers
+    }
+
+    /// Runs one step over a packed batch and returns logits `[rows, vocab]` (rows per `mode`).
+    /// Every chunk's tokens are appended to its sequence's cache.
+    pub fn forward(&self, cache: &mut ModelCache, batch: &[SeqChunk<'_>], mode: LogitsMode) -> Result<Vec<f32>> {
+        let segments = self.plan(cache, batch)?;
+        let hidden = self.spec.hidden;
+        let t: usize = segments.iter().map(|s| s.len).sum();
+
+        let mut h = vec![0.0; t * hidden]; // [t, hidden]
+        for (chunk, seg) in batch.iter().zip(&segments) {
+            for (i, &id) in chunk.tokens.iter().enumerate() {
+                let row = seg.offset + i;
+                cpu::embed_row(&self.embed, id as usize, &mut h[row * hidden..(row + 1) * hidden]);
+            }
+        }
+        let mut x = vec![0.0; t * hidden]; // normed input of a sublayer
+        let mut y = vec![0.0; t * hidden]; // sublayer output
+        for layer in &self.layers {
+            x.copy_from_slice(&h);
+            layer.input_norm.forward(&mut x);
+            match &layer.mixer {
+                Mixer::Attention(a) => a.forward(&x, &segments, cache, &mut y)?,
+                Mixer::Linear(g) => g.forward(&x, &segments, cache, &mut y)?,
+            }
+            cpu::add_assign(&mut h, &y);
+            x.copy_from_slice(&h);
+            layer.post_norm.forward(&mut x);
+            match &layer.ffn {
+                Ffn::Dense(m) => m.forward(&x, &mut y),
+                Ffn::Moe(m) => m.forward(&x, &mut y)?,
+            }
+            cpu::add_assign(&mut h, &y);
+        }
+        for seg in &segments {
+            cache.advance(seg.seq, seg.len)?;
+        }
+
+        let rows: Vec<usize> = match mode {
+            LogitsMode::AllTokens => (0..t).collect(),
+            LogitsMode::LastPerSequence => segments.iter().map(|s| s.offset + s.len - 1).collect(),
+        };
+        let mut last = Vec::with_capacity(rows.len() * hidden); // [rows, hidden]
+        for r in &rows {
+            last.extend_from_slice(&h[r * hidden..(r + 1) * hidden]);
+        }
+        self.norm.forward(&mut last);
+        let mut logits = vec![0.0; rows.len() * self.spec.vocab]; // [rows, vocab]
+        cpu::matmul(&last, self.lm_head.as_ref().unwrap_or(&self.embed), &mut logits);
+        Ok(logits)
+    }
+
+    /// Validates a batch and reserves cache room; returns the packed segments.
+    fn plan(&self, cache: &mut ModelCache, batch: &[SeqChunk<'_>]) -> Result<Vec<Segment>> {
+        let mut seen = HashSet::new();
+        let mut offset = 0;
+        let mut segments = Vec::with_capacity(batch.len());
+        for chunk in batch {
+            if chunk.tokens.is_empty() {
+                return Err(EngineError::EmptyPrompt);
+            }
+            if let Some(&id) = chunk.tokens.iter().find(|&&id| id as usize >= self.spec.vocab) {
+                return Err(EngineError::TokenOutOfRange { id, vocab: self.spec.vocab });
+            }
+            if !seen.insert(chunk.seq) {
+                return Err(EngineError::InvalidArgument {
+                    field: "batch",
+                    message: format!("sequence {} appears twice in one step", chunk.seq),
+                });
+            }
+            let start_pos = cache.seq_len(chunk.seq)?;
+            segments.push(Segment { seq: chunk.seq, offset, len: chunk.tokens.len(), start_pos });
+            offset += chunk.tokens.len();
+        }
+        for seg in &segments {
+            cache.reserve(seg.seq, seg.start_pos + seg.len)?;
+        }
+        Ok(segments)
+    }
+}
+
+/// FNV-1a over the architecture and weight dtype.
+fn fingerprint(spec: &ModelSpec, dtype: DType) -> u64 {
+    let text = format!("{spec:?}/{dtype}");
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}

@@ -1,0 +1,185 @@
+//! Weight storage. Matrices keep their checkpoint dtype (bf16 stays bf16 in memory); the
+//! kernels widen to f32 as they read. Small per-channel vectors are widened once at load.
+
+use std::fmt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    BF16,
+    F16,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::BF16 | DType::F16 => 2,
+        }
+    }
+
+    pub fn safetensors_name(self) -> &'static str {
+        match self {
+            DType::F32 => "F32",
+            DType::BF16 => "BF16",
+            DType::F16 => "F16",
+        }
+    }
+
+    pub fn from_safetensors(name: &str) -> Option<Self> {
+        match name {
+            "F32" => Some(DType::F32),
+            "BF16" => Some(DType::BF16),
+            "F16" => Some(DType::F16),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.safetensors_name())
+    }
+}
+
+/// Element storage of a weight matrix, in the checkpoint's dtype.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WeightData {
+    F32(Vec<f32>),
+    /// Raw bf16 bits.
+    BF16(Vec<u16>),
+    /// Raw IEEE half bits.
+    F16(Vec<u16>),
+}
+
+/// A row-major `[rows, cols]` matrix, used as `y = x · Wᵀ` (rows are output features).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Weight {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: WeightData,
+}
+
+#[inline(always)]
+pub fn bf16_to_f32(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
+/// Round-to-nearest-even f32 → bf16 bits (NaN stays NaN).
+pub fn f32_to_bf16(x: f32) -> u16 {
+    half::bf16::from_f32(x).to_bits()
+}
+
+impl Weight {
+    pub fn dtype(&self) -> DType {
+        match self.data {
+            WeightData::F32(_) => DType::F32,
+            WeightData::BF16(_) => DType::BF16,
+            WeightData::F16(_) => DType::F16,
+        }
+    }
+
+    /// Bytes the matrix occupies (what a matmul streams from memory).
+    pub fn bytes(&self) -> usize {
+        self.rows * self.cols * self.dtype().size()
+    }
+
+    /// Widens row `r` into `out` (len = cols).
+    #[inline]
+    pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+        let range = r * self.cols..(r + 1) * self.cols;
+        match &self.data {
+            WeightData::F32(d) => out.copy_from_slice(&d[range]),
+            WeightData::BF16(d) => {
+                for (o, &b) in out.iter_mut().zip(&d[range]) {
+                    *o = bf16_to_f32(b);
+                }
+            }
+            WeightData::F16(d) => {
+                for (o, &b) in out.iter_mut().zip(&d[range]) {
+                    *o = half::f16::from_bits(b).to_f32();
+                }
+            }
+        }
+    }
+
+    /// Rows `start..end` as a new matrix of the same dtype.
+    pub fn slice_rows(&self, start: usize, end: usize) -> Weight {
+        let range = start * self.cols..end * self.cols;
+        let data = match &self.data {
+            WeightData::F32(d) => WeightData::F32(d[range].to_vec()),
+            WeightData::BF16(d) => WeightData::BF16(d[range].to_vec()),
+            WeightData::F16(d) => WeightData::F16(d[range].to_vec()),
+        };
+        Weight { rows: end - start, cols: self.cols, data }
+    }
+
+    /// Stacks matrices with equal `cols` and dtype along rows (e.g. gate | up).
+    pub fn concat_rows(parts: &[Weight]) -> Option<Weight> {
+        let first = parts.first()?;
+        let cols = first.cols;
+        if parts.iter().any(|p| p.cols != cols || p.dtype() != first.dtype()) {
+            return None;
+        }
+        let rows = parts.iter().map(|p| p.rows).sum();
+        let data = match &first.data {
+            WeightData::F32(_) => WeightData::F32(
+                parts.iter().flat_map(|p| p.as_f32().unwrap_or(&[]).iter().copied()).collect(),
+            ),
+            WeightData::BF16(_) | WeightData::F16(_) => {
+                let bits = parts.iter().flat_map(|p| p.as_u16().unwrap_or(&[]).iter().copied());
+                match first.data {
+                    WeightData::BF16(_) => WeightData::BF16(bits.collect()),
+                    _ => WeightData::F16(bits.collect()),
+                }
+            }
+        };
+        Some(Weight { rows, cols, data })
+    }
+
+    /// Reorders rows: row `i` of the result is row `order[i]` of `self`.
+    pub fn gather_rows(&self, order: &[usize]) -> Weight {
+        let parts: Vec<Weight> = order.iter().map(|&r| self.slice_rows(r, r + 1)).collect();
+        // Every part has this matrix's cols and dtype, so concatenation cannot fail.
+        Weight::concat_rows(&parts).unwrap_or_else(|| self.clone())
+    }
+
+    fn as_f32(&self) -> Option<&[f32]> {
+        match &self.data {
+            WeightData::F32(d) => Some(d),
+            _ => None,
+        }
+    }
+
+    fn as_u16(&self) -> Option<&[u16]> {
+        match &self.data {
+            WeightData::BF16(d) | WeightData::F16(d) => Some(d),
+            WeightData::F32(_) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_round_trip_is_exact_for_representable_values() {
+        for x in [0.0f32, 1.0, -2.5, 0.15625, 3.0e38, -1.0e-30] {
+            let b = f32_to_bf16(x);
+            let back = bf16_to_f32(b);
+            assert_eq!(f32_to_bf16(back), b);
+            assert!((back - x).abs() <= x.abs() / 128.0, "{x} -> {back}");
+        }
+    }
+
+    #[test]
+    fn concat_and_gather_rows_keep_dtype_and_order() {
+        let a = Weight { rows: 1, cols: 2, data: WeightData::BF16(vec![1, 2]) };
+        let b = Weight { rows: 2, cols: 2, data: WeightData::BF16(vec![3, 4, 5, 6]) };
+        let c = Weight::concat_rows(&[a, b]).unwrap();
+        assert_eq!(c.data, WeightData::BF16(vec![1, 2, 3, 4, 5, 6]));
+        let g = c.gather_rows(&[2, 0]);
+        assert_eq!(g.data, WeightData::BF16(vec![5, 6, 1, 2]));
+    }
+}

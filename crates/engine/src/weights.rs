@@ -1,0 +1,337 @@
+//! Safetensors checkpoints (one file or sharded with an index), memory-mapped, read by name.
+//!
+//! The header of every file is validated when it is opened (offsets inside the file, byte
+//! counts matching shape × dtype), so a truncated or corrupt file fails at load with its name
+//! rather than as garbage numbers later.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use serde_json::Value;
+
+use crate::error::{EngineError, Result};
+use crate::tensor::{DType, Weight, WeightData};
+
+#[derive(Debug, Clone)]
+struct TensorEntry {
+    file: usize,
+    dtype: String,
+    shape: Vec<usize>,
+    /// Absolute byte range in the file.
+    start: usize,
+    end: usize,
+}
+
+/// A raw view of one tensor of the checkpoint.
+pub struct TensorRef<'a> {
+    pub name: &'a str,
+    pub dtype: DType,
+    pub shape: &'a [usize],
+    pub bytes: &'a [u8],
+}
+
+pub struct WeightStore {
+    files: Vec<(PathBuf, Mmap)>,
+    tensors: HashMap<String, TensorEntry>,
+}
+
+impl WeightStore {
+    /// Opens `model.safetensors.index.json` if present, else `model.safetensors`, else every
+    /// `*.safetensors` file in `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index = dir.join("model.safetensors.index.json");
+        let paths: Vec<PathBuf> = if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|e| EngineError::io(&index, e))?;
+            let value: Value = serde_json::from_str(&text).map_err(|e| {
+                EngineError::MalformedJson { path: index.clone(), message: e.to_string() }
+            })?;
+            let map = value.get("weight_map").and_then(Value::as_object).ok_or_else(|| {
+                EngineError::MalformedJson {
+                    path: index.clone(),
+                    message: "no `weight_map` object".into(),
+                }
+            })?;
+            let names: BTreeSet<&str> = map.values().filter_map(Value::as_str).collect();
+            names.into_iter().map(|n| dir.join(n)).collect()
+        } else if dir.join("model.safetensors").exists() {
+            vec![dir.join("model.safetensors")]
+        } else {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map_err(|e| EngineError::io(dir, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                .collect();
+            found.sort();
+            found
+        };
+        if paths.is_empty() {
+            return Err(EngineError::Safetensors {
+                path: dir.to_path_buf(),
+                message: "no safetensors files in the model directory".into(),
+            });
+        }
+        let mut store = WeightStore { files: Vec::new(), tensors: HashMap::new() };
+        for path in paths {
+            store.add_file(path)?;
+        }
+        Ok(store)
+    }
+
+    /// Opens one safetensors file.
+    pub fn open_file(path: &Path) -> Result<Self> {
+        let mut store = WeightStore { files: Vec::new(), tensors: HashMap::new() };
+        store.add_file(path.to_path_buf())?;
+        Ok(store)
+    }
+
+    fn add_file(&mut self, path: PathBuf) -> Result<()> {
+        let file = File::open(&path).map_err(|e| EngineError::io(&path, e))?;
+        // SAFETY: checkpoints are read-only inputs; the engine never writes to a mapped file,
+        // and a file changed under a running server is outside what any loader can guard.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| EngineError::io(&path, e))?;
+        let bad = |message: String| EngineError::Safetensors { path: path.clone(), message };
+        if mmap.len() < 8 {
+            return Err(bad(format!("truncated: {} bytes, no header", mmap.len())));
+        }
+        let mut len_bytes = [0u8; 8];
+        len_bytes.copy_from_slice(&mmap[..8]);
+        let header_len = u64::from_le_bytes(len_bytes) as usize;
+        let data_start = 8usize.saturating_add(header_len);
+        if data_start > mmap.len() {
+            return Err(bad(format!(
+                "truncated: header of {header_len} bytes but the file has {}",
+                mmap.len()
+            )));
+        }
+        let header: HashMap<String, Value> = serde_json::from_slice(&mmap[8..data_start])
+            .map_err(|e| bad(format!("malformed header: {e}")))?;
+        let file_index = self.files.len();
+        for (name, info) in header {
+            if name == "__metadata__" {
+                continue;
+            }
+            let entry = parse_entry(&name, &info, file_index, data_start)
+                .map_err(|m| bad(format!("tensor `{name}`: {m}")))?;
+            if entry.end > mmap.len() {
+                return Err(bad(format!(
+                    "truncated: tensor `{name}` ends at byte {} but the file has {}",
+                    entry.end,
+                    mmap.len()
+                )));
+            }
+            self.tensors.insert(name, entry);
+        }
+        self.files.push((path, mmap));
+        Ok(())
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    pub fn get(&self, name: &str) -> Result<TensorRef<'_>> {
+        let (key, entry) = self
+            .tensors
+            .get_key_value(name)
+            .ok_or_else(|| EngineError::MissingTensor(name.to_string()))?;
+        let dtype = DType::from_safetensors(&entry.dtype).ok_or_else(|| {
+            EngineError::TensorDType {
+                name: name.to_string(),
+                actual: entry.dtype.clone(),
+                expected: "F32, BF16 or F16",
+            }
+        })?;
+        let bytes = &self.files[entry.file].1[entry.start..entry.end];
+        Ok(TensorRef { name: key, dtype, shape: &entry.shape, bytes })
+    }
+
+    /// Any tensor as stored: dtype name, shape and bytes (for dtypes the model never uses,
+    /// such as the integer tensors of test fixtures).
+    pub fn raw(&self, name: &str) -> Result<(&str, &[usize], &[u8])> {
+        let entry = self.tensors.get(name).ok_or_else(|| EngineError::MissingTensor(name.to_string()))?;
+        Ok((&entry.dtype, &entry.shape, &self.files[entry.file].1[entry.start..entry.end]))
+    }
+
+    /// A `[rows, cols]` matrix in its checkpoint dtype.
+    pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Weight> {
+        let t = self.get(name)?;
+        check_shape(&t, &[rows, cols])?;
+        Ok(weight_from_bytes(t.dtype, t.bytes, rows, cols))
+    }
+
+    /// Slice `index` of a `[n, rows, cols]` tensor (fused expert weights) as a matrix.
+    pub fn matrix_of_stack(
+        &self,
+        name: &str,
+        n: usize,
+        index: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Weight> {
+        let t = self.get(name)?;
+        check_shape(&t, &[n, rows, cols])?;
+        let each = rows * cols * t.dtype.size();
+        let bytes = &t.bytes[index * each..(index + 1) * each];
+        Ok(weight_from_bytes(t.dtype, bytes, rows, cols))
+    }
+
+    /// A small tensor widened to f32, with the exact `shape` expected.
+    pub fn f32_tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let t = self.get(name)?;
+        check_shape(&t, shape)?;
+        Ok(widen(t.dtype, t.bytes))
+    }
+}
+
+fn parse_entry(
+    name: &str,
+    info: &Value,
+    file: usize,
+    data_start: usize,
+) -> std::result::Result<TensorEntry, String> {
+    let dtype = info.get("dtype").and_then(Value::as_str).ok_or("no dtype")?.to_string();
+    let shape: Vec<usize> = info
+        .get("shape")
+        .and_then(Value::as_array)
+        .ok_or("no shape")?
+        .iter()
+        .map(|d| d.as_u64().map(|d| d as usize).ok_or("shape is not a list of sizes"))
+        .collect::<std::result::Result<_, _>>()?;
+    let offsets = info.get("data_offsets").and_then(Value::as_array).ok_or("no data_offsets")?;
+    let (begin, end) = match offsets.as_slice() {
+        [b, e] => (b.as_u64().ok_or("bad offset")? as usize, e.as_u64().ok_or("bad offset")? as usize),
+        _ => return Err("data_offsets must be [begin, end]".into()),
+    };
+    if end < begin {
+        return Err(format!("data_offsets [{begin}, {end}] run backwards"));
+    }
+    if let Some(dt) = DType::from_safetensors(&dtype) {
+        let want = shape.iter().product::<usize>() * dt.size();
+        if end - begin != want {
+            return Err(format!("{} bytes for shape {shape:?} of {dtype} ({want} expected)", end - begin));
+        }
+    }
+    let _ = name;
+    Ok(TensorEntry { file, dtype, shape, start: data_start + begin, end: data_start + end })
+}
+
+fn check_shape(t: &TensorRef<'_>, expected: &[usize]) -> Result<()> {
+    if t.shape != expected {
+        return Err(EngineError::TensorShape {
+            name: t.name.to_string(),
+            actual: t.shape.to_vec(),
+            expected: expected.to_vec(),
+        });
+    }
+    Ok(())
+}
+
+fn u16s(bytes: &[u8]) -> Vec<u16> {
+    bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()
+}
+
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+fn weight_from_bytes(dtype: DType, bytes: &[u8], rows: usize, cols: usize) -> Weight {
+    let data = match dtype {
+        DType::F32 => WeightData::F32(f32s(bytes)),
+        DType::BF16 => WeightData::BF16(u16s(bytes)),
+        DType::F16 => WeightData::F16(u16s(bytes)),
+    };
+    Weight { rows, cols, data }
+}
+
+fn widen(dtype: DType, bytes: &[u8]) -> Vec<f32> {
+    let w = weight_from_bytes(dtype, bytes, 1, bytes.len() / dtype.size());
+    let mut out = vec![0.0; w.cols];
+    w.row_f32(0, &mut out);
+    out
+}
+
+/// Writes a safetensors file (used by `sluice synth` and tests).
+pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, DType, Vec<u8>)]) -> Result<()> {
+    use std::io::Write;
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, shape, dtype, bytes) in tensors {
+        header.insert(
+            name.clone(),
+            serde_json::json!({
+                "dtype": dtype.safetensors_name(),
+                "shape": shape,
+                "data_offsets": [offset, offset + bytes.len()],
+            }),
+        );
+        offset += bytes.len();
+    }
+    let mut header_bytes = serde_json::to_vec(&Value::Object(header))
+        .map_err(|e| EngineError::Safetensors { path: path.into(), message: e.to_string() })?;
+    while header_bytes.len() % 8 != 0 {
+        header_bytes.push(b' ');
+    }
+    let file = File::create(path).map_err(|e| EngineError::io(path, e))?;
+    let mut out = std::io::BufWriter::new(file);
+    let io = |e| EngineError::io(path, e);
+    out.write_all(&(header_bytes.len() as u64).to_le_bytes()).map_err(io)?;
+    out.write_all(&header_bytes).map_err(io)?;
+    for (_, _, _, bytes) in tensors {
+        out.write_all(bytes).map_err(io)?;
+    }
+    out.flush().map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f32_bytes(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn reads_back_what_it_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        let bf: Vec<u8> = [1.0f32, -2.0].iter().flat_map(|x| crate::tensor::f32_to_bf16(*x).to_le_bytes()).collect();
+        write_safetensors(
+            &path,
+            &[
+                ("a".into(), vec![2, 3], DType::F32, f32_bytes(&[1., 2., 3., 4., 5., 6.])),
+                ("b".into(), vec![2], DType::BF16, bf),
+            ],
+        )
+        .unwrap();
+        let store = WeightStore::open(dir.path()).unwrap();
+        let a = store.matrix("a", 2, 3).unwrap();
+        assert_eq!(a.data, WeightData::F32(vec![1., 2., 3., 4., 5., 6.]));
+        assert_eq!(store.f32_tensor("b", &[2]).unwrap(), vec![1.0, -2.0]);
+        assert_eq!(store.get("b").unwrap().dtype, DType::BF16);
+        let err = store.matrix("a", 3, 2).unwrap_err().to_string();
+        assert!(err.contains("`a`") && err.contains("[2, 3]"), "{err}");
+        let err = store.matrix("nope", 1, 1).unwrap_err().to_string();
+        assert!(err.contains("missing tensor `nope`"), "{err}");
+    }
+
+    #[test]
+    fn truncated_file_is_reported_with_the_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        write_safetensors(&path, &[("w".into(), vec![4, 4], DType::F32, f32_bytes(&[0.5; 16]))])
+            .unwrap();
+        let full = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &full[..full.len() - 10]).unwrap();
+        let err = WeightStore::open(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("truncated") && err.contains("`w`"), "{err}");
+        std::fs::write(&path, &full[..5]).unwrap();
+        let err = WeightStore::open(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("truncated"), "{err}");
+    }
+}
