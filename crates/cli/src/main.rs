@@ -1,1 +1,70 @@
-fn main() {}
+//! `sluice`: the command-line front door. `generate`, `logits`, `synth` and `bench` run the
+//! engine in-process; the cluster commands arrive with the services.
+
+mod bench;
+mod generate;
+mod logits;
+mod model_source;
+mod progress;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use sluice_engine::Preset;
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "Serve Qwen3.5-class models: engine commands")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate tokens for one prompt.
+    Generate(generate::GenerateArgs),
+    /// Print the logits of every position of one forward pass.
+    Logits(logits::LogitsArgs),
+    /// Write a deterministic synthetic checkpoint in the Hugging Face layout.
+    Synth(SynthArgs),
+    /// Measure prefill and decode speed.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct SynthArgs {
+    /// tiny, small or bench.
+    #[arg(long, env = "SLUICE_PRESET")]
+    preset: Preset,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate::run(args),
+        Command::Logits(args) => logits::run(args),
+        Command::Synth(args) => model_source::synth(args.preset, &args.out, args.seed),
+        Command::Bench(args) => bench::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        // A closed pipe (`sluice logits ... | head`) is the reader's choice, not a failure.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}

@@ -256,21 +256,34 @@ fn widen(dtype: DType, bytes: &[u8]) -> Vec<f32> {
     out
 }
 
-/// Writes a safetensors file (used by `sluice synth` and tests).
+/// Writes a safetensors file from tensors held in memory (tests, small files).
 pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, DType, Vec<u8>)]) -> Result<()> {
+    let header: Vec<(String, Vec<usize>, DType)> =
+        tensors.iter().map(|(n, s, d, _)| (n.clone(), s.clone(), *d)).collect();
+    write_safetensors_streamed(path, &header, |i| tensors[i].3.clone())
+}
+
+/// Writes a safetensors file whose tensors are produced one at a time by `data(i)`, so a
+/// multi-GB checkpoint never sits in memory whole.
+pub fn write_safetensors_streamed(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, DType)],
+    mut data: impl FnMut(usize) -> Vec<u8>,
+) -> Result<()> {
     use std::io::Write;
     let mut header = serde_json::Map::new();
     let mut offset = 0usize;
-    for (name, shape, dtype, bytes) in tensors {
+    for (name, shape, dtype) in tensors {
+        let len = shape.iter().product::<usize>() * dtype.size();
         header.insert(
             name.clone(),
             serde_json::json!({
                 "dtype": dtype.safetensors_name(),
                 "shape": shape,
-                "data_offsets": [offset, offset + bytes.len()],
+                "data_offsets": [offset, offset + len],
             }),
         );
-        offset += bytes.len();
+        offset += len;
     }
     let mut header_bytes = serde_json::to_vec(&Value::Object(header))
         .map_err(|e| EngineError::Safetensors { path: path.into(), message: e.to_string() })?;
@@ -282,8 +295,15 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, DType, Vec
     let io = |e| EngineError::io(path, e);
     out.write_all(&(header_bytes.len() as u64).to_le_bytes()).map_err(io)?;
     out.write_all(&header_bytes).map_err(io)?;
-    for (_, _, _, bytes) in tensors {
-        out.write_all(bytes).map_err(io)?;
+    for (i, (name, shape, dtype)) in tensors.iter().enumerate() {
+        let bytes = data(i);
+        if bytes.len() != shape.iter().product::<usize>() * dtype.size() {
+            return Err(EngineError::Safetensors {
+                path: path.into(),
+                message: format!("tensor `{name}`: {} bytes do not fit shape {shape:?}", bytes.len()),
+            });
+        }
+        out.write_all(&bytes).map_err(io)?;
     }
     out.flush().map_err(io)
 }

@@ -11,6 +11,9 @@ use rayon::prelude::*;
 
 use crate::tensor::{Weight, WeightData, bf16_to_f32};
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
 /// Output rows handled per rayon task (a multiple of the 4-row kernel).
 const ROW_TILE: usize = 32;
 const LANES: usize = 16;
@@ -80,17 +83,11 @@ fn row_tile(x: &[f32], t: usize, w: &Weight, r0: usize, out: &mut [f32]) {
     match simd_level() {
         // SAFETY: the CPU features these variants are compiled for were detected at run time.
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 => unsafe { row_tile_avx512(x, t, w, r0, out) },
+        SimdLevel::Avx512 => unsafe { avx512::row_tile(x, t, w, r0, out) },
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx2 => unsafe { row_tile_avx2(x, t, w, r0, out) },
         SimdLevel::Portable => row_tile_impl::<false>(x, t, w, r0, out),
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
-fn row_tile_avx512(x: &[f32], t: usize, w: &Weight, r0: usize, out: &mut [f32]) {
-    row_tile_impl::<true>(x, t, w, r0, out)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -99,6 +96,7 @@ fn row_tile_avx2(x: &[f32], t: usize, w: &Weight, r0: usize, out: &mut [f32]) {
     row_tile_impl::<true>(x, t, w, r0, out)
 }
 
+/// Portable tile: widen up to four weight rows, then blocked dot products.
 #[inline(always)]
 fn row_tile_impl<const FMA: bool>(x: &[f32], t: usize, w: &Weight, r0: usize, out: &mut [f32]) {
     let n = w.cols;
@@ -127,21 +125,11 @@ fn row_tile_impl<const FMA: bool>(x: &[f32], t: usize, w: &Weight, r0: usize, ou
                 })
             }
         };
-        let mut tok = 0;
-        while tok + 4 <= t {
-            let xs: [&[f32]; 4] = std::array::from_fn(|j| &x[(tok + j) * n..(tok + j + 1) * n]);
-            let d = dot_block::<FMA, 4>(wrows, xs);
-            for i in 0..group {
-                out[(r + i) * t + tok..(r + i) * t + tok + 4].copy_from_slice(&d[i]);
-            }
-            tok += 4;
-        }
-        while tok < t {
+        for tok in 0..t {
             let d = dot_block::<FMA, 1>(wrows, [&x[tok * n..(tok + 1) * n]]);
             for i in 0..group {
                 out[(r + i) * t + tok] = d[i][0];
             }
-            tok += 1;
         }
         r += group;
     }

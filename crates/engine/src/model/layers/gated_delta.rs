@@ -403,7 +403,7 @@ mod tests {
     }
 
     fn random_head(len: usize, dk: usize, dv: usize, seed: &mut u64) -> Head {
-        let mut unit = |n: usize, s: &mut u64| {
+        let unit = |n: usize, s: &mut u64| {
             let mut v: Vec<f32> = (0..n).map(|_| lcg(s)).collect();
             cpu::l2_norm(&mut v, dk.min(n), 1e-6);
             v

@@ -1,0 +1,131 @@
+//! `sluice bench`: prefill and decode speed on one model, batch 1 or more.
+
+use std::time::Instant;
+
+use anyhow::{Result, ensure};
+use serde_json::json;
+use sluice_engine::sampler::argmax;
+use sluice_engine::{CacheConfig, LogitsMode, Model, ModelCache, SeqChunk};
+
+use crate::model_source::ModelArgs;
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt tokens per sequence for the prefill measurement.
+    #[arg(long, default_value_t = 512)]
+    pub prompt_len: usize,
+    /// Tokens decoded per sequence for the decode measurement.
+    #[arg(long, default_value_t = 64)]
+    pub gen_len: usize,
+    /// Context already in the cache when decoding starts.
+    #[arg(long, default_value_t = 128)]
+    pub decode_context: usize,
+    /// Sequences run together.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Deterministic pseudo-random prompt tokens, avoiding the special ids at the top.
+fn prompt(len: usize, vocab: usize, salt: u64) -> Vec<u32> {
+    let mut s = 0x2545_f491_4f6c_dd1d ^ salt;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % (vocab.saturating_sub(3).max(1)) as u64) as u32
+        })
+        .collect()
+}
+
+fn prefill(model: &Model, cache: &mut ModelCache, seqs: &[u64], prompts: &[Vec<u32>]) -> Result<Vec<f32>> {
+    let batch: Vec<SeqChunk<'_>> = seqs.iter().zip(prompts).map(|(&seq, p)| SeqChunk { seq, tokens: p }).collect();
+    Ok(model.forward(cache, &batch, LogitsMode::LastPerSequence)?)
+}
+
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    ensure!(args.batch > 0 && args.prompt_len > 0 && args.gen_len > 0, "lengths and batch must be at least 1");
+    let load_start = Instant::now();
+    let (dir, model) = args.model.load()?;
+    let load_s = load_start.elapsed().as_secs_f64();
+    let vocab = model.spec().vocab;
+    let b = args.batch;
+    let tokens = args.prompt_len.max(args.decode_context + args.gen_len + 1);
+    let mut cache = model.new_cache(CacheConfig::for_sequences(2 * b, tokens))?;
+
+    // Prefill: b prompts in one step.
+    let prompts: Vec<Vec<u32>> = (0..b).map(|i| prompt(args.prompt_len, vocab, i as u64)).collect();
+    let seqs: Vec<u64> = (0..b).map(|_| cache.add_sequence()).collect::<Result<_, _>>()?;
+    let start = Instant::now();
+    prefill(&model, &mut cache, &seqs, &prompts)?;
+    let prefill_s = start.elapsed().as_secs_f64();
+    seqs.iter().for_each(|&s| cache.release(s));
+
+    // Decode: b sequences with `decode_context` tokens cached, one token each per step.
+    let contexts: Vec<Vec<u32>> = (0..b).map(|i| prompt(args.decode_context.max(1), vocab, 1000 + i as u64)).collect();
+    let seqs: Vec<u64> = (0..b).map(|_| cache.add_sequence()).collect::<Result<_, _>>()?;
+    let logits = prefill(&model, &mut cache, &seqs, &contexts)?;
+    let mut next: Vec<u32> = logits.chunks_exact(vocab).map(argmax).collect();
+    let start = Instant::now();
+    for _ in 0..args.gen_len {
+        let batch: Vec<SeqChunk<'_>> =
+            seqs.iter().zip(&next).map(|(&seq, t)| SeqChunk { seq, tokens: std::slice::from_ref(t) }).collect();
+        let logits = model.forward(&mut cache, &batch, LogitsMode::LastPerSequence)?;
+        next = logits.chunks_exact(vocab).map(argmax).collect();
+    }
+    let decode_s = start.elapsed().as_secs_f64();
+
+    let prefill_tps = (b * args.prompt_len) as f64 / prefill_s;
+    let decode_tps = (b * args.gen_len) as f64 / decode_s;
+    let step_ms = decode_s * 1000.0 / args.gen_len as f64;
+    let weight_gbs = model.active_weight_bytes() as f64 / (step_ms / 1000.0) / 1e9;
+    let rss = peak_rss_bytes();
+    let threads = rayon::current_num_threads();
+    let kernel = sluice_engine::backend::cpu::kernel_name();
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "model": dir.display().to_string(),
+                "dtype": model.dtype().to_string(),
+                "threads": threads,
+                "kernel": kernel,
+                "batch": b,
+                "prompt_len": args.prompt_len,
+                "gen_len": args.gen_len,
+                "decode_context": args.decode_context,
+                "load_s": load_s,
+                "prefill_tok_s": prefill_tps,
+                "decode_tok_s": decode_tps,
+                "decode_step_ms": step_ms,
+                "active_weight_bytes": model.active_weight_bytes(),
+                "weight_read_gb_s": weight_gbs,
+                "peak_rss_bytes": rss,
+            })
+        );
+    } else {
+        println!("model        {} ({}, {threads} threads, {kernel} kernels)", dir.display(), model.dtype());
+        println!("load         {load_s:.2} s");
+        println!("prefill      {prefill_tps:.1} tok/s ({b} × {} tokens)", args.prompt_len);
+        println!(
+            "decode       {decode_tps:.2} tok/s ({b} × {} tokens after {}; {step_ms:.1} ms/step)",
+            args.gen_len, args.decode_context
+        );
+        println!("weights read {weight_gbs:.1} GB/s per decode step (active weights {:.2} GB)", model.active_weight_bytes() as f64 / 1e9);
+        if let Some(rss) = rss {
+            println!("peak RSS     {:.2} GiB", rss as f64 / (1u64 << 30) as f64);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,232 @@
+//! AVX-512 matmul kernels. Decode (few tokens) streams bf16 weights once with the widening
+//! fused into the FMA loop; prefill widens a tile of weight rows once and runs 4 rows × 4 tokens
+//! register-blocked dot products over blocks of tokens that stay in L2.
+
+use std::arch::x86_64::*;
+use std::borrow::Cow;
+
+use crate::tensor::{Weight, WeightData};
+
+/// Tokens per block in the prefill kernel (64 tokens × 4 KiB rows stay in L2).
+const TOKEN_BLOCK: usize = 64;
+const LANES: usize = 16;
+
+/// Mask for the lanes of the chunk starting at `i` of a row of `n` floats.
+#[inline(always)]
+fn lane_mask(i: usize, n: usize) -> __mmask16 {
+    let rem = n - i;
+    if rem >= LANES { 0xffff } else { ((1u32 << rem) - 1) as __mmask16 }
+}
+
+#[target_feature(enable = "avx512f")]
+pub(super) fn row_tile(x: &[f32], t: usize, w: &Weight, r0: usize, out: &mut [f32]) {
+    let n = w.cols;
+    let rows = out.len() / t;
+    if t < 4 {
+        if let WeightData::BF16(d) = &w.data {
+            gemv_bf16(x, t, &d[r0 * n..(r0 + rows) * n], n, out);
+            return;
+        }
+    }
+    let tile: Cow<'_, [f32]> = match &w.data {
+        WeightData::F32(d) => Cow::Borrowed(&d[r0 * n..(r0 + rows) * n]),
+        WeightData::BF16(d) => {
+            let mut v = vec![0.0f32; rows * n];
+            widen_bf16(&d[r0 * n..(r0 + rows) * n], &mut v);
+            Cow::Owned(v)
+        }
+        WeightData::F16(_) => {
+            let mut v = vec![0.0f32; rows * n];
+            for (i, row) in v.chunks_exact_mut(n).enumerate() {
+                w.row_f32(r0 + i, row);
+            }
+            Cow::Owned(v)
+        }
+    };
+    for tb in (0..t).step_by(TOKEN_BLOCK) {
+        let te = (tb + TOKEN_BLOCK).min(t);
+        let mut r = 0;
+        while r + 4 <= rows {
+            let wr = &tile[r * n..(r + 4) * n];
+            let mut tok = tb;
+            while tok + 4 <= te {
+                let d = dot4x4(wr, &x[tok * n..(tok + 4) * n], n);
+                for (i, row) in d.iter().enumerate() {
+                    out[(r + i) * t + tok..(r + i) * t + tok + 4].copy_from_slice(row);
+                }
+                tok += 4;
+            }
+            while tok < te {
+                let d = dot4x1(wr, &x[tok * n..(tok + 1) * n], n);
+                for (i, v) in d.iter().enumerate() {
+                    out[(r + i) * t + tok] = *v;
+                }
+                tok += 1;
+            }
+            r += 4;
+        }
+        while r < rows {
+            for tok in tb..te {
+                out[r * t + tok] = dot1(&tile[r * n..(r + 1) * n], &x[tok * n..(tok + 1) * n], n);
+            }
+            r += 1;
+        }
+    }
+}
+
+/// bf16 bits → f32, 16 at a time.
+#[target_feature(enable = "avx512f")]
+fn widen_bf16(src: &[u16], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len());
+    let n = src.len();
+    let full = n / LANES * LANES;
+    let mut i = 0;
+    while i < full {
+        // SAFETY: i + 16 <= n for both slices (asserted equal lengths).
+        unsafe {
+            let bits = _mm256_loadu_si256(src.as_ptr().add(i) as *const __m256i);
+            let wide = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(bits));
+            _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_castsi512_ps(wide));
+        }
+        i += LANES;
+    }
+    for j in full..n {
+        dst[j] = f32::from_bits((src[j] as u32) << 16);
+    }
+}
+
+/// Loads 16 bf16 values at `p` (masked) as f32.
+#[inline(always)]
+unsafe fn load_bf16(p: *const u16, mask: __mmask16) -> __m512 {
+    // SAFETY: the caller guarantees the masked-in lanes are in bounds.
+    unsafe {
+        let bits = _mm256_maskz_loadu_epi16(mask, p as *const i16);
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(bits)))
+    }
+}
+
+/// y[r, tok] for `t` tokens and all rows of `w` (`[rows, n]` bf16, contiguous), 4 rows at a
+/// time so each activation load feeds four FMAs.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+fn gemv_bf16_impl(x: &[f32], t: usize, w: &[u16], n: usize, out: &mut [f32]) {
+    let rows = w.len() / n;
+    assert!(x.len() >= t * n && out.len() >= rows * t);
+    let mut r = 0;
+    while r < rows {
+        let group = (rows - r).min(4);
+        for tok in 0..t {
+            let xp = x[tok * n..].as_ptr();
+            let mut acc = [_mm512_setzero_ps(); 4];
+            let mut i = 0;
+            while i < n {
+                let m = lane_mask(i, n);
+                // SAFETY: masked lanes stay inside row `r + g` (< rows) and token `tok`.
+                unsafe {
+                    let xv = _mm512_maskz_loadu_ps(m, xp.add(i));
+                    for (g, a) in acc.iter_mut().enumerate().take(group) {
+                        let wv = load_bf16(w.as_ptr().add((r + g) * n + i), m);
+                        *a = _mm512_fmadd_ps(wv, xv, *a);
+                    }
+                }
+                i += LANES;
+            }
+            for (g, a) in acc.iter().enumerate().take(group) {
+                out[(r + g) * t + tok] = _mm512_reduce_add_ps(*a);
+            }
+        }
+        r += group;
+    }
+}
+
+#[target_feature(enable = "avx512f")]
+fn gemv_bf16(x: &[f32], t: usize, w: &[u16], n: usize, out: &mut [f32]) {
+    if std::is_x86_feature_detected!("avx512bw") && std::is_x86_feature_detected!("avx512vl") {
+        // SAFETY: the features were just detected.
+        unsafe { gemv_bf16_impl(x, t, w, n, out) }
+    } else {
+        let rows = w.len() / n;
+        let mut wide = vec![0.0f32; n];
+        for r in 0..rows {
+            widen_bf16(&w[r * n..(r + 1) * n], &mut wide);
+            for tok in 0..t {
+                out[r * t + tok] = dot1(&wide, &x[tok * n..(tok + 1) * n], n);
+            }
+        }
+    }
+}
+
+/// Dot products of 4 consecutive weight rows with 4 consecutive tokens (`n` floats each).
+#[target_feature(enable = "avx512f")]
+fn dot4x4(w: &[f32], x: &[f32], n: usize) -> [[f32; 4]; 4] {
+    assert!(w.len() >= 4 * n && x.len() >= 4 * n);
+    let (wp, xp) = (w.as_ptr(), x.as_ptr());
+    let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+    let mut i = 0;
+    while i < n {
+        let m = lane_mask(i, n);
+        // SAFETY: every masked-in lane is below n within its row (asserted lengths).
+        unsafe {
+            let wv = [
+                _mm512_maskz_loadu_ps(m, wp.add(i)),
+                _mm512_maskz_loadu_ps(m, wp.add(n + i)),
+                _mm512_maskz_loadu_ps(m, wp.add(2 * n + i)),
+                _mm512_maskz_loadu_ps(m, wp.add(3 * n + i)),
+            ];
+            let xv = [
+                _mm512_maskz_loadu_ps(m, xp.add(i)),
+                _mm512_maskz_loadu_ps(m, xp.add(n + i)),
+                _mm512_maskz_loadu_ps(m, xp.add(2 * n + i)),
+                _mm512_maskz_loadu_ps(m, xp.add(3 * n + i)),
+            ];
+            for r in 0..4 {
+                for j in 0..4 {
+                    acc[r][j] = _mm512_fmadd_ps(wv[r], xv[j], acc[r][j]);
+                }
+            }
+        }
+        i += LANES;
+    }
+    let mut out = [[0.0f32; 4]; 4];
+    for r in 0..4 {
+        for j in 0..4 {
+            out[r][j] = _mm512_reduce_add_ps(acc[r][j]);
+        }
+    }
+    out
+}
+
+#[target_feature(enable = "avx512f")]
+fn dot4x1(w: &[f32], x: &[f32], n: usize) -> [f32; 4] {
+    assert!(w.len() >= 4 * n && x.len() >= n);
+    let (wp, xp) = (w.as_ptr(), x.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut i = 0;
+    while i < n {
+        let m = lane_mask(i, n);
+        // SAFETY: as in dot4x4.
+        unsafe {
+            let xv = _mm512_maskz_loadu_ps(m, xp.add(i));
+            for (r, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, wp.add(r * n + i)), xv, *a);
+            }
+        }
+        i += LANES;
+    }
+    acc.map(|a| _mm512_reduce_add_ps(a))
+}
+
+#[target_feature(enable = "avx512f")]
+fn dot1(w: &[f32], x: &[f32], n: usize) -> f32 {
+    assert!(w.len() >= n && x.len() >= n);
+    let mut acc = _mm512_setzero_ps();
+    let mut i = 0;
+    while i < n {
+        let m = lane_mask(i, n);
+        // SAFETY: masked-in lanes are below n.
+        unsafe {
+            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w.as_ptr().add(i)), _mm512_maskz_loadu_ps(m, x.as_ptr().add(i)), acc);
+        }
+        i += LANES;
+    }
+    _mm512_reduce_add_ps(acc)
+}

@@ -1,0 +1,147 @@
+//! Text ↔ tokens: HF `tokenizer.json` through the `tokenizers` crate, chat templates through
+//! minijinja (with Python string methods, as HF templates use them), and incremental
+//! detokenisation that never emits half a UTF-8 character.
+
+use std::path::Path;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::error::{EngineError, Result};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn user(content: impl Into<String>) -> Self {
+        ChatMessage { role: "user".into(), content: content.into() }
+    }
+}
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    chat_template: Option<String>,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+}
+
+impl Tokenizer {
+    /// Loads `tokenizer.json` from `dir`; the chat template comes from `chat_template.jinja`
+    /// or the `chat_template` field of `tokenizer_config.json`, if either is present.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.exists() {
+            return Err(EngineError::Tokenizer(format!("no tokenizer.json in {}", dir.display())));
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))?;
+        let config_path = dir.join("tokenizer_config.json");
+        let config: Value = if config_path.exists() {
+            let text = std::fs::read_to_string(&config_path).map_err(|e| EngineError::io(&config_path, e))?;
+            serde_json::from_str(&text)
+                .map_err(|e| EngineError::MalformedJson { path: config_path.clone(), message: e.to_string() })?
+        } else {
+            Value::Null
+        };
+        let jinja = dir.join("chat_template.jinja");
+        let chat_template = if jinja.exists() {
+            Some(std::fs::read_to_string(&jinja).map_err(|e| EngineError::io(&jinja, e))?)
+        } else {
+            config.get("chat_template").and_then(Value::as_str).map(str::to_string)
+        };
+        let token = |key: &str| match config.get(key) {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Object(o)) => o.get("content").and_then(Value::as_str).map(str::to_string),
+            _ => None,
+        };
+        Ok(Tokenizer { inner, chat_template, bos_token: token("bos_token"), eos_token: token("eos_token") })
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner.decode(ids, skip_special).map_err(|e| EngineError::Tokenizer(e.to_string()))
+    }
+
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Ids the tokenizer knows, special tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn has_chat_template(&self) -> bool {
+        self.chat_template.is_some()
+    }
+
+    /// Renders the conversation with the model's chat template.
+    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        let source = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| EngineError::ChatTemplate("this model has no chat template".into()))?;
+        let mut env = minijinja::Environment::new();
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        let template = env.template_from_str(source).map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
+        template
+            .render(minijinja::context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => self.bos_token.clone().unwrap_or_default(),
+                eos_token => self.eos_token.clone().unwrap_or_default(),
+            })
+            .map_err(|e| EngineError::ChatTemplate(e.to_string()))
+    }
+}
+
+/// Turns a growing token sequence into text increments. A token that ends inside a multi-byte
+/// character yields nothing until the character is complete.
+#[derive(Debug, Default, Clone)]
+pub struct IncrementalDecoder {
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+    skip_special: bool,
+}
+
+impl IncrementalDecoder {
+    pub fn new(skip_special: bool) -> Self {
+        IncrementalDecoder { skip_special, ..Default::default() }
+    }
+
+    /// Adds one token and returns the text it completes (possibly empty).
+    pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special)?;
+        let full = tokenizer.decode(&self.ids[self.prefix_offset..], self.skip_special)?;
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.starts_with(&prefix) {
+            let new = full[prefix.len()..].to_string();
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            Ok(new)
+        } else {
+            Ok(String::new())
+        }
+    }
+
+    /// Whatever is still held back (an incomplete character decodes as U+FFFD).
+    pub fn finish(&mut self, tokenizer: &Tokenizer) -> Result<String> {
+        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special)?;
+        let full = tokenizer.decode(&self.ids[self.prefix_offset..], self.skip_special)?;
+        self.prefix_offset = self.ids.len();
+        self.read_offset = self.ids.len();
+        Ok(full.get(prefix.len()..).unwrap_or_default().to_string())
+    }
+}
