@@ -42,8 +42,17 @@ fn prompt(len: usize, vocab: usize, salt: u64) -> Vec<u32> {
         .collect()
 }
 
-fn prefill(model: &Model, cache: &mut ModelCache, seqs: &[u64], prompts: &[Vec<u32>]) -> Result<Vec<f32>> {
-    let batch: Vec<SeqChunk<'_>> = seqs.iter().zip(prompts).map(|(&seq, p)| SeqChunk { seq, tokens: p }).collect();
+fn prefill(
+    model: &Model,
+    cache: &mut ModelCache,
+    seqs: &[u64],
+    prompts: &[Vec<u32>],
+) -> Result<Vec<f32>> {
+    let batch: Vec<SeqChunk<'_>> = seqs
+        .iter()
+        .zip(prompts)
+        .map(|(&seq, p)| SeqChunk { seq, tokens: p })
+        .collect();
     Ok(model.forward(cache, &batch, LogitsMode::LastPerSequence)?)
 }
 
@@ -55,7 +64,10 @@ fn peak_rss_bytes() -> Option<u64> {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    ensure!(args.batch > 0 && args.prompt_len > 0 && args.gen_len > 0, "lengths and batch must be at least 1");
+    ensure!(
+        args.batch > 0 && args.prompt_len > 0 && args.gen_len > 0,
+        "lengths and batch must be at least 1"
+    );
     let load_start = Instant::now();
     let (dir, model) = args.model.load()?;
     let load_s = load_start.elapsed().as_secs_f64();
@@ -65,22 +77,36 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut cache = model.new_cache(CacheConfig::for_sequences(2 * b, tokens))?;
 
     // Prefill: b prompts in one step.
-    let prompts: Vec<Vec<u32>> = (0..b).map(|i| prompt(args.prompt_len, vocab, i as u64)).collect();
-    let seqs: Vec<u64> = (0..b).map(|_| cache.add_sequence()).collect::<Result<_, _>>()?;
+    let prompts: Vec<Vec<u32>> = (0..b)
+        .map(|i| prompt(args.prompt_len, vocab, i as u64))
+        .collect();
+    let seqs: Vec<u64> = (0..b)
+        .map(|_| cache.add_sequence())
+        .collect::<Result<_, _>>()?;
     let start = Instant::now();
     prefill(&model, &mut cache, &seqs, &prompts)?;
     let prefill_s = start.elapsed().as_secs_f64();
     seqs.iter().for_each(|&s| cache.release(s));
 
     // Decode: b sequences with `decode_context` tokens cached, one token each per step.
-    let contexts: Vec<Vec<u32>> = (0..b).map(|i| prompt(args.decode_context.max(1), vocab, 1000 + i as u64)).collect();
-    let seqs: Vec<u64> = (0..b).map(|_| cache.add_sequence()).collect::<Result<_, _>>()?;
+    let contexts: Vec<Vec<u32>> = (0..b)
+        .map(|i| prompt(args.decode_context.max(1), vocab, 1000 + i as u64))
+        .collect();
+    let seqs: Vec<u64> = (0..b)
+        .map(|_| cache.add_sequence())
+        .collect::<Result<_, _>>()?;
     let logits = prefill(&model, &mut cache, &seqs, &contexts)?;
     let mut next: Vec<u32> = logits.chunks_exact(vocab).map(argmax).collect();
     let start = Instant::now();
     for _ in 0..args.gen_len {
-        let batch: Vec<SeqChunk<'_>> =
-            seqs.iter().zip(&next).map(|(&seq, t)| SeqChunk { seq, tokens: std::slice::from_ref(t) }).collect();
+        let batch: Vec<SeqChunk<'_>> = seqs
+            .iter()
+            .zip(&next)
+            .map(|(&seq, t)| SeqChunk {
+                seq,
+                tokens: std::slice::from_ref(t),
+            })
+            .collect();
         let logits = model.forward(&mut cache, &batch, LogitsMode::LastPerSequence)?;
         next = logits.chunks_exact(vocab).map(argmax).collect();
     }
@@ -115,14 +141,24 @@ pub fn run(args: BenchArgs) -> Result<()> {
             })
         );
     } else {
-        println!("model        {} ({}, {threads} threads, {kernel} kernels)", dir.display(), model.dtype());
+        println!(
+            "model        {} ({}, {threads} threads, {kernel} kernels)",
+            dir.display(),
+            model.dtype()
+        );
         println!("load         {load_s:.2} s");
-        println!("prefill      {prefill_tps:.1} tok/s ({b} × {} tokens)", args.prompt_len);
+        println!(
+            "prefill      {prefill_tps:.1} tok/s ({b} × {} tokens)",
+            args.prompt_len
+        );
         println!(
             "decode       {decode_tps:.2} tok/s ({b} × {} tokens after {}; {step_ms:.1} ms/step)",
             args.gen_len, args.decode_context
         );
-        println!("weights read {weight_gbs:.1} GB/s per decode step (active weights {:.2} GB)", model.active_weight_bytes() as f64 / 1e9);
+        println!(
+            "weights read {weight_gbs:.1} GB/s per decode step (active weights {:.2} GB)",
+            model.active_weight_bytes() as f64 / 1e9
+        );
         if let Some(rss) = rss {
             println!("peak RSS     {:.2} GiB", rss as f64 / (1u64 << 30) as f64);
         }

@@ -6,7 +6,9 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use serde_json::json;
 use sluice_engine::generation::eos_token_ids;
-use sluice_engine::{ChatMessage, GenerationRequest, IncrementalDecoder, SamplingParams, Tokenizer, generate};
+use sluice_engine::{
+    ChatMessage, GenerationRequest, IncrementalDecoder, SamplingParams, Tokenizer, generate,
+};
 
 use crate::model_source::ModelArgs;
 
@@ -15,7 +17,12 @@ pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Prompt token ids, comma-separated (e.g. 1,2,3).
-    #[arg(long, value_delimiter = ',', conflicts_with = "prompt", required_unless_present = "prompt")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        conflicts_with = "prompt",
+        required_unless_present = "prompt"
+    )]
     pub tokens: Option<Vec<u32>>,
     /// Prompt text (tokenised with the model's tokenizer).
     #[arg(long)]
@@ -41,16 +48,16 @@ pub struct GenerateArgs {
 #[derive(clap::Args, Debug, Clone)]
 pub struct SamplingArgs {
     /// 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
     pub temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     pub top_p: f32,
     /// 0 = off.
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
     pub min_p: f32,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     pub repetition_penalty: f32,
     #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
     pub presence_penalty: f32,
@@ -80,12 +87,22 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let sampling = args.sampling.params();
     sampling.validate()?;
     let (dir, model) = args.model.load()?;
-    let tokenizer = if dir.join("tokenizer.json").exists() { Some(Tokenizer::from_dir(&dir)?) } else { None };
+    let tokenizer = if dir.join("tokenizer.json").exists() {
+        Some(Tokenizer::from_dir(&dir)?)
+    } else {
+        None
+    };
     let prompt = match (&args.tokens, &args.prompt) {
         (Some(ids), _) => ids.clone(),
         (None, Some(text)) => {
-            let tok = tokenizer.as_ref().with_context(|| format!("{} has no tokenizer.json", dir.display()))?;
-            let text = if args.chat { tok.apply_chat_template(&[ChatMessage::user(text.as_str())], true)? } else { text.clone() };
+            let tok = tokenizer
+                .as_ref()
+                .with_context(|| format!("{} has no tokenizer.json", dir.display()))?;
+            let text = if args.chat {
+                tok.apply_chat_template(&[ChatMessage::user(text.as_str())], true)?
+            } else {
+                text.clone()
+            };
             tok.encode(&text)?
         }
         (None, None) => bail!("give --tokens or --prompt"),
@@ -120,7 +137,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     } else {
         match &tokenizer {
             Some(tok) => writeln!(stdout, "{}", decoder.finish(tok)?)?,
-            None => writeln!(stdout, "{}", ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","))?,
+            None => writeln!(
+                stdout,
+                "{}",
+                ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+            )?,
         }
         eprintln!(
             "{} prompt + {} generated tokens in {:.2}s ({:?})",

@@ -25,7 +25,14 @@ pub fn run(args: LogitsArgs) -> Result<()> {
     let (_, model) = args.model.load()?;
     let mut cache = model.new_cache(CacheConfig::for_sequences(1, args.tokens.len()))?;
     let seq = cache.add_sequence()?;
-    let logits = model.forward(&mut cache, &[SeqChunk { seq, tokens: &args.tokens }], LogitsMode::AllTokens)?;
+    let logits = model.forward(
+        &mut cache,
+        &[SeqChunk {
+            seq,
+            tokens: &args.tokens,
+        }],
+        LogitsMode::AllTokens,
+    )?;
     let vocab = model.spec().vocab;
     let mut out = std::io::stdout().lock();
     if args.json {
@@ -34,7 +41,11 @@ pub fn run(args: LogitsArgs) -> Result<()> {
     } else {
         for (pos, row) in logits.chunks_exact(vocab).enumerate() {
             let best = argmax(row);
-            writeln!(out, "position {pos}: argmax {best} (logit {:.4})", row[best as usize])?;
+            writeln!(
+                out,
+                "position {pos}: argmax {best} (logit {:.4})",
+                row[best as usize]
+            )?;
         }
     }
     Ok(())

@@ -14,7 +14,11 @@ use clap::{Parser, Subcommand};
 use sluice_engine::Preset;
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "Serve Qwen3.5-class models: engine commands")]
+#[command(
+    name = "sluice",
+    version,
+    about = "Serve Qwen3.5-class models: engine commands"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -65,6 +69,7 @@ fn main() -> ExitCode {
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
     })
 }

@@ -71,7 +71,9 @@ fn cache_root() -> PathBuf {
 /// The preset's directory in the cache, written on first use (atomically: a half-written
 /// checkpoint is never picked up).
 fn cached_preset(preset: Preset, seed: u64) -> Result<PathBuf> {
-    let dir = cache_root().join("synth").join(format!("{preset}-seed{seed}"));
+    let dir = cache_root()
+        .join("synth")
+        .join(format!("{preset}-seed{seed}"));
     if dir.join("tokenizer_config.json").exists() {
         return Ok(dir);
     }
@@ -86,7 +88,9 @@ fn cached_preset(preset: Preset, seed: u64) -> Result<PathBuf> {
             let _ = std::fs::remove_dir_all(&tmp);
             Ok(dir)
         }
-        Err(e) => Err(e).with_context(|| format!("moving the synthetic model to {}", dir.display())),
+        Err(e) => {
+            Err(e).with_context(|| format!("moving the synthetic model to {}", dir.display()))
+        }
     }
 }
 

@@ -9,7 +9,10 @@ pub struct Progress {
 
 impl Progress {
     pub fn new(label: &'static str) -> Self {
-        Progress { label, enabled: std::io::stderr().is_terminal() }
+        Progress {
+            label,
+            enabled: std::io::stderr().is_terminal(),
+        }
     }
 
     pub fn update(&mut self, done: usize, total: usize) {

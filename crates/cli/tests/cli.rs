@@ -1,5 +1,7 @@
 //! The `sluice` binary, run as external checks run it.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -14,12 +16,18 @@ fn sluice(args: &[&str], cache: &Path) -> Output {
 }
 
 fn stdout_json(out: &Output) -> Value {
-    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("stdout is one JSON object")
 }
 
 fn fixture(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden").join(case)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/golden")
+        .join(case)
 }
 
 /// prompt, logits [T, vocab] and greedy tokens of a golden fixture (made by HF transformers).
@@ -35,12 +43,30 @@ mod sluice_engine_golden {
     pub fn open(path: &Path) -> (Vec<u32>, Vec<Vec<f32>>, Vec<u32>) {
         let store = WeightStore::open_file(path).unwrap();
         let words = |name: &str| -> Vec<[u8; 4]> {
-            store.raw(name).unwrap().2.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]).collect()
+            store
+                .raw(name)
+                .unwrap()
+                .2
+                .chunks_exact(4)
+                .map(|c| [c[0], c[1], c[2], c[3]])
+                .collect()
         };
-        let ints = |name: &str| words(name).into_iter().map(|w| i32::from_le_bytes(w) as u32).collect();
+        let ints = |name: &str| {
+            words(name)
+                .into_iter()
+                .map(|w| i32::from_le_bytes(w) as u32)
+                .collect()
+        };
         let vocab = store.raw("logits").unwrap().1[1];
-        let floats: Vec<f32> = words("logits").into_iter().map(f32::from_le_bytes).collect();
-        (ints("prompt"), floats.chunks(vocab).map(<[f32]>::to_vec).collect(), ints("greedy"))
+        let floats: Vec<f32> = words("logits")
+            .into_iter()
+            .map(f32::from_le_bytes)
+            .collect();
+        (
+            ints("prompt"),
+            floats.chunks(vocab).map(<[f32]>::to_vec).collect(),
+            ints("greedy"),
+        )
     }
 }
 
@@ -54,14 +80,33 @@ fn logits_json_matches_transformers() {
     let (prompt, logits, _) = golden("moe");
     let model = fixture("moe");
     let tokens = ids_arg(&prompt[..5]);
-    let out = sluice(&["logits", "--model", model.to_str().unwrap(), "--tokens", &tokens, "--json"], cache.path());
+    let out = sluice(
+        &[
+            "logits",
+            "--model",
+            model.to_str().unwrap(),
+            "--tokens",
+            &tokens,
+            "--json",
+        ],
+        cache.path(),
+    );
     let json = stdout_json(&out);
     let rows = json["logits"].as_array().unwrap();
     assert_eq!(rows.len(), 5);
     for (row, want) in rows.iter().zip(&logits) {
-        let row: Vec<f32> = row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        let row: Vec<f32> = row
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
         assert_eq!(row.len(), want.len());
-        let d = row.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        let d = row
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
         assert!(d <= 1e-4, "max |Δ| {d}");
     }
 }
@@ -73,11 +118,26 @@ fn generate_json_gives_transformers_greedy_tokens() {
     let model = fixture("next");
     let tokens = ids_arg(&prompt);
     let out = sluice(
-        &["generate", "--model", model.to_str().unwrap(), "--tokens", &tokens, "--max-tokens", "32", "--ignore-eos", "--json"],
+        &[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--tokens",
+            &tokens,
+            "--max-tokens",
+            "32",
+            "--ignore-eos",
+            "--json",
+        ],
         cache.path(),
     );
     let json = stdout_json(&out);
-    let ids: Vec<u32> = json["token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let ids: Vec<u32> = json["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
     assert_eq!(ids, greedy);
     assert_eq!(json["text"], ""); // the fixture has no tokenizer
 }
@@ -85,25 +145,79 @@ fn generate_json_gives_transformers_greedy_tokens() {
 #[test]
 fn default_model_is_synthesised_and_seeded_sampling_repeats() {
     let cache = tempfile::tempdir().unwrap();
-    let args = ["generate", "--prompt", "Hello", "--chat", "--max-tokens", "12", "--temperature", "0.8", "--top-p", "0.9", "--seed", "7", "--ignore-eos", "--json"];
+    let args = [
+        "generate",
+        "--prompt",
+        "Hello",
+        "--chat",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "7",
+        "--ignore-eos",
+        "--json",
+    ];
     let first = stdout_json(&sluice(&args, cache.path()));
     let second = stdout_json(&sluice(&args, cache.path()));
     assert_eq!(first, second);
     assert_eq!(first["token_ids"].as_array().unwrap().len(), 12);
     assert!(first["text"].is_string());
-    assert!(cache.path().join("synth/tiny-seed0/model.safetensors").exists());
+    assert!(
+        cache
+            .path()
+            .join("synth/tiny-seed0/model.safetensors")
+            .exists()
+    );
 }
 
 #[test]
 fn synth_writes_a_loadable_hf_layout() {
     let cache = tempfile::tempdir().unwrap();
     let out_dir = cache.path().join("tiny");
-    let out = sluice(&["synth", "--preset", "tiny", "--out", out_dir.to_str().unwrap(), "--seed", "3"], cache.path());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+    let out = sluice(
+        &[
+            "synth",
+            "--preset",
+            "tiny",
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--seed",
+            "3",
+        ],
+        cache.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
         assert!(out_dir.join(f).exists(), "{f}");
     }
-    let out = sluice(&["generate", "--model", out_dir.to_str().unwrap(), "--tokens", "1,2,3", "--max-tokens", "3", "--ignore-eos", "--json"], cache.path());
+    let out = sluice(
+        &[
+            "generate",
+            "--model",
+            out_dir.to_str().unwrap(),
+            "--tokens",
+            "1,2,3",
+            "--max-tokens",
+            "3",
+            "--ignore-eos",
+            "--json",
+        ],
+        cache.path(),
+    );
     assert_eq!(stdout_json(&out)["token_ids"].as_array().unwrap().len(), 3);
 }
 
@@ -122,12 +236,23 @@ fn bad_input_fails_with_a_clear_message() {
     let m = model.to_str().unwrap();
     let err = failure(&["logits", "--model", m, "--tokens", "1,256", "--json"]);
     assert!(err.contains("token id 256 is out of range"), "{err}");
-    let err = failure(&["generate", "--model", m, "--tokens", "1", "--temperature", "-1"]);
+    let err = failure(&[
+        "generate",
+        "--model",
+        m,
+        "--tokens",
+        "1",
+        "--temperature",
+        "-1",
+    ]);
     assert!(err.contains("`temperature`"), "{err}");
     let err = failure(&["generate", "--model", m, "--tokens", "1", "--top-p", "2"]);
     assert!(err.contains("`top_p`"), "{err}");
     let err = failure(&["generate", "--model", "/nonexistent/model", "--tokens", "1"]);
-    assert!(err.contains("/nonexistent/model") && err.contains("config.json"), "{err}");
+    assert!(
+        err.contains("/nonexistent/model") && err.contains("config.json"),
+        "{err}"
+    );
     let err = failure(&["generate", "--model", m, "--prompt", "hi"]);
     assert!(err.contains("tokenizer.json"), "{err}");
     let err = failure(&["generate", "--tokens", "1", "--device", "cuda:0"]);

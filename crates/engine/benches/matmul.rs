@@ -1,6 +1,8 @@
 //! `cargo bench -p sluice-engine --bench matmul [-- --threads N]`: GFLOP/s of the CPU matmul
 //! for decode (1 token) and prefill (many tokens) shapes, bf16 and f32 weights.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Instant;
 
 use sluice_engine::backend::cpu::matmul;
@@ -14,7 +16,11 @@ fn weight(rows: usize, cols: usize, bf16: bool) -> Weight {
             ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
         })
         .collect();
-    let data = if bf16 { WeightData::BF16(vals.iter().map(|v| f32_to_bf16(*v)).collect()) } else { WeightData::F32(vals) };
+    let data = if bf16 {
+        WeightData::BF16(vals.iter().map(|v| f32_to_bf16(*v)).collect())
+    } else {
+        WeightData::F32(vals)
+    };
     Weight { rows, cols, data }
 }
 
@@ -22,9 +28,32 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--threads") {
         let n: usize = args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(2);
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().ok();
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .ok();
     }
-    println!("kernel {}, {} threads", sluice_engine::backend::cpu::kernel_name(), rayon::current_num_threads());
+    println!(
+        "kernel {}, {} threads",
+        sluice_engine::backend::cpu::kernel_name(),
+        rayon::current_num_threads()
+    );
+    // Decode from DRAM: cycle through 256 MiB of weights so no cache holds them.
+    let ws: Vec<Weight> = (0..8).map(|_| weight(4096, 4096, true)).collect();
+    let x = vec![0.25f32; 4096];
+    let mut y = vec![0.0f32; 4096];
+    let reps = 64;
+    let start = Instant::now();
+    for i in 0..reps {
+        matmul(&x, &ws[i % ws.len()], &mut y);
+    }
+    let s = start.elapsed().as_secs_f64() / reps as f64;
+    println!(
+        "t=   1  4096x4096  bf16 × 8 (DRAM): {:8.3} ms  {:6.1} GB/s of weights",
+        s * 1e3,
+        ws[0].bytes() as f64 / s / 1e9
+    );
+    drop(ws);
     for &(t, rows, cols, bf16) in &[
         (1, 4096, 1024, true),
         (1, 1024, 4096, true),

@@ -142,8 +142,10 @@ fn default_eps() -> f64 {
 pub fn load_spec(dir: &Path) -> Result<ModelSpec> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| EngineError::io(&path, e))?;
-    let value: Value = serde_json::from_str(&text)
-        .map_err(|e| EngineError::MalformedJson { path: path.clone(), message: e.to_string() })?;
+    let value: Value = serde_json::from_str(&text).map_err(|e| EngineError::MalformedJson {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
     parse_spec(&value).map_err(|e| match e {
         EngineError::MalformedJson { message, .. } => EngineError::MalformedJson { path, message },
         other => other,
@@ -167,15 +169,21 @@ pub fn parse_spec(value: &Value) -> Result<ModelSpec> {
         "qwen3_next" => ModelFamily::Qwen3Next,
         other => return Err(EngineError::UnknownModelType(other.to_string())),
     };
-    let raw: RawTextConfig = serde_json::from_value(text.clone()).map_err(|e| {
-        EngineError::MalformedJson { path: "config.json".into(), message: e.to_string() }
-    })?;
+    let raw: RawTextConfig =
+        serde_json::from_value(text.clone()).map_err(|e| EngineError::MalformedJson {
+            path: "config.json".into(),
+            message: e.to_string(),
+        })?;
     // The wrapper may carry tie_word_embeddings at the top level only.
     let tie = raw
         .tie_word_embeddings
         .or_else(|| value.get("tie_word_embeddings").and_then(Value::as_bool))
         .unwrap_or(false);
-    let eos = parse_token_ids(raw.eos_token_id.as_ref().or_else(|| value.get("eos_token_id")))?;
+    let eos = parse_token_ids(
+        raw.eos_token_id
+            .as_ref()
+            .or_else(|| value.get("eos_token_id")),
+    )?;
     let model_type = raw_type(&raw, top_type);
     build_spec(family, model_type, raw, tie, eos, wrapped)
 }
@@ -217,7 +225,7 @@ fn build_spec(
     let n_layers = positive("num_hidden_layers", raw.num_hidden_layers)?;
     let heads = positive("num_attention_heads", raw.num_attention_heads)?;
     let kv_heads = positive("num_key_value_heads", raw.num_key_value_heads)?;
-    if heads % kv_heads != 0 {
+    if !heads.is_multiple_of(kv_heads) {
         return Err(EngineError::config(
             "num_key_value_heads",
             format!("{kv_heads} does not divide num_attention_heads {heads}"),
@@ -225,16 +233,22 @@ fn build_spec(
     }
     let head_dim = positive("head_dim", raw.head_dim.unwrap_or(hidden / heads))?;
     let rope = raw.rope_parameters.as_ref();
-    let rope_theta = rope.and_then(|r| r.rope_theta).or(raw.rope_theta).unwrap_or(10_000.0);
+    let rope_theta = rope
+        .and_then(|r| r.rope_theta)
+        .or(raw.rope_theta)
+        .unwrap_or(10_000.0);
     let factor = rope
         .and_then(|r| r.partial_rotary_factor)
         .or(raw.partial_rotary_factor)
         .unwrap_or(0.25);
     if !(factor > 0.0 && factor <= 1.0) {
-        return Err(EngineError::config("partial_rotary_factor", format!("{factor} not in (0, 1]")));
+        return Err(EngineError::config(
+            "partial_rotary_factor",
+            format!("{factor} not in (0, 1]"),
+        ));
     }
     let rotary_dim = (head_dim as f64 * factor) as usize;
-    if rotary_dim % 2 != 0 || rotary_dim == 0 {
+    if !rotary_dim.is_multiple_of(2) || rotary_dim == 0 {
         return Err(EngineError::config(
             "partial_rotary_factor",
             format!("rotates {rotary_dim} dims of {head_dim}; must be a positive even number"),
@@ -247,7 +261,7 @@ fn build_spec(
         value_dim: positive("linear_value_head_dim", raw.linear_value_head_dim)?,
         conv_kernel: positive("linear_conv_kernel_dim", raw.linear_conv_kernel_dim)?,
     };
-    if linear.value_heads % linear.key_heads != 0 {
+    if !linear.value_heads.is_multiple_of(linear.key_heads) {
         return Err(EngineError::config(
             "linear_num_value_heads",
             format!(
@@ -286,7 +300,10 @@ fn build_spec(
         }
     };
     if family == ModelFamily::Qwen35Moe && moe.is_none() {
-        return Err(EngineError::config("num_experts", "a qwen3_5_moe model needs experts"));
+        return Err(EngineError::config(
+            "num_experts",
+            "a qwen3_5_moe model needs experts",
+        ));
     }
     let sparse_step = raw.decoder_sparse_step.unwrap_or(1).max(1);
     let mlp_only = raw.mlp_only_layers.clone().unwrap_or_default();
@@ -315,7 +332,10 @@ fn build_spec(
     };
     let eps = raw.rms_norm_eps;
     if !(eps > 0.0 && eps < 1.0) {
-        return Err(EngineError::config("rms_norm_eps", format!("{eps} not in (0, 1)")));
+        return Err(EngineError::config(
+            "rms_norm_eps",
+            format!("{eps} not in (0, 1)"),
+        ));
     }
     Ok(ModelSpec {
         family,
@@ -324,7 +344,13 @@ fn build_spec(
         vocab: positive("vocab_size", raw.vocab_size)?,
         eps: eps as f32,
         layers,
-        attention: AttentionSpec { heads, kv_heads, head_dim, rotary_dim, rope_theta },
+        attention: AttentionSpec {
+            heads,
+            kv_heads,
+            head_dim,
+            rotary_dim,
+            rope_theta,
+        },
         linear,
         moe,
         dense_intermediate,
@@ -356,7 +382,10 @@ fn layer_mixers(raw: &RawTextConfig, n_layers: usize) -> Result<Vec<MixerKind>> 
                 .collect()
         }
         None => {
-            let interval = positive("full_attention_interval", raw.full_attention_interval.unwrap_or(4))?;
+            let interval = positive(
+                "full_attention_interval",
+                raw.full_attention_interval.unwrap_or(4),
+            )?;
             Ok((0..n_layers)
                 .map(|i| {
                     if (i + 1) % interval == 0 {
@@ -372,7 +401,10 @@ fn layer_mixers(raw: &RawTextConfig, n_layers: usize) -> Result<Vec<MixerKind>> 
 
 impl ModelSpec {
     pub fn full_attention_layers(&self) -> usize {
-        self.layers.iter().filter(|l| l.mixer == MixerKind::FullAttention).count()
+        self.layers
+            .iter()
+            .filter(|l| l.mixer == MixerKind::FullAttention)
+            .count()
     }
 
     pub fn linear_attention_layers(&self) -> usize {
@@ -442,7 +474,12 @@ mod tests {
         assert!(err.contains("num_key_value_heads"), "{err}");
         let mut cfg = text();
         cfg["layer_types"] = json!(["full_attention"]);
-        assert!(parse_spec(&cfg).unwrap_err().to_string().contains("layer_types"));
+        assert!(
+            parse_spec(&cfg)
+                .unwrap_err()
+                .to_string()
+                .contains("layer_types")
+        );
     }
 
     #[test]

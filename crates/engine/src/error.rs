@@ -24,15 +24,27 @@ pub enum EngineError {
     #[error("missing tensor `{0}`")]
     MissingTensor(String),
     #[error("tensor `{name}` has shape {actual:?}, expected {expected:?}")]
-    TensorShape { name: String, actual: Vec<usize>, expected: Vec<usize> },
+    TensorShape {
+        name: String,
+        actual: Vec<usize>,
+        expected: Vec<usize>,
+    },
     #[error("tensor `{name}` has dtype {actual}, expected {expected}")]
-    TensorDType { name: String, actual: String, expected: &'static str },
+    TensorDType {
+        name: String,
+        actual: String,
+        expected: &'static str,
+    },
     #[error("token id {id} is out of range: the vocabulary has {vocab} ids")]
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("the prompt is empty: at least one token is needed")]
     EmptyPrompt,
     #[error("sampling parameter `{field}` = {value} is out of range: {allowed}")]
-    InvalidSampling { field: &'static str, value: String, allowed: &'static str },
+    InvalidSampling {
+        field: &'static str,
+        value: String,
+        allowed: &'static str,
+    },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("chat template: {0}")]
@@ -48,17 +60,26 @@ pub enum EngineError {
     #[error("device `{device}` is not available: {reason}")]
     DeviceUnavailable { device: String, reason: String },
     #[error("invalid argument `{field}`: {message}")]
-    InvalidArgument { field: &'static str, message: String },
+    InvalidArgument {
+        field: &'static str,
+        message: String,
+    },
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
 
 impl EngineError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io { path: path.into(), source }
+        Self::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     pub(crate) fn config(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self::InvalidConfig { field: field.into(), message: message.into() }
+        Self::InvalidConfig {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }

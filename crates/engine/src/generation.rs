@@ -41,8 +41,10 @@ pub fn eos_token_ids(dir: &Path, spec: &ModelSpec) -> Result<Vec<u32>> {
     let path = dir.join("generation_config.json");
     if path.exists() {
         let text = std::fs::read_to_string(&path).map_err(|e| EngineError::io(&path, e))?;
-        let value: Value = serde_json::from_str(&text)
-            .map_err(|e| EngineError::MalformedJson { path: path.clone(), message: e.to_string() })?;
+        let value: Value = serde_json::from_str(&text).map_err(|e| EngineError::MalformedJson {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
         let ids = parse_token_ids(value.get("eos_token_id"))?;
         if !ids.is_empty() {
             return Ok(ids);
@@ -62,7 +64,10 @@ pub fn generate(
         return Err(EngineError::EmptyPrompt);
     }
     if request.max_tokens == 0 {
-        return Err(EngineError::InvalidArgument { field: "max_tokens", message: "must be at least 1".into() });
+        return Err(EngineError::InvalidArgument {
+            field: "max_tokens",
+            message: "must be at least 1".into(),
+        });
     }
     let mut sampler = Sampler::new(request.sampling.clone(), &request.prompt)?;
     let total = request.prompt.len() + request.max_tokens;
@@ -71,7 +76,11 @@ pub fn generate(
     let chunk = request.prefill_chunk.max(1);
     let mut logits = Vec::new();
     for part in request.prompt.chunks(chunk) {
-        logits = model.forward(&mut cache, &[SeqChunk { seq, tokens: part }], LogitsMode::LastPerSequence)?;
+        logits = model.forward(
+            &mut cache,
+            &[SeqChunk { seq, tokens: part }],
+            LogitsMode::LastPerSequence,
+        )?;
     }
     let mut tokens = Vec::with_capacity(request.max_tokens);
     loop {
@@ -80,11 +89,24 @@ pub fn generate(
         let token = sampled.token;
         tokens.push(sampled);
         if !request.ignore_eos && eos.contains(&token) {
-            return Ok(GenerationOutput { tokens, finish: FinishReason::Eos });
+            return Ok(GenerationOutput {
+                tokens,
+                finish: FinishReason::Eos,
+            });
         }
         if tokens.len() >= request.max_tokens {
-            return Ok(GenerationOutput { tokens, finish: FinishReason::Length });
+            return Ok(GenerationOutput {
+                tokens,
+                finish: FinishReason::Length,
+            });
         }
-        logits = model.forward(&mut cache, &[SeqChunk { seq, tokens: &[token] }], LogitsMode::LastPerSequence)?;
+        logits = model.forward(
+            &mut cache,
+            &[SeqChunk {
+                seq,
+                tokens: &[token],
+            }],
+            LogitsMode::LastPerSequence,
+        )?;
     }
 }

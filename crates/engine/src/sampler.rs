@@ -53,10 +53,18 @@ impl SamplingParams {
     /// Checks every field against its allowed range, naming the first that is out of it.
     pub fn validate(&self) -> Result<()> {
         let bad = |field, value: f32, allowed| {
-            Err(EngineError::InvalidSampling { field, value: value.to_string(), allowed })
+            Err(EngineError::InvalidSampling {
+                field,
+                value: value.to_string(),
+                allowed,
+            })
         };
         if !(self.temperature.is_finite() && (0.0..=100.0).contains(&self.temperature)) {
-            return bad("temperature", self.temperature, "0 ≤ temperature ≤ 100 (0 = greedy)");
+            return bad(
+                "temperature",
+                self.temperature,
+                "0 ≤ temperature ≤ 100 (0 = greedy)",
+            );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad("top_p", self.top_p, "0 < top_p ≤ 1");
@@ -65,13 +73,25 @@ impl SamplingParams {
             return bad("min_p", self.min_p, "0 ≤ min_p ≤ 1");
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty <= 10.0) {
-            return bad("repetition_penalty", self.repetition_penalty, "0 < repetition_penalty ≤ 10");
+            return bad(
+                "repetition_penalty",
+                self.repetition_penalty,
+                "0 < repetition_penalty ≤ 10",
+            );
         }
         if !(-2.0..=2.0).contains(&self.presence_penalty) {
-            return bad("presence_penalty", self.presence_penalty, "-2 ≤ presence_penalty ≤ 2");
+            return bad(
+                "presence_penalty",
+                self.presence_penalty,
+                "-2 ≤ presence_penalty ≤ 2",
+            );
         }
         if !(-2.0..=2.0).contains(&self.frequency_penalty) {
-            return bad("frequency_penalty", self.frequency_penalty, "-2 ≤ frequency_penalty ≤ 2");
+            return bad(
+                "frequency_penalty",
+                self.frequency_penalty,
+                "-2 ≤ frequency_penalty ≤ 2",
+            );
         }
         if self.top_logprobs > MAX_TOP_LOGPROBS {
             return Err(EngineError::InvalidSampling {
@@ -128,7 +148,9 @@ impl Sampler {
     pub fn new(params: SamplingParams, prompt: &[u32]) -> Result<Self> {
         params.validate()?;
         let seed = params.seed.unwrap_or_else(|| {
-            SystemTime::now().duration_since(UNIX_EPOCH).map_or(0x5eed, |d| d.as_nanos() as u64)
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0x5eed, |d| d.as_nanos() as u64)
         });
         let mut seen = HashMap::new();
         for &t in prompt {
@@ -154,12 +176,20 @@ impl Sampler {
         work.clear();
         work.extend_from_slice(logits);
         self.apply_penalties(&mut work);
-        let token = if self.params.temperature == 0.0 { argmax(&work) } else { self.draw(&mut work) };
+        let token = if self.params.temperature == 0.0 {
+            argmax(&work)
+        } else {
+            self.draw(&mut work)
+        };
         self.scratch = work;
         let (logprob, top) = self.logprobs(logits, token);
         *self.seen.entry(token).or_insert(0) += 1;
         *self.generated.entry(token).or_insert(0) += 1;
-        Sampled { token, logprob, top }
+        Sampled {
+            token,
+            logprob,
+            top,
+        }
     }
 
     fn apply_penalties(&self, logits: &mut [f32]) {
@@ -167,7 +197,11 @@ impl Sampler {
         if p.repetition_penalty != 1.0 {
             for &t in self.seen.keys() {
                 if let Some(l) = logits.get_mut(t as usize) {
-                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
                 }
             }
         }
@@ -188,7 +222,11 @@ impl Sampler {
         self.order.clear();
         self.order.extend(0..logits.len() as u32);
         if truncate {
-            let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+            let by_logit = |a: &u32, b: &u32| {
+                logits[*b as usize]
+                    .total_cmp(&logits[*a as usize])
+                    .then(a.cmp(b))
+            };
             if p.top_k > 0 && p.top_k < self.order.len() {
                 self.order.select_nth_unstable_by(p.top_k - 1, by_logit);
                 self.order.truncate(p.top_k);
@@ -196,9 +234,16 @@ impl Sampler {
             self.order.sort_unstable_by(by_logit);
         }
         // Softmax over the candidates (max first when sorted; found otherwise).
-        let max = self.order.iter().map(|&i| logits[i as usize]).fold(f32::NEG_INFINITY, f32::max);
-        let mut probs: Vec<f64> =
-            self.order.iter().map(|&i| (((logits[i as usize] - max) * inv_t) as f64).exp()).collect();
+        let max = self
+            .order
+            .iter()
+            .map(|&i| logits[i as usize])
+            .fold(f32::NEG_INFINITY, f32::max);
+        let mut probs: Vec<f64> = self
+            .order
+            .iter()
+            .map(|&i| (((logits[i as usize] - max) * inv_t) as f64).exp())
+            .collect();
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|q| *q /= total);
         let mut keep = probs.len();
@@ -231,20 +276,34 @@ impl Sampler {
 
     fn logprobs(&self, logits: &[f32], token: u32) -> (f32, Vec<(u32, f32)>) {
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let lse = max + logits.iter().map(|l| ((l - max) as f64).exp()).sum::<f64>().ln() as f32;
+        let lse = max
+            + logits
+                .iter()
+                .map(|l| ((l - max) as f64).exp())
+                .sum::<f64>()
+                .ln() as f32;
         let logprob = logits[token as usize] - lse;
         let n = self.params.top_logprobs;
         if n == 0 {
             return (logprob, Vec::new());
         }
         let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-        let cmp = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+        let cmp = |a: &u32, b: &u32| {
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
+        };
         if n < idx.len() {
             idx.select_nth_unstable_by(n - 1, cmp);
             idx.truncate(n);
         }
         idx.sort_unstable_by(cmp);
-        (logprob, idx.into_iter().map(|i| (i, logits[i as usize] - lse)).collect())
+        (
+            logprob,
+            idx.into_iter()
+                .map(|i| (i, logits[i as usize] - lse))
+                .collect(),
+        )
     }
 }
 
@@ -264,7 +323,10 @@ mod tests {
     use super::*;
 
     fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
-        let mut p = SamplingParams { seed: Some(1), ..SamplingParams::default() };
+        let mut p = SamplingParams {
+            seed: Some(1),
+            ..SamplingParams::default()
+        };
         f(&mut p);
         p
     }
@@ -283,8 +345,17 @@ mod tests {
     fn same_seed_same_tokens_and_frequencies_follow_the_distribution() {
         let logits = [1.0f32, 0.0, 2.0, -1.0];
         let run = |seed| {
-            let mut s = Sampler::new(params(|p| { p.temperature = 1.0; p.seed = Some(seed) }), &[]).unwrap();
-            (0..4000).map(|_| s.sample(&logits).token).collect::<Vec<_>>()
+            let mut s = Sampler::new(
+                params(|p| {
+                    p.temperature = 1.0;
+                    p.seed = Some(seed)
+                }),
+                &[],
+            )
+            .unwrap();
+            (0..4000)
+                .map(|_| s.sample(&logits).token)
+                .collect::<Vec<_>>()
         };
         let a = run(42);
         assert_eq!(a, run(42));
@@ -300,9 +371,27 @@ mod tests {
     fn truncation_keeps_only_allowed_tokens() {
         let logits = [3.0f32, 2.9, 0.0, -5.0, 2.8];
         for (p, allowed) in [
-            (params(|p| { p.temperature = 1.0; p.top_k = 2 }), vec![0, 1]),
-            (params(|p| { p.temperature = 1.0; p.min_p = 0.5 }), vec![0, 1, 4]),
-            (params(|p| { p.temperature = 1.0; p.top_p = 0.5 }), vec![0, 1]),
+            (
+                params(|p| {
+                    p.temperature = 1.0;
+                    p.top_k = 2
+                }),
+                vec![0, 1],
+            ),
+            (
+                params(|p| {
+                    p.temperature = 1.0;
+                    p.min_p = 0.5
+                }),
+                vec![0, 1, 4],
+            ),
+            (
+                params(|p| {
+                    p.temperature = 1.0;
+                    p.top_p = 0.5
+                }),
+                vec![0, 1],
+            ),
         ] {
             let mut s = Sampler::new(p, &[]).unwrap();
             for _ in 0..300 {

@@ -56,7 +56,15 @@ impl fmt::Display for Preset {
 }
 
 fn layer_types(n: usize) -> Vec<&'static str> {
-    (0..n).map(|i| if (i + 1) % 4 == 0 { "full_attention" } else { "linear_attention" }).collect()
+    (0..n)
+        .map(|i| {
+            if (i + 1) % 4 == 0 {
+                "full_attention"
+            } else {
+                "linear_attention"
+            }
+        })
+        .collect()
 }
 
 struct Shape {
@@ -71,9 +79,30 @@ struct Shape {
 /// `config.json` of a preset (`qwen3_5_moe_text`).
 pub fn preset_config(preset: Preset) -> Value {
     let s = match preset {
-        Preset::Tiny => Shape { hidden: 64, layers: 4, heads: (4, 2, 32), linear: (2, 4, 16), experts: (8, 2, 32, 32), vocab: 1024 },
-        Preset::Small => Shape { hidden: 256, layers: 8, heads: (4, 2, 64), linear: (4, 8, 32), experts: (16, 4, 128, 128), vocab: 8192 },
-        Preset::Bench => Shape { hidden: 1024, layers: 24, heads: (8, 2, 256), linear: (8, 16, 128), experts: (64, 8, 256, 256), vocab: 32768 },
+        Preset::Tiny => Shape {
+            hidden: 64,
+            layers: 4,
+            heads: (4, 2, 32),
+            linear: (2, 4, 16),
+            experts: (8, 2, 32, 32),
+            vocab: 1024,
+        },
+        Preset::Small => Shape {
+            hidden: 256,
+            layers: 8,
+            heads: (4, 2, 64),
+            linear: (4, 8, 32),
+            experts: (16, 4, 128, 128),
+            vocab: 8192,
+        },
+        Preset::Bench => Shape {
+            hidden: 1024,
+            layers: 24,
+            heads: (8, 2, 256),
+            linear: (8, 16, 128),
+            experts: (64, 8, 256, 256),
+            vocab: 32768,
+        },
     };
     json!({
         "architectures": ["Qwen3_5MoeForCausalLM"],
@@ -136,26 +165,61 @@ pub struct SynthTensor {
 pub fn tensors(spec: &ModelSpec) -> Vec<SynthTensor> {
     let mut out = Vec::new();
     let mut add = |name: String, shape: Vec<usize>, dtype: DType, init: Init| {
-        out.push(SynthTensor { name, shape, dtype, init });
+        out.push(SynthTensor {
+            name,
+            shape,
+            dtype,
+            init,
+        });
     };
     let bf = DType::BF16;
     let fan_in = |n: usize| Init::Normal(1.0 / (n as f32).sqrt());
     let norm = Init::Normal(0.1);
     let (h, v) = (spec.hidden, spec.vocab);
     let embed_std = if spec.tie_embeddings { 0.2 } else { 0.5 };
-    add("model.embed_tokens.weight".into(), vec![v, h], bf, Init::Normal(embed_std));
+    add(
+        "model.embed_tokens.weight".into(),
+        vec![v, h],
+        bf,
+        Init::Normal(embed_std),
+    );
     for (i, layer) in spec.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
         add(format!("{p}.input_layernorm.weight"), vec![h], bf, norm);
-        add(format!("{p}.post_attention_layernorm.weight"), vec![h], bf, norm);
+        add(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![h],
+            bf,
+            norm,
+        );
         match layer.mixer {
             MixerKind::FullAttention => {
                 let a = &spec.attention;
                 let (nh, nkv, d) = (a.heads, a.kv_heads, a.head_dim);
-                add(format!("{p}.self_attn.q_proj.weight"), vec![2 * nh * d, h], bf, fan_in(h));
-                add(format!("{p}.self_attn.k_proj.weight"), vec![nkv * d, h], bf, fan_in(h));
-                add(format!("{p}.self_attn.v_proj.weight"), vec![nkv * d, h], bf, fan_in(h));
-                add(format!("{p}.self_attn.o_proj.weight"), vec![h, nh * d], bf, fan_in(nh * d));
+                add(
+                    format!("{p}.self_attn.q_proj.weight"),
+                    vec![2 * nh * d, h],
+                    bf,
+                    fan_in(h),
+                );
+                add(
+                    format!("{p}.self_attn.k_proj.weight"),
+                    vec![nkv * d, h],
+                    bf,
+                    fan_in(h),
+                );
+                add(
+                    format!("{p}.self_attn.v_proj.weight"),
+                    vec![nkv * d, h],
+                    bf,
+                    fan_in(h),
+                );
+                add(
+                    format!("{p}.self_attn.o_proj.weight"),
+                    vec![h, nh * d],
+                    bf,
+                    fan_in(nh * d),
+                );
                 add(format!("{p}.self_attn.q_norm.weight"), vec![d], bf, norm);
                 add(format!("{p}.self_attn.k_norm.weight"), vec![d], bf, norm);
             }
@@ -164,32 +228,102 @@ pub fn tensors(spec: &ModelSpec) -> Vec<SynthTensor> {
                 let (nv, dv, c) = (l.value_heads, l.value_dim, l.conv_dim());
                 let q = format!("{p}.linear_attn");
                 add(format!("{q}.in_proj_qkv.weight"), vec![c, h], bf, fan_in(h));
-                add(format!("{q}.in_proj_z.weight"), vec![nv * dv, h], bf, fan_in(h));
+                add(
+                    format!("{q}.in_proj_z.weight"),
+                    vec![nv * dv, h],
+                    bf,
+                    fan_in(h),
+                );
                 add(format!("{q}.in_proj_b.weight"), vec![nv, h], bf, fan_in(h));
                 add(format!("{q}.in_proj_a.weight"), vec![nv, h], bf, fan_in(h));
-                add(format!("{q}.conv1d.weight"), vec![c, 1, l.conv_kernel], bf, Init::Normal(0.4));
+                add(
+                    format!("{q}.conv1d.weight"),
+                    vec![c, 1, l.conv_kernel],
+                    bf,
+                    Init::Normal(0.4),
+                );
                 add(format!("{q}.dt_bias"), vec![nv], bf, Init::Normal(0.5));
                 add(format!("{q}.A_log"), vec![nv], DType::F32, Init::ALog);
-                add(format!("{q}.norm.weight"), vec![dv], DType::F32, Init::AroundOne);
-                add(format!("{q}.out_proj.weight"), vec![h, nv * dv], bf, fan_in(nv * dv));
+                add(
+                    format!("{q}.norm.weight"),
+                    vec![dv],
+                    DType::F32,
+                    Init::AroundOne,
+                );
+                add(
+                    format!("{q}.out_proj.weight"),
+                    vec![h, nv * dv],
+                    bf,
+                    fan_in(nv * dv),
+                );
             }
         }
         match (layer.ffn, &spec.moe) {
             (FfnKind::Moe, Some(m)) => {
                 let (e, inter, si) = (m.experts, m.intermediate, m.shared_intermediate);
-                add(format!("{p}.mlp.gate.weight"), vec![e, h], bf, Init::Normal(3.0 / (h as f32).sqrt()));
-                add(format!("{p}.mlp.experts.gate_up_proj"), vec![e, 2 * inter, h], bf, fan_in(h));
-                add(format!("{p}.mlp.experts.down_proj"), vec![e, h, inter], bf, fan_in(inter));
-                add(format!("{p}.mlp.shared_expert.gate_proj.weight"), vec![si, h], bf, fan_in(h));
-                add(format!("{p}.mlp.shared_expert.up_proj.weight"), vec![si, h], bf, fan_in(h));
-                add(format!("{p}.mlp.shared_expert.down_proj.weight"), vec![h, si], bf, fan_in(si));
-                add(format!("{p}.mlp.shared_expert_gate.weight"), vec![1, h], bf, fan_in(h));
+                add(
+                    format!("{p}.mlp.gate.weight"),
+                    vec![e, h],
+                    bf,
+                    Init::Normal(3.0 / (h as f32).sqrt()),
+                );
+                add(
+                    format!("{p}.mlp.experts.gate_up_proj"),
+                    vec![e, 2 * inter, h],
+                    bf,
+                    fan_in(h),
+                );
+                add(
+                    format!("{p}.mlp.experts.down_proj"),
+                    vec![e, h, inter],
+                    bf,
+                    fan_in(inter),
+                );
+                add(
+                    format!("{p}.mlp.shared_expert.gate_proj.weight"),
+                    vec![si, h],
+                    bf,
+                    fan_in(h),
+                );
+                add(
+                    format!("{p}.mlp.shared_expert.up_proj.weight"),
+                    vec![si, h],
+                    bf,
+                    fan_in(h),
+                );
+                add(
+                    format!("{p}.mlp.shared_expert.down_proj.weight"),
+                    vec![h, si],
+                    bf,
+                    fan_in(si),
+                );
+                add(
+                    format!("{p}.mlp.shared_expert_gate.weight"),
+                    vec![1, h],
+                    bf,
+                    fan_in(h),
+                );
             }
             _ => {
                 let inter = spec.dense_intermediate;
-                add(format!("{p}.mlp.gate_proj.weight"), vec![inter, h], bf, fan_in(h));
-                add(format!("{p}.mlp.up_proj.weight"), vec![inter, h], bf, fan_in(h));
-                add(format!("{p}.mlp.down_proj.weight"), vec![h, inter], bf, fan_in(inter));
+                add(
+                    format!("{p}.mlp.gate_proj.weight"),
+                    vec![inter, h],
+                    bf,
+                    fan_in(h),
+                );
+                add(
+                    format!("{p}.mlp.up_proj.weight"),
+                    vec![inter, h],
+                    bf,
+                    fan_in(h),
+                );
+                add(
+                    format!("{p}.mlp.down_proj.weight"),
+                    vec![h, inter],
+                    bf,
+                    fan_in(inter),
+                );
             }
         }
     }
@@ -202,7 +336,10 @@ pub fn tensors(spec: &ModelSpec) -> Vec<SynthTensor> {
 
 /// Total parameters of a tensor list.
 pub fn parameter_count(tensors: &[SynthTensor]) -> usize {
-    tensors.iter().map(|t| t.shape.iter().product::<usize>()).sum()
+    tensors
+        .iter()
+        .map(|t| t.shape.iter().product::<usize>())
+        .sum()
 }
 
 fn splitmix(state: &mut u64) -> u64 {
@@ -214,7 +351,9 @@ fn splitmix(state: &mut u64) -> u64 {
 }
 
 fn name_hash(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Values of one tensor, in parallel blocks that each have their own RNG stream.
@@ -223,33 +362,45 @@ fn fill(t: &SynthTensor, seed: u64) -> Vec<u8> {
     let n: usize = t.shape.iter().product();
     let base = seed ^ name_hash(&t.name);
     let mut bytes = vec![0u8; n * t.dtype.size()];
-    bytes.par_chunks_mut(BLOCK * t.dtype.size()).enumerate().for_each(|(b, out)| {
-        let mut state = base.wrapping_add((b as u64).wrapping_mul(0xd134_2543_de82_ef95));
-        let mut unit = || (splitmix(&mut state) >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
-        for chunk in out.chunks_exact_mut(t.dtype.size()) {
-            let x = match t.init {
-                Init::Normal(std) => (unit() * 2.0 - 1.0) * 3f32.sqrt() * std,
-                Init::ALog => (0.05 + 0.95 * unit()).ln(),
-                Init::AroundOne => 1.0 + 0.1 * (unit() * 2.0 - 1.0),
-            };
-            match t.dtype {
-                DType::F32 => chunk.copy_from_slice(&x.to_le_bytes()),
-                DType::BF16 => chunk.copy_from_slice(&f32_to_bf16(x).to_le_bytes()),
-                DType::F16 => chunk.copy_from_slice(&half::f16::from_f32(x).to_bits().to_le_bytes()),
+    bytes
+        .par_chunks_mut(BLOCK * t.dtype.size())
+        .enumerate()
+        .for_each(|(b, out)| {
+            let mut state = base.wrapping_add((b as u64).wrapping_mul(0xd134_2543_de82_ef95));
+            let mut unit = || (splitmix(&mut state) >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
+            for chunk in out.chunks_exact_mut(t.dtype.size()) {
+                let x = match t.init {
+                    Init::Normal(std) => (unit() * 2.0 - 1.0) * 3f32.sqrt() * std,
+                    Init::ALog => (0.05 + 0.95 * unit()).ln(),
+                    Init::AroundOne => 1.0 + 0.1 * (unit() * 2.0 - 1.0),
+                };
+                match t.dtype {
+                    DType::F32 => chunk.copy_from_slice(&x.to_le_bytes()),
+                    DType::BF16 => chunk.copy_from_slice(&f32_to_bf16(x).to_le_bytes()),
+                    DType::F16 => {
+                        chunk.copy_from_slice(&half::f16::from_f32(x).to_bits().to_le_bytes())
+                    }
+                }
             }
-        }
-    });
+        });
     bytes
 }
 
 /// Writes the whole checkpoint of `preset` into `dir`. `progress(done, total)` per tensor.
-pub fn write_checkpoint(preset: Preset, dir: &Path, seed: u64, mut progress: impl FnMut(usize, usize)) -> Result<()> {
+pub fn write_checkpoint(
+    preset: Preset,
+    dir: &Path,
+    seed: u64,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
     let config = preset_config(preset);
     let spec = parse_spec(&config)?;
     let list = tensors(&spec);
-    let header: Vec<(String, Vec<usize>, DType)> =
-        list.iter().map(|t| (t.name.clone(), t.shape.clone(), t.dtype)).collect();
+    let header: Vec<(String, Vec<usize>, DType)> = list
+        .iter()
+        .map(|t| (t.name.clone(), t.shape.clone(), t.dtype))
+        .collect();
     let total = list.len();
     let tmp = dir.join("model.safetensors.partial");
     write_safetensors_streamed(&tmp, &header, |i| {
@@ -278,8 +429,10 @@ pub fn write_checkpoint(preset: Preset, dir: &Path, seed: u64, mut progress: imp
 }
 
 fn write_json(path: &Path, value: &Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(value)
-        .map_err(|e| EngineError::MalformedJson { path: path.into(), message: e.to_string() })?;
+    let text = serde_json::to_string_pretty(value).map_err(|e| EngineError::MalformedJson {
+        path: path.into(),
+        message: e.to_string(),
+    })?;
     std::fs::write(path, text).map_err(|e| EngineError::io(path, e))
 }
 
@@ -291,7 +444,8 @@ pub const SPECIAL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_en
 
 /// GPT-2's byte → printable-char map used by byte-level BPE.
 fn byte_chars() -> Vec<char> {
-    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
     let mut extra = 0;
     (0..256u32)
         .map(|b| {
@@ -315,10 +469,11 @@ pub fn tokenizer_json(vocab: usize) -> Value {
         vocab_map.insert(c.to_string(), json!(i));
         seen.insert(c.to_string());
     }
-    let alphabet: Vec<String> = " etaoinshrdlucmfwypvbgkjqxzETAOINSHRDLUCMFWYPVBGKJQXZ0123456789.,'!?-:\n"
-        .bytes()
-        .map(|b| chars[b as usize].to_string())
-        .collect();
+    let alphabet: Vec<String> =
+        " etaoinshrdlucmfwypvbgkjqxzETAOINSHRDLUCMFWYPVBGKJQXZ0123456789.,'!?-:\n"
+            .bytes()
+            .map(|b| chars[b as usize].to_string())
+            .collect();
     let merges_wanted = vocab.saturating_sub(256 + SPECIAL_TOKENS.len());
     let mut merges: Vec<Value> = Vec::with_capacity(merges_wanted);
     let mut frontier = alphabet.clone();

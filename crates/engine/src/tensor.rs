@@ -111,23 +111,35 @@ impl Weight {
             WeightData::BF16(d) => WeightData::BF16(d[range].to_vec()),
             WeightData::F16(d) => WeightData::F16(d[range].to_vec()),
         };
-        Weight { rows: end - start, cols: self.cols, data }
+        Weight {
+            rows: end - start,
+            cols: self.cols,
+            data,
+        }
     }
 
     /// Stacks matrices with equal `cols` and dtype along rows (e.g. gate | up).
     pub fn concat_rows(parts: &[Weight]) -> Option<Weight> {
         let first = parts.first()?;
         let cols = first.cols;
-        if parts.iter().any(|p| p.cols != cols || p.dtype() != first.dtype()) {
+        if parts
+            .iter()
+            .any(|p| p.cols != cols || p.dtype() != first.dtype())
+        {
             return None;
         }
         let rows = parts.iter().map(|p| p.rows).sum();
         let data = match &first.data {
             WeightData::F32(_) => WeightData::F32(
-                parts.iter().flat_map(|p| p.as_f32().unwrap_or(&[]).iter().copied()).collect(),
+                parts
+                    .iter()
+                    .flat_map(|p| p.as_f32().unwrap_or(&[]).iter().copied())
+                    .collect(),
             ),
             WeightData::BF16(_) | WeightData::F16(_) => {
-                let bits = parts.iter().flat_map(|p| p.as_u16().unwrap_or(&[]).iter().copied());
+                let bits = parts
+                    .iter()
+                    .flat_map(|p| p.as_u16().unwrap_or(&[]).iter().copied());
                 match first.data {
                     WeightData::BF16(_) => WeightData::BF16(bits.collect()),
                     _ => WeightData::F16(bits.collect()),
@@ -175,8 +187,16 @@ mod tests {
 
     #[test]
     fn concat_and_gather_rows_keep_dtype_and_order() {
-        let a = Weight { rows: 1, cols: 2, data: WeightData::BF16(vec![1, 2]) };
-        let b = Weight { rows: 2, cols: 2, data: WeightData::BF16(vec![3, 4, 5, 6]) };
+        let a = Weight {
+            rows: 1,
+            cols: 2,
+            data: WeightData::BF16(vec![1, 2]),
+        };
+        let b = Weight {
+            rows: 2,
+            cols: 2,
+            data: WeightData::BF16(vec![3, 4, 5, 6]),
+        };
         let c = Weight::concat_rows(&[a, b]).unwrap();
         assert_eq!(c.data, WeightData::BF16(vec![1, 2, 3, 4, 5, 6]));
         let g = c.gather_rows(&[2, 0]);

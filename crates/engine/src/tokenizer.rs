@@ -17,7 +17,10 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn user(content: impl Into<String>) -> Self {
-        ChatMessage { role: "user".into(), content: content.into() }
+        ChatMessage {
+            role: "user".into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -34,15 +37,21 @@ impl Tokenizer {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.exists() {
-            return Err(EngineError::Tokenizer(format!("no tokenizer.json in {}", dir.display())));
+            return Err(EngineError::Tokenizer(format!(
+                "no tokenizer.json in {}",
+                dir.display()
+            )));
         }
         let inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))?;
         let config_path = dir.join("tokenizer_config.json");
         let config: Value = if config_path.exists() {
-            let text = std::fs::read_to_string(&config_path).map_err(|e| EngineError::io(&config_path, e))?;
-            serde_json::from_str(&text)
-                .map_err(|e| EngineError::MalformedJson { path: config_path.clone(), message: e.to_string() })?
+            let text = std::fs::read_to_string(&config_path)
+                .map_err(|e| EngineError::io(&config_path, e))?;
+            serde_json::from_str(&text).map_err(|e| EngineError::MalformedJson {
+                path: config_path.clone(),
+                message: e.to_string(),
+            })?
         } else {
             Value::Null
         };
@@ -50,23 +59,36 @@ impl Tokenizer {
         let chat_template = if jinja.exists() {
             Some(std::fs::read_to_string(&jinja).map_err(|e| EngineError::io(&jinja, e))?)
         } else {
-            config.get("chat_template").and_then(Value::as_str).map(str::to_string)
+            config
+                .get("chat_template")
+                .and_then(Value::as_str)
+                .map(str::to_string)
         };
         let token = |key: &str| match config.get(key) {
             Some(Value::String(s)) => Some(s.clone()),
             Some(Value::Object(o)) => o.get("content").and_then(Value::as_str).map(str::to_string),
             _ => None,
         };
-        Ok(Tokenizer { inner, chat_template, bos_token: token("bos_token"), eos_token: token("eos_token") })
+        Ok(Tokenizer {
+            inner,
+            chat_template,
+            bos_token: token("bos_token"),
+            eos_token: token("eos_token"),
+        })
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special).map_err(|e| EngineError::Tokenizer(e.to_string()))
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))
     }
 
     pub fn token_id(&self, token: &str) -> Option<u32> {
@@ -83,7 +105,11 @@ impl Tokenizer {
     }
 
     /// Renders the conversation with the model's chat template.
-    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let source = self
             .chat_template
             .as_deref()
@@ -91,10 +117,18 @@ impl Tokenizer {
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        let template = env.template_from_str(source).map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        let template = env
+            .template_from_str(source)
+            .map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
         template
             .render(minijinja::context! {
                 messages => messages,
@@ -118,13 +152,19 @@ pub struct IncrementalDecoder {
 
 impl IncrementalDecoder {
     pub fn new(skip_special: bool) -> Self {
-        IncrementalDecoder { skip_special, ..Default::default() }
+        IncrementalDecoder {
+            skip_special,
+            ..Default::default()
+        }
     }
 
     /// Adds one token and returns the text it completes (possibly empty).
     pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<String> {
         self.ids.push(id);
-        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special)?;
+        let prefix = tokenizer.decode(
+            &self.ids[self.prefix_offset..self.read_offset],
+            self.skip_special,
+        )?;
         let full = tokenizer.decode(&self.ids[self.prefix_offset..], self.skip_special)?;
         if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.starts_with(&prefix) {
             let new = full[prefix.len()..].to_string();
@@ -138,7 +178,10 @@ impl IncrementalDecoder {
 
     /// Whatever is still held back (an incomplete character decodes as U+FFFD).
     pub fn finish(&mut self, tokenizer: &Tokenizer) -> Result<String> {
-        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special)?;
+        let prefix = tokenizer.decode(
+            &self.ids[self.prefix_offset..self.read_offset],
+            self.skip_special,
+        )?;
         let full = tokenizer.decode(&self.ids[self.prefix_offset..], self.skip_special)?;
         self.prefix_offset = self.ids.len();
         self.read_offset = self.ids.len();

@@ -44,15 +44,18 @@ impl WeightStore {
         let index = dir.join("model.safetensors.index.json");
         let paths: Vec<PathBuf> = if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(|e| EngineError::io(&index, e))?;
-            let value: Value = serde_json::from_str(&text).map_err(|e| {
-                EngineError::MalformedJson { path: index.clone(), message: e.to_string() }
-            })?;
-            let map = value.get("weight_map").and_then(Value::as_object).ok_or_else(|| {
-                EngineError::MalformedJson {
+            let value: Value =
+                serde_json::from_str(&text).map_err(|e| EngineError::MalformedJson {
+                    path: index.clone(),
+                    message: e.to_string(),
+                })?;
+            let map = value
+                .get("weight_map")
+                .and_then(Value::as_object)
+                .ok_or_else(|| EngineError::MalformedJson {
                     path: index.clone(),
                     message: "no `weight_map` object".into(),
-                }
-            })?;
+                })?;
             let names: BTreeSet<&str> = map.values().filter_map(Value::as_str).collect();
             names.into_iter().map(|n| dir.join(n)).collect()
         } else if dir.join("model.safetensors").exists() {
@@ -72,7 +75,10 @@ impl WeightStore {
                 message: "no safetensors files in the model directory".into(),
             });
         }
-        let mut store = WeightStore { files: Vec::new(), tensors: HashMap::new() };
+        let mut store = WeightStore {
+            files: Vec::new(),
+            tensors: HashMap::new(),
+        };
         for path in paths {
             store.add_file(path)?;
         }
@@ -81,7 +87,10 @@ impl WeightStore {
 
     /// Opens one safetensors file.
     pub fn open_file(path: &Path) -> Result<Self> {
-        let mut store = WeightStore { files: Vec::new(), tensors: HashMap::new() };
+        let mut store = WeightStore {
+            files: Vec::new(),
+            tensors: HashMap::new(),
+        };
         store.add_file(path.to_path_buf())?;
         Ok(store)
     }
@@ -91,7 +100,10 @@ impl WeightStore {
         // SAFETY: checkpoints are read-only inputs; the engine never writes to a mapped file,
         // and a file changed under a running server is outside what any loader can guard.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| EngineError::io(&path, e))?;
-        let bad = |message: String| EngineError::Safetensors { path: path.clone(), message };
+        let bad = |message: String| EngineError::Safetensors {
+            path: path.clone(),
+            message,
+        };
         if mmap.len() < 8 {
             return Err(bad(format!("truncated: {} bytes, no header", mmap.len())));
         }
@@ -140,22 +152,33 @@ impl WeightStore {
             .tensors
             .get_key_value(name)
             .ok_or_else(|| EngineError::MissingTensor(name.to_string()))?;
-        let dtype = DType::from_safetensors(&entry.dtype).ok_or_else(|| {
-            EngineError::TensorDType {
+        let dtype =
+            DType::from_safetensors(&entry.dtype).ok_or_else(|| EngineError::TensorDType {
                 name: name.to_string(),
                 actual: entry.dtype.clone(),
                 expected: "F32, BF16 or F16",
-            }
-        })?;
+            })?;
         let bytes = &self.files[entry.file].1[entry.start..entry.end];
-        Ok(TensorRef { name: key, dtype, shape: &entry.shape, bytes })
+        Ok(TensorRef {
+            name: key,
+            dtype,
+            shape: &entry.shape,
+            bytes,
+        })
     }
 
     /// Any tensor as stored: dtype name, shape and bytes (for dtypes the model never uses,
     /// such as the integer tensors of test fixtures).
     pub fn raw(&self, name: &str) -> Result<(&str, &[usize], &[u8])> {
-        let entry = self.tensors.get(name).ok_or_else(|| EngineError::MissingTensor(name.to_string()))?;
-        Ok((&entry.dtype, &entry.shape, &self.files[entry.file].1[entry.start..entry.end]))
+        let entry = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| EngineError::MissingTensor(name.to_string()))?;
+        Ok((
+            &entry.dtype,
+            &entry.shape,
+            &self.files[entry.file].1[entry.start..entry.end],
+        ))
     }
 
     /// A `[rows, cols]` matrix in its checkpoint dtype.
@@ -195,17 +218,31 @@ fn parse_entry(
     file: usize,
     data_start: usize,
 ) -> std::result::Result<TensorEntry, String> {
-    let dtype = info.get("dtype").and_then(Value::as_str).ok_or("no dtype")?.to_string();
+    let dtype = info
+        .get("dtype")
+        .and_then(Value::as_str)
+        .ok_or("no dtype")?
+        .to_string();
     let shape: Vec<usize> = info
         .get("shape")
         .and_then(Value::as_array)
         .ok_or("no shape")?
         .iter()
-        .map(|d| d.as_u64().map(|d| d as usize).ok_or("shape is not a list of sizes"))
+        .map(|d| {
+            d.as_u64()
+                .map(|d| d as usize)
+                .ok_or("shape is not a list of sizes")
+        })
         .collect::<std::result::Result<_, _>>()?;
-    let offsets = info.get("data_offsets").and_then(Value::as_array).ok_or("no data_offsets")?;
+    let offsets = info
+        .get("data_offsets")
+        .and_then(Value::as_array)
+        .ok_or("no data_offsets")?;
     let (begin, end) = match offsets.as_slice() {
-        [b, e] => (b.as_u64().ok_or("bad offset")? as usize, e.as_u64().ok_or("bad offset")? as usize),
+        [b, e] => (
+            b.as_u64().ok_or("bad offset")? as usize,
+            e.as_u64().ok_or("bad offset")? as usize,
+        ),
         _ => return Err("data_offsets must be [begin, end]".into()),
     };
     if end < begin {
@@ -214,11 +251,20 @@ fn parse_entry(
     if let Some(dt) = DType::from_safetensors(&dtype) {
         let want = shape.iter().product::<usize>() * dt.size();
         if end - begin != want {
-            return Err(format!("{} bytes for shape {shape:?} of {dtype} ({want} expected)", end - begin));
+            return Err(format!(
+                "{} bytes for shape {shape:?} of {dtype} ({want} expected)",
+                end - begin
+            ));
         }
     }
     let _ = name;
-    Ok(TensorEntry { file, dtype, shape, start: data_start + begin, end: data_start + end })
+    Ok(TensorEntry {
+        file,
+        dtype,
+        shape,
+        start: data_start + begin,
+        end: data_start + end,
+    })
 }
 
 fn check_shape(t: &TensorRef<'_>, expected: &[usize]) -> Result<()> {
@@ -232,12 +278,49 @@ fn check_shape(t: &TensorRef<'_>, expected: &[usize]) -> Result<()> {
     Ok(())
 }
 
+/// Copies little-endian values out of the checkpoint into fresh anonymous memory, asking the
+/// kernel for transparent huge pages first: weights are streamed every step, and 2 MiB pages
+/// cut both the page faults at load and the TLB misses in the kernels.
+fn copy_le<T: Copy + Default>(bytes: &[u8], from_le: impl Fn(&[u8]) -> T) -> Vec<T> {
+    let size = std::mem::size_of::<T>();
+    let n = bytes.len() / size;
+    let mut out: Vec<T> = Vec::with_capacity(n);
+    hugepage_hint(out.as_ptr().cast(), n * size);
+    if cfg!(target_endian = "little") {
+        // SAFETY: `out` has capacity for n values, every bit pattern is a valid T (u16 or
+        // f32), and on a little-endian target the file's byte order is the in-memory one.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), out.as_mut_ptr().cast::<u8>(), n * size);
+            out.set_len(n);
+        }
+    } else {
+        out.extend(bytes.chunks_exact(size).map(from_le));
+    }
+    out
+}
+
+#[cfg(target_os = "linux")]
+fn hugepage_hint(ptr: *const u8, len: usize) {
+    const HUGE: usize = 2 << 20;
+    let start = (ptr as usize).next_multiple_of(HUGE);
+    let end = (ptr as usize + len) / HUGE * HUGE;
+    if end > start {
+        // SAFETY: advisory only; the range lies inside an allocation this process owns.
+        unsafe {
+            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn hugepage_hint(_ptr: *const u8, _len: usize) {}
+
 fn u16s(bytes: &[u8]) -> Vec<u16> {
-    bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()
+    copy_le(bytes, |c| u16::from_le_bytes([c[0], c[1]]))
 }
 
 fn f32s(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    copy_le(bytes, |c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
 }
 
 fn weight_from_bytes(dtype: DType, bytes: &[u8], rows: usize, cols: usize) -> Weight {
@@ -257,9 +340,14 @@ fn widen(dtype: DType, bytes: &[u8]) -> Vec<f32> {
 }
 
 /// Writes a safetensors file from tensors held in memory (tests, small files).
-pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, DType, Vec<u8>)]) -> Result<()> {
-    let header: Vec<(String, Vec<usize>, DType)> =
-        tensors.iter().map(|(n, s, d, _)| (n.clone(), s.clone(), *d)).collect();
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, DType, Vec<u8>)],
+) -> Result<()> {
+    let header: Vec<(String, Vec<usize>, DType)> = tensors
+        .iter()
+        .map(|(n, s, d, _)| (n.clone(), s.clone(), *d))
+        .collect();
     write_safetensors_streamed(path, &header, |i| tensors[i].3.clone())
 }
 
@@ -285,22 +373,29 @@ pub fn write_safetensors_streamed(
         );
         offset += len;
     }
-    let mut header_bytes = serde_json::to_vec(&Value::Object(header))
-        .map_err(|e| EngineError::Safetensors { path: path.into(), message: e.to_string() })?;
+    let mut header_bytes =
+        serde_json::to_vec(&Value::Object(header)).map_err(|e| EngineError::Safetensors {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
     while header_bytes.len() % 8 != 0 {
         header_bytes.push(b' ');
     }
     let file = File::create(path).map_err(|e| EngineError::io(path, e))?;
     let mut out = std::io::BufWriter::new(file);
     let io = |e| EngineError::io(path, e);
-    out.write_all(&(header_bytes.len() as u64).to_le_bytes()).map_err(io)?;
+    out.write_all(&(header_bytes.len() as u64).to_le_bytes())
+        .map_err(io)?;
     out.write_all(&header_bytes).map_err(io)?;
     for (i, (name, shape, dtype)) in tensors.iter().enumerate() {
         let bytes = data(i);
         if bytes.len() != shape.iter().product::<usize>() * dtype.size() {
             return Err(EngineError::Safetensors {
                 path: path.into(),
-                message: format!("tensor `{name}`: {} bytes do not fit shape {shape:?}", bytes.len()),
+                message: format!(
+                    "tensor `{name}`: {} bytes do not fit shape {shape:?}",
+                    bytes.len()
+                ),
             });
         }
         out.write_all(&bytes).map_err(io)?;
@@ -320,11 +415,19 @@ mod tests {
     fn reads_back_what_it_wrote() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("model.safetensors");
-        let bf: Vec<u8> = [1.0f32, -2.0].iter().flat_map(|x| crate::tensor::f32_to_bf16(*x).to_le_bytes()).collect();
+        let bf: Vec<u8> = [1.0f32, -2.0]
+            .iter()
+            .flat_map(|x| crate::tensor::f32_to_bf16(*x).to_le_bytes())
+            .collect();
         write_safetensors(
             &path,
             &[
-                ("a".into(), vec![2, 3], DType::F32, f32_bytes(&[1., 2., 3., 4., 5., 6.])),
+                (
+                    "a".into(),
+                    vec![2, 3],
+                    DType::F32,
+                    f32_bytes(&[1., 2., 3., 4., 5., 6.]),
+                ),
                 ("b".into(), vec![2], DType::BF16, bf),
             ],
         )
@@ -344,8 +447,11 @@ mod tests {
     fn truncated_file_is_reported_with_the_tensor() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("model.safetensors");
-        write_safetensors(&path, &[("w".into(), vec![4, 4], DType::F32, f32_bytes(&[0.5; 16]))])
-            .unwrap();
+        write_safetensors(
+            &path,
+            &[("w".into(), vec![4, 4], DType::F32, f32_bytes(&[0.5; 16]))],
+        )
+        .unwrap();
         let full = std::fs::read(&path).unwrap();
         std::fs::write(&path, &full[..full.len() - 10]).unwrap();
         let err = WeightStore::open(dir.path()).err().unwrap().to_string();

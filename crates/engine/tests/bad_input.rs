@@ -1,12 +1,15 @@
 //! Bad input gets a clear error that names what is wrong, never a panic.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::Path;
 
 use sluice_engine::synth::write_checkpoint;
 use sluice_engine::tensor::DType;
 use sluice_engine::weights::{WeightStore, write_safetensors};
 use sluice_engine::{
-    CacheConfig, EngineError, GenerationRequest, LogitsMode, Model, Preset, SamplingParams, SeqChunk, generate,
+    CacheConfig, EngineError, GenerationRequest, LogitsMode, Model, Preset, SamplingParams,
+    SeqChunk, generate,
 };
 
 fn tiny(dir: &Path) {
@@ -52,13 +55,20 @@ fn missing_and_malformed_config_are_named() {
 
     std::fs::write(&config, "{ not json").unwrap();
     let err = load_err(dir.path());
-    assert!(err.contains("malformed") && err.contains("config.json"), "{err}");
+    assert!(
+        err.contains("malformed") && err.contains("config.json"),
+        "{err}"
+    );
 
     std::fs::write(&config, original.replace("qwen3_5_moe_text", "llama")).unwrap();
     let err = load_err(dir.path());
     assert!(err.contains("unsupported model_type `llama`"), "{err}");
 
-    std::fs::write(&config, original.replace("\"hidden_size\"", "\"hidden_sizes\"")).unwrap();
+    std::fs::write(
+        &config,
+        original.replace("\"hidden_size\"", "\"hidden_sizes\""),
+    )
+    .unwrap();
     let err = load_err(dir.path());
     assert!(err.contains("hidden_size"), "{err}");
 }
@@ -101,7 +111,9 @@ fn unsupported_dtype_is_named() {
     let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header = String::from_utf8(bytes[8..8 + header_len].to_vec()).unwrap();
     // Relabel the (f32) A_log of layer 0 as I32: same byte count, a dtype the engine cannot use.
-    let entry = header.find("\"model.layers.0.linear_attn.A_log\":{").unwrap();
+    let entry = header
+        .find("\"model.layers.0.linear_attn.A_log\":{")
+        .unwrap();
     let at = entry + header[entry..].find("\"dtype\":\"F32\"").unwrap();
     let patched = format!("{}\"dtype\":\"I32\"{}", &header[..at], &header[at + 13..]);
     let mut out = bytes[..8].to_vec();
@@ -109,7 +121,10 @@ fn unsupported_dtype_is_named() {
     out.extend_from_slice(&bytes[8 + header_len..]);
     std::fs::write(&path, out).unwrap();
     let err = load_err(dir.path());
-    assert!(err.contains("model.layers.0.linear_attn.A_log") && err.contains("I32"), "{err}");
+    assert!(
+        err.contains("model.layers.0.linear_attn.A_log") && err.contains("I32"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -120,7 +135,10 @@ fn truncated_checkpoint_is_reported() {
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
     let err = load_err(dir.path());
-    assert!(err.contains("truncated") && err.contains("model.safetensors"), "{err}");
+    assert!(
+        err.contains("truncated") && err.contains("model.safetensors"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -132,12 +150,23 @@ fn bad_tokens_and_sampling_parameters_are_rejected() {
     let mut cache = model.new_cache(CacheConfig::for_sequences(1, 16)).unwrap();
     let seq = cache.add_sequence().unwrap();
 
-    let err = model.forward(&mut cache, &[SeqChunk { seq, tokens: &[1, vocab as u32] }], LogitsMode::AllTokens);
+    let err = model.forward(
+        &mut cache,
+        &[SeqChunk {
+            seq,
+            tokens: &[1, vocab as u32],
+        }],
+        LogitsMode::AllTokens,
+    );
     assert!(matches!(err, Err(EngineError::TokenOutOfRange { id, .. }) if id == vocab as u32));
     // A rejected step leaves the sequence untouched.
     assert_eq!(cache.seq_len(seq).unwrap(), 0);
 
-    let err = model.forward(&mut cache, &[SeqChunk { seq, tokens: &[] }], LogitsMode::AllTokens);
+    let err = model.forward(
+        &mut cache,
+        &[SeqChunk { seq, tokens: &[] }],
+        LogitsMode::AllTokens,
+    );
     assert!(matches!(err, Err(EngineError::EmptyPrompt)));
 
     let request = |prompt: Vec<u32>, sampling| GenerationRequest {
@@ -147,9 +176,23 @@ fn bad_tokens_and_sampling_parameters_are_rejected() {
         ignore_eos: true,
         prefill_chunk: 64,
     };
-    let err = generate(&model, &request(vec![], SamplingParams::default()), &[], |_| Ok(())).unwrap_err();
+    let err = generate(
+        &model,
+        &request(vec![], SamplingParams::default()),
+        &[],
+        |_| Ok(()),
+    )
+    .unwrap_err();
     assert!(matches!(err, EngineError::EmptyPrompt));
-    let bad = SamplingParams { top_p: 1.5, ..SamplingParams::default() };
-    let err = generate(&model, &request(vec![1, 2], bad), &[], |_| Ok(())).unwrap_err().to_string();
-    assert!(err.contains("`top_p`") && err.contains("0 < top_p ≤ 1"), "{err}");
+    let bad = SamplingParams {
+        top_p: 1.5,
+        ..SamplingParams::default()
+    };
+    let err = generate(&model, &request(vec![1, 2], bad), &[], |_| Ok(()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`top_p`") && err.contains("0 < top_p ≤ 1"),
+        "{err}"
+    );
 }

@@ -1,5 +1,7 @@
 //! Golden tests against HF transformers (fixtures made by `tests/oracle/make_fixtures.py`).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::PathBuf;
 
 use sluice_engine::weights::WeightStore;
@@ -16,7 +18,9 @@ struct Golden {
 }
 
 fn fixture(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden").join(case)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/golden")
+        .join(case)
 }
 
 fn load(case: &str) -> (Model, Golden) {
@@ -26,22 +30,44 @@ fn load(case: &str) -> (Model, Golden) {
     let ints = |name: &str| -> Vec<u32> {
         let (dtype, _, bytes) = store.raw(name).unwrap();
         assert_eq!(dtype, "I32");
-        bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u32).collect()
+        bytes
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u32)
+            .collect()
     };
     let (dtype, shape, bytes) = store.raw("logits").unwrap();
     assert_eq!(dtype, "F32");
     assert_eq!(shape[1], model.spec().vocab);
-    let logits = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-    (model, Golden { prompt: ints("prompt"), logits, greedy: ints("greedy") })
+    let logits = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    (
+        model,
+        Golden {
+            prompt: ints("prompt"),
+            logits,
+            greedy: ints("greedy"),
+        },
+    )
 }
 
 fn cache(model: &Model, block_size: usize) -> ModelCache {
-    model.new_cache(CacheConfig { block_size, num_blocks: 64, max_sequences: 4 }).unwrap()
+    model
+        .new_cache(CacheConfig {
+            block_size,
+            num_blocks: 64,
+            max_sequences: 4,
+        })
+        .unwrap()
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn argmax(row: &[f32]) -> u32 {
@@ -57,7 +83,13 @@ fn argmax(row: &[f32]) -> u32 {
 fn full_logits(model: &Model, tokens: &[u32]) -> Vec<f32> {
     let mut c = cache(model, 16);
     let s = c.add_sequence().unwrap();
-    model.forward(&mut c, &[SeqChunk { seq: s, tokens }], LogitsMode::AllTokens).unwrap()
+    model
+        .forward(
+            &mut c,
+            &[SeqChunk { seq: s, tokens }],
+            LogitsMode::AllTokens,
+        )
+        .unwrap()
 }
 
 #[test]
@@ -76,13 +108,30 @@ fn greedy_tokens_match_transformers() {
         let (model, g) = load(case);
         let mut c = cache(&model, 16);
         let s = c.add_sequence().unwrap();
-        let mut logits =
-            model.forward(&mut c, &[SeqChunk { seq: s, tokens: &g.prompt }], LogitsMode::LastPerSequence).unwrap();
+        let mut logits = model
+            .forward(
+                &mut c,
+                &[SeqChunk {
+                    seq: s,
+                    tokens: &g.prompt,
+                }],
+                LogitsMode::LastPerSequence,
+            )
+            .unwrap();
         let mut out = Vec::new();
         while out.len() < g.greedy.len() {
             let tok = argmax(&logits);
             out.push(tok);
-            logits = model.forward(&mut c, &[SeqChunk { seq: s, tokens: &[tok] }], LogitsMode::LastPerSequence).unwrap();
+            logits = model
+                .forward(
+                    &mut c,
+                    &[SeqChunk {
+                        seq: s,
+                        tokens: &[tok],
+                    }],
+                    LogitsMode::LastPerSequence,
+                )
+                .unwrap();
         }
         assert_eq!(out, g.greedy, "{case}");
     }
@@ -96,10 +145,26 @@ fn prefill_then_decode_equals_one_full_forward() {
         let split = g.prompt.len() - 8;
         let mut c = cache(&model, 16);
         let s = c.add_sequence().unwrap();
-        model.forward(&mut c, &[SeqChunk { seq: s, tokens: &g.prompt[..split] }], LogitsMode::LastPerSequence).unwrap();
+        model
+            .forward(
+                &mut c,
+                &[SeqChunk {
+                    seq: s,
+                    tokens: &g.prompt[..split],
+                }],
+                LogitsMode::LastPerSequence,
+            )
+            .unwrap();
         for pos in split..g.prompt.len() {
             let step = model
-                .forward(&mut c, &[SeqChunk { seq: s, tokens: &g.prompt[pos..pos + 1] }], LogitsMode::LastPerSequence)
+                .forward(
+                    &mut c,
+                    &[SeqChunk {
+                        seq: s,
+                        tokens: &g.prompt[pos..pos + 1],
+                    }],
+                    LogitsMode::LastPerSequence,
+                )
                 .unwrap();
             let d = max_abs_diff(&step, &g.logits[pos * vocab..(pos + 1) * vocab]);
             assert!(d <= TOL, "{case} position {pos}: max |Δ| = {d}");
@@ -117,7 +182,18 @@ fn chunked_prompt_equals_one_shot() {
         let s = c.add_sequence().unwrap();
         let mut chunked = Vec::new();
         for part in g.prompt.chunks(37) {
-            chunked.extend(model.forward(&mut c, &[SeqChunk { seq: s, tokens: part }], LogitsMode::AllTokens).unwrap());
+            chunked.extend(
+                model
+                    .forward(
+                        &mut c,
+                        &[SeqChunk {
+                            seq: s,
+                            tokens: part,
+                        }],
+                        LogitsMode::AllTokens,
+                    )
+                    .unwrap(),
+            );
         }
         let d = max_abs_diff(&chunked, &one_shot);
         assert!(d <= TOL, "{case}: max |Δ| = {d}");
@@ -125,11 +201,26 @@ fn chunked_prompt_equals_one_shot() {
 }
 
 /// Greedy continuation of `steps` tokens from the state of `seq`; returns every step's logits.
-fn continue_greedy(model: &Model, c: &mut ModelCache, seq: u64, first: u32, steps: usize) -> Vec<Vec<f32>> {
+fn continue_greedy(
+    model: &Model,
+    c: &mut ModelCache,
+    seq: u64,
+    first: u32,
+    steps: usize,
+) -> Vec<Vec<f32>> {
     let mut tok = first;
     let mut all = Vec::new();
     for _ in 0..steps {
-        let logits = model.forward(c, &[SeqChunk { seq, tokens: &[tok] }], LogitsMode::LastPerSequence).unwrap();
+        let logits = model
+            .forward(
+                c,
+                &[SeqChunk {
+                    seq,
+                    tokens: &[tok],
+                }],
+                LogitsMode::LastPerSequence,
+            )
+            .unwrap();
         tok = argmax(&logits);
         all.push(logits);
     }
@@ -142,8 +233,16 @@ fn exported_snapshot_continues_bit_identically() {
         let (model, g) = load(case);
         let mut a = cache(&model, 16);
         let s = a.add_sequence().unwrap();
-        let logits =
-            model.forward(&mut a, &[SeqChunk { seq: s, tokens: &g.prompt }], LogitsMode::LastPerSequence).unwrap();
+        let logits = model
+            .forward(
+                &mut a,
+                &[SeqChunk {
+                    seq: s,
+                    tokens: &g.prompt,
+                }],
+                LogitsMode::LastPerSequence,
+            )
+            .unwrap();
         let snapshot = a.export(s).unwrap();
         // A different block size on the receiving side: the snapshot carries no block table.
         let mut b = cache(&model, 8);
@@ -166,19 +265,52 @@ fn mixed_batch_gives_each_sequence_its_solo_result() {
     let (pa, pb) = (&g.prompt[..50], &g.prompt[50..80]);
     let mut solo = cache(&model, 16);
     let a = solo.add_sequence().unwrap();
-    model.forward(&mut solo, &[SeqChunk { seq: a, tokens: pa }], LogitsMode::LastPerSequence).unwrap();
-    let solo_a = model.forward(&mut solo, &[SeqChunk { seq: a, tokens: &[7] }], LogitsMode::LastPerSequence).unwrap();
+    model
+        .forward(
+            &mut solo,
+            &[SeqChunk { seq: a, tokens: pa }],
+            LogitsMode::LastPerSequence,
+        )
+        .unwrap();
+    let solo_a = model
+        .forward(
+            &mut solo,
+            &[SeqChunk {
+                seq: a,
+                tokens: &[7],
+            }],
+            LogitsMode::LastPerSequence,
+        )
+        .unwrap();
     let b = solo.add_sequence().unwrap();
-    let solo_b = model.forward(&mut solo, &[SeqChunk { seq: b, tokens: pb }], LogitsMode::LastPerSequence).unwrap();
+    let solo_b = model
+        .forward(
+            &mut solo,
+            &[SeqChunk { seq: b, tokens: pb }],
+            LogitsMode::LastPerSequence,
+        )
+        .unwrap();
 
     let mut mixed = cache(&model, 16);
     let a = mixed.add_sequence().unwrap();
-    model.forward(&mut mixed, &[SeqChunk { seq: a, tokens: pa }], LogitsMode::LastPerSequence).unwrap();
+    model
+        .forward(
+            &mut mixed,
+            &[SeqChunk { seq: a, tokens: pa }],
+            LogitsMode::LastPerSequence,
+        )
+        .unwrap();
     let b = mixed.add_sequence().unwrap();
     let both = model
         .forward(
             &mut mixed,
-            &[SeqChunk { seq: a, tokens: &[7] }, SeqChunk { seq: b, tokens: pb }],
+            &[
+                SeqChunk {
+                    seq: a,
+                    tokens: &[7],
+                },
+                SeqChunk { seq: b, tokens: pb },
+            ],
             LogitsMode::LastPerSequence,
         )
         .unwrap();

@@ -1,12 +1,15 @@
 //! Tokenizers: the synthetic one `sluice synth` writes, and the real Qwen3.5 tokenizer from
 //! `../shared/fixtures` (ids from its README).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 
 use sluice_engine::synth::write_checkpoint;
 use sluice_engine::{ChatMessage, IncrementalDecoder, Preset, Tokenizer};
 
-const MIXED: &str = "Hello, world! Ünïcödé — 你好，世界。🙂 👩‍👩‍👧 e\u{301} \t\nfn main() { println!(\"hi\"); }";
+const MIXED: &str =
+    "Hello, world! Ünïcödé — 你好，世界。🙂 👩‍👩‍👧 e\u{301} \t\nfn main() { println!(\"hi\"); }";
 
 /// Decodes token by token; every increment must be whole characters.
 fn incremental(tok: &Tokenizer, ids: &[u32]) -> String {
@@ -34,8 +37,13 @@ fn synthetic_tokenizer_round_trips_any_text_and_renders_chatml() {
     assert_eq!(tok.decode(&ids, false).unwrap(), MIXED);
     assert_eq!(incremental(&tok, &ids), MIXED);
 
-    let prompt = tok.apply_chat_template(&[ChatMessage::user("hi")], true).unwrap();
-    assert_eq!(prompt, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+    let prompt = tok
+        .apply_chat_template(&[ChatMessage::user("hi")], true)
+        .unwrap();
+    assert_eq!(
+        prompt,
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    );
     let ids = tok.encode(&prompt).unwrap();
     assert_eq!(ids[0], tok.token_id("<|im_start|>").unwrap());
 }
@@ -47,7 +55,11 @@ fn shared_tokenizer() -> PathBuf {
 #[test]
 fn qwen35_tokenizer_special_ids_and_incremental_decoding() {
     let dir = shared_tokenizer();
-    assert!(dir.join("tokenizer.json").exists(), "missing {}", dir.display());
+    assert!(
+        dir.join("tokenizer.json").exists(),
+        "missing {}",
+        dir.display()
+    );
     let tok = Tokenizer::from_dir(&dir).unwrap();
     assert_eq!(tok.token_id("<|endoftext|>"), Some(248044));
     assert_eq!(tok.token_id("<|im_start|>"), Some(248045));

@@ -54,23 +54,41 @@ pub fn kernel_name() -> &'static str {
     }
 }
 
-/// `y = x · Wᵀ`: x `[t, w.cols]`, y `[t, w.rows]`.
+/// `y = x · Wᵀ`: x `[t, w.cols]`, y `[t, w.rows]`, split over the thread pool by row tiles.
 pub fn matmul(x: &[f32], w: &Weight, y: &mut [f32]) {
+    matmul_with(x, w, y, true)
+}
+
+/// `matmul` on the calling thread only, for callers that already run one product per thread
+/// (the experts of a MoE layer).
+pub fn matmul_serial(x: &[f32], w: &Weight, y: &mut [f32]) {
+    matmul_with(x, w, y, false)
+}
+
+fn matmul_with(x: &[f32], w: &Weight, y: &mut [f32], parallel: bool) {
     let t = x.len() / w.cols;
     debug_assert_eq!(x.len(), t * w.cols);
     debug_assert_eq!(y.len(), t * w.rows);
+    let tiles = |out: &mut [f32], per_row: usize| {
+        let chunk = ROW_TILE * per_row;
+        if parallel {
+            out.par_chunks_mut(chunk)
+                .enumerate()
+                .for_each(|(i, o)| row_tile(x, per_row, w, i * ROW_TILE, o));
+        } else {
+            out.chunks_mut(chunk)
+                .enumerate()
+                .for_each(|(i, o)| row_tile(x, per_row, w, i * ROW_TILE, o));
+        }
+    };
     if t == 1 {
         // y is already [rows] = [rows, 1]: tiles write straight into it.
-        y.par_chunks_mut(ROW_TILE)
-            .enumerate()
-            .for_each(|(i, out)| row_tile(x, 1, w, i * ROW_TILE, out));
+        tiles(y, 1);
         return;
     }
     // Tiles produce yᵀ [rows, t]; one transpose puts it back to [t, rows].
     let mut yt = vec![0.0f32; w.rows * t];
-    yt.par_chunks_mut(ROW_TILE * t)
-        .enumerate()
-        .for_each(|(i, out)| row_tile(x, t, w, i * ROW_TILE, out));
+    tiles(&mut yt, t);
     for (r, col) in yt.chunks_exact(t).enumerate() {
         for (tok, v) in col.iter().enumerate() {
             y[tok * w.rows + r] = *v;
@@ -78,9 +96,21 @@ pub fn matmul(x: &[f32], w: &Weight, y: &mut [f32]) {
     }
 }
 
+/// Copies columns `from..from + width` of each `[stride]` row of `src` into `dst` `[rows, width]`.
+pub fn split_columns(src: &[f32], stride: usize, from: usize, width: usize, dst: &mut [f32]) {
+    for (s, d) in src.chunks_exact(stride).zip(dst.chunks_exact_mut(width)) {
+        d.copy_from_slice(&s[from..from + width]);
+    }
+}
+
 /// Computes rows `r0 .. r0 + out.len()/t` of Wᵀ-products into `out` `[rows, t]`.
 fn row_tile(x: &[f32], t: usize, w: &Weight, r0: usize, out: &mut [f32]) {
-    match simd_level() {
+    row_tile_at(simd_level(), x, t, w, r0, out)
+}
+
+/// `level` must not exceed what `simd_level()` detected.
+fn row_tile_at(level: SimdLevel, x: &[f32], t: usize, w: &Weight, r0: usize, out: &mut [f32]) {
+    match level {
         // SAFETY: the CPU features these variants are compiled for were detected at run time.
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx512 => unsafe { avx512::row_tile(x, t, w, r0, out) },
@@ -257,7 +287,10 @@ pub fn softmax(row: &mut [f32]) {
 
 /// SwiGLU on a fused `[t, 2i]` gate|up product → `[t, i]`.
 pub fn swiglu(gate_up: &[f32], inter: usize, out: &mut [f32]) {
-    for (g, o) in gate_up.chunks_exact(2 * inter).zip(out.chunks_exact_mut(inter)) {
+    for (g, o) in gate_up
+        .chunks_exact(2 * inter)
+        .zip(out.chunks_exact_mut(inter))
+    {
         let (gate, up) = g.split_at(inter);
         for ((o, a), b) in o.iter_mut().zip(gate).zip(up) {
             *o = silu(*a) * b;
@@ -284,7 +317,9 @@ mod tests {
     use crate::tensor::f32_to_bf16;
 
     fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 
@@ -305,20 +340,96 @@ mod tests {
     #[test]
     fn matmul_matches_f64_reference_for_all_shapes_and_dtypes() {
         let mut seed = 7;
-        for &(t, rows, cols) in &[(1, 37, 50), (3, 64, 16), (9, 70, 33), (4, 5, 128), (17, 33, 100)] {
+        for &(t, rows, cols) in &[
+            (1, 37, 50),
+            (3, 64, 16),
+            (9, 70, 33),
+            (4, 5, 128),
+            (17, 33, 100),
+        ] {
             let x: Vec<f32> = (0..t * cols).map(|_| lcg(&mut seed)).collect();
             let wf: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed)).collect();
             let bits: Vec<u16> = wf.iter().map(|v| f32_to_bf16(*v)).collect();
             let wb: Vec<f32> = bits.iter().map(|b| bf16_to_f32(*b)).collect();
             for (w, wref) in [
-                (Weight { rows, cols, data: WeightData::F32(wf.clone()) }, &wf),
-                (Weight { rows, cols, data: WeightData::BF16(bits.clone()) }, &wb),
+                (
+                    Weight {
+                        rows,
+                        cols,
+                        data: WeightData::F32(wf.clone()),
+                    },
+                    &wf,
+                ),
+                (
+                    Weight {
+                        rows,
+                        cols,
+                        data: WeightData::BF16(bits.clone()),
+                    },
+                    &wb,
+                ),
             ] {
                 let mut y = vec![0.0; t * rows];
                 matmul(&x, &w, &mut y);
                 let r = reference(&x, wref, rows, cols);
                 for (a, b) in y.iter().zip(&r) {
-                    assert!((*a as f64 - b).abs() < 1e-4, "t={t} {rows}x{cols}: {a} vs {b}");
+                    assert!(
+                        (*a as f64 - b).abs() < 1e-4,
+                        "t={t} {rows}x{cols}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Every kernel variant this CPU can run agrees with the f64 reference, for decode (t < 4)
+    /// and prefill shapes, rows not a multiple of 4 and row lengths not a multiple of 16.
+    #[test]
+    fn every_kernel_level_matches_the_reference() {
+        let mut levels = vec![SimdLevel::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if simd_level() != SimdLevel::Portable {
+                levels.push(SimdLevel::Avx2);
+            }
+            if simd_level() == SimdLevel::Avx512 {
+                levels.push(SimdLevel::Avx512);
+            }
+        }
+        let mut seed = 3;
+        for &(t, rows, cols) in &[(1, 7, 40), (2, 9, 33), (6, 13, 70), (65, 6, 17)] {
+            let x: Vec<f32> = (0..t * cols).map(|_| lcg(&mut seed)).collect();
+            let wf: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed)).collect();
+            let bits: Vec<u16> = wf.iter().map(|v| f32_to_bf16(*v)).collect();
+            let wb: Vec<f32> = bits.iter().map(|b| bf16_to_f32(*b)).collect();
+            for (w, wref) in [
+                (
+                    Weight {
+                        rows,
+                        cols,
+                        data: WeightData::F32(wf.clone()),
+                    },
+                    &wf,
+                ),
+                (
+                    Weight {
+                        rows,
+                        cols,
+                        data: WeightData::BF16(bits.clone()),
+                    },
+                    &wb,
+                ),
+            ] {
+                let r = reference(&x, wref, rows, cols);
+                for &level in &levels {
+                    let mut out = vec![0.0; rows * t]; // [rows, t]
+                    row_tile_at(level, &x, t, &w, 0, &mut out);
+                    for tok in 0..t {
+                        for row in 0..rows {
+                            let (a, b) = (out[row * t + tok] as f64, r[tok * rows + row]);
+                            assert!((a - b).abs() < 1e-4, "{level:?} t={t}: {a} vs {b}");
+                        }
+                    }
                 }
             }
         }

@@ -28,7 +28,11 @@ impl CacheConfig {
     pub fn for_sequences(sequences: usize, max_tokens: usize) -> Self {
         let block_size = 16;
         let per_seq = max_tokens.div_ceil(block_size).max(1);
-        CacheConfig { block_size, num_blocks: per_seq * sequences, max_sequences: sequences }
+        CacheConfig {
+            block_size,
+            num_blocks: per_seq * sequences,
+            max_sequences: sequences,
+        }
     }
 }
 
@@ -95,7 +99,10 @@ impl ModelCache {
             .collect();
         let kv_size = config.num_blocks * config.block_size * kv_width;
         let kv = (0..counts[0])
-            .map(|_| KvLayer { keys: vec![0.0; kv_size], values: vec![0.0; kv_size] })
+            .map(|_| KvLayer {
+                keys: vec![0.0; kv_size],
+                values: vec![0.0; kv_size],
+            })
             .collect();
         let linear = (0..counts[1])
             .map(|_| LinearState {
@@ -125,14 +132,24 @@ impl ModelCache {
 
     /// Starts an empty sequence (zeroed linear state, no KV blocks yet).
     pub fn add_sequence(&mut self) -> Result<SeqId> {
-        let slot = self.free_slots.pop().ok_or(EngineError::NoFreeSlot(self.config.max_sequences))?;
+        let slot = self
+            .free_slots
+            .pop()
+            .ok_or(EngineError::NoFreeSlot(self.config.max_sequences))?;
         for state in &mut self.linear {
             state.conv[slot * self.conv_len..(slot + 1) * self.conv_len].fill(0.0);
             state.recurrent[slot * self.recurrent_len..(slot + 1) * self.recurrent_len].fill(0.0);
         }
         let id = self.next_id;
         self.next_id += 1;
-        self.seqs.insert(id, SeqState { blocks: Vec::new(), len: 0, slot });
+        self.seqs.insert(
+            id,
+            SeqState {
+                blocks: Vec::new(),
+                len: 0,
+                slot,
+            },
+        );
         Ok(id)
     }
 
@@ -166,18 +183,27 @@ impl ModelCache {
         let have = self.state(id)?.blocks.len();
         let need = tokens.div_ceil(self.config.block_size).saturating_sub(have);
         if need > self.free_blocks.len() {
-            return Err(EngineError::CacheFull { needed: need, free: self.free_blocks.len() });
+            return Err(EngineError::CacheFull {
+                needed: need,
+                free: self.free_blocks.len(),
+            });
         }
         let at = self.free_blocks.len() - need;
         let new_blocks = self.free_blocks.split_off(at);
-        let state = self.seqs.get_mut(&id).ok_or(EngineError::UnknownSequence(id))?;
+        let state = self
+            .seqs
+            .get_mut(&id)
+            .ok_or(EngineError::UnknownSequence(id))?;
         state.blocks.extend(new_blocks);
         Ok(())
     }
 
     /// Records that `n` more tokens of `id` are now in the cache.
     pub fn advance(&mut self, id: SeqId, n: usize) -> Result<()> {
-        let state = self.seqs.get_mut(&id).ok_or(EngineError::UnknownSequence(id))?;
+        let state = self
+            .seqs
+            .get_mut(&id)
+            .ok_or(EngineError::UnknownSequence(id))?;
         state.len += n;
         Ok(())
     }
@@ -189,7 +215,14 @@ impl ModelCache {
     }
 
     /// Writes the key and value rows (`[kv_heads · head_dim]` each) of token `pos`.
-    pub fn write_kv(&mut self, layer: usize, id: SeqId, pos: usize, key: &[f32], value: &[f32]) -> Result<()> {
+    pub fn write_kv(
+        &mut self,
+        layer: usize,
+        id: SeqId,
+        pos: usize,
+        key: &[f32],
+        value: &[f32],
+    ) -> Result<()> {
         let state = self.state(id)?;
         let off = self.kv_offset(state, pos);
         let kv = &mut self.kv[self.ordinal[layer]];
@@ -203,7 +236,12 @@ impl ModelCache {
         let state = self.state(id)?;
         let offsets = (0..len).map(|p| self.kv_offset(state, p)).collect();
         let kv = &self.kv[self.ordinal[layer]];
-        Ok(KvView { keys: &kv.keys, values: &kv.values, offsets, width: self.kv_width })
+        Ok(KvView {
+            keys: &kv.keys,
+            values: &kv.values,
+            offsets,
+            width: self.kv_width,
+        })
     }
 
     /// Mutable conv and recurrent state of `id` in linear layer `layer`.
@@ -211,7 +249,10 @@ impl ModelCache {
         let slot = self.state(id)?.slot;
         let (c, r) = (self.conv_len, self.recurrent_len);
         let state = &mut self.linear[self.ordinal[layer]];
-        Ok((&mut state.conv[slot * c..(slot + 1) * c], &mut state.recurrent[slot * r..(slot + 1) * r]))
+        Ok((
+            &mut state.conv[slot * c..(slot + 1) * c],
+            &mut state.recurrent[slot * r..(slot + 1) * r],
+        ))
     }
 }
 
@@ -265,25 +306,42 @@ mod tests {
     #[test]
     fn blocks_are_reserved_and_returned() {
         let spec = tiny_spec();
-        let cfg = CacheConfig { block_size: 4, num_blocks: 5, max_sequences: 2 };
+        let cfg = CacheConfig {
+            block_size: 4,
+            num_blocks: 5,
+            max_sequences: 2,
+        };
         let mut cache = ModelCache::new(&spec, cfg).unwrap();
         let a = cache.add_sequence().unwrap();
         let b = cache.add_sequence().unwrap();
-        assert!(matches!(cache.add_sequence(), Err(EngineError::NoFreeSlot(2))));
+        assert!(matches!(
+            cache.add_sequence(),
+            Err(EngineError::NoFreeSlot(2))
+        ));
         cache.reserve(a, 9).unwrap(); // 3 blocks
         assert_eq!(cache.free_blocks(), 2);
         let err = cache.reserve(b, 12).unwrap_err();
-        assert!(matches!(err, EngineError::CacheFull { needed: 3, free: 2 }), "{err}");
+        assert!(
+            matches!(err, EngineError::CacheFull { needed: 3, free: 2 }),
+            "{err}"
+        );
         cache.release(a);
         assert_eq!(cache.free_blocks(), 5);
         cache.reserve(b, 12).unwrap();
-        assert!(matches!(cache.seq_len(a), Err(EngineError::UnknownSequence(_))));
+        assert!(matches!(
+            cache.seq_len(a),
+            Err(EngineError::UnknownSequence(_))
+        ));
     }
 
     #[test]
     fn kv_rows_round_trip_through_blocks() {
         let spec = tiny_spec();
-        let cfg = CacheConfig { block_size: 2, num_blocks: 8, max_sequences: 2 };
+        let cfg = CacheConfig {
+            block_size: 2,
+            num_blocks: 8,
+            max_sequences: 2,
+        };
         let mut cache = ModelCache::new(&spec, cfg).unwrap();
         let a = cache.add_sequence().unwrap();
         let b = cache.add_sequence().unwrap();

@@ -67,7 +67,11 @@ impl ModelCache {
             match kind {
                 MixerKind::FullAttention => {
                     for kind in [RegionKind::Keys, RegionKind::Values] {
-                        regions.push(RegionLayout { layer, kind, elements: tokens * self.kv_width });
+                        regions.push(RegionLayout {
+                            layer,
+                            kind,
+                            elements: tokens * self.kv_width,
+                        });
                     }
                 }
                 MixerKind::LinearAttention => {
@@ -99,7 +103,11 @@ impl ModelCache {
                 match r.kind {
                     RegionKind::Keys | RegionKind::Values => {
                         let store = &self.kv[ord];
-                        let src = if r.kind == RegionKind::Keys { &store.keys } else { &store.values };
+                        let src = if r.kind == RegionKind::Keys {
+                            &store.keys
+                        } else {
+                            &store.values
+                        };
                         to_bytes((0..state.len).flat_map(|p| {
                             let o = self.kv_offset(state, p);
                             src[o..o + self.kv_width].iter().copied()
@@ -144,7 +152,9 @@ impl ModelCache {
             }
         }
         if snapshot.regions.len() != expected.regions.len() {
-            return Err(EngineError::SnapshotMismatch("region count differs from layout".into()));
+            return Err(EngineError::SnapshotMismatch(
+                "region count differs from layout".into(),
+            ));
         }
         let id = self.add_sequence()?;
         let tokens = snapshot.layout.tokens;
@@ -161,13 +171,20 @@ impl ModelCache {
                     for p in 0..tokens {
                         let o = self.kv_offset(&state, p);
                         let store = &mut self.kv[ord];
-                        let dst = if r.kind == RegionKind::Keys { &mut store.keys } else { &mut store.values };
+                        let dst = if r.kind == RegionKind::Keys {
+                            &mut store.keys
+                        } else {
+                            &mut store.values
+                        };
                         from_bytes(&bytes[p * w * 4..(p + 1) * w * 4], &mut dst[o..o + w]);
                     }
                 }
                 RegionKind::ConvState => {
                     let c = self.conv_len;
-                    from_bytes(bytes, &mut self.linear[ord].conv[state.slot * c..(state.slot + 1) * c]);
+                    from_bytes(
+                        bytes,
+                        &mut self.linear[ord].conv[state.slot * c..(state.slot + 1) * c],
+                    );
                 }
                 RegionKind::RecurrentState => {
                     let n = self.recurrent_len;
@@ -183,26 +200,45 @@ impl ModelCache {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::tiny_spec;
     use super::super::CacheConfig;
+    use super::super::tests::tiny_spec;
     use super::*;
 
     #[test]
     fn export_import_round_trips_across_block_sizes() {
         let spec = tiny_spec();
-        let mut a = ModelCache::new(&spec, CacheConfig { block_size: 2, num_blocks: 8, max_sequences: 1 }).unwrap();
+        let mut a = ModelCache::new(
+            &spec,
+            CacheConfig {
+                block_size: 2,
+                num_blocks: 8,
+                max_sequences: 1,
+            },
+        )
+        .unwrap();
         let s = a.add_sequence().unwrap();
         a.reserve(s, 5).unwrap();
         for p in 0..5 {
-            a.write_kv(3, s, p, &[p as f32 + 0.5; 8], &[p as f32 - 0.25; 8]).unwrap();
+            a.write_kv(3, s, p, &[p as f32 + 0.5; 8], &[p as f32 - 0.25; 8])
+                .unwrap();
         }
         a.advance(s, 5).unwrap();
         let (conv, rec) = a.linear_state(0, s).unwrap();
         conv.iter_mut().enumerate().for_each(|(i, v)| *v = i as f32);
-        rec.iter_mut().enumerate().for_each(|(i, v)| *v = -(i as f32));
+        rec.iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = -(i as f32));
         let snap = a.export(s).unwrap();
 
-        let mut b = ModelCache::new(&spec, CacheConfig { block_size: 3, num_blocks: 4, max_sequences: 2 }).unwrap();
+        let mut b = ModelCache::new(
+            &spec,
+            CacheConfig {
+                block_size: 3,
+                num_blocks: 4,
+                max_sequences: 2,
+            },
+        )
+        .unwrap();
         let _other = b.add_sequence().unwrap();
         let t = b.import(&snap).unwrap();
         assert_eq!(b.seq_len(t).unwrap(), 5);
@@ -210,6 +246,9 @@ mod tests {
 
         let mut wrong = snap.clone();
         wrong.regions[0].pop();
-        assert!(matches!(b.import(&wrong), Err(EngineError::SnapshotMismatch(_))));
+        assert!(matches!(
+            b.import(&wrong),
+            Err(EngineError::SnapshotMismatch(_))
+        ));
     }
 }

@@ -102,13 +102,25 @@ impl Model {
                 )?),
             };
             let ffn = match (layer.ffn, &spec.moe) {
-                (FfnKind::Moe, Some(moe)) => Ffn::Moe(SparseMoe::load(&store, &format!("{p}.mlp"), moe, h)?),
-                _ => Ffn::Dense(Mlp::load(&store, &format!("{p}.mlp"), h, spec.dense_intermediate)?),
+                (FfnKind::Moe, Some(moe)) => {
+                    Ffn::Moe(SparseMoe::load(&store, &format!("{p}.mlp"), moe, h)?)
+                }
+                _ => Ffn::Dense(Mlp::load(
+                    &store,
+                    &format!("{p}.mlp"),
+                    h,
+                    spec.dense_intermediate,
+                )?),
             };
             layers.push(DecoderLayer {
                 input_norm: RmsNorm::load(&store, &format!("{p}.input_layernorm.weight"), h, eps)?,
                 mixer,
-                post_norm: RmsNorm::load(&store, &format!("{p}.post_attention_layernorm.weight"), h, eps)?,
+                post_norm: RmsNorm::load(
+                    &store,
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    h,
+                    eps,
+                )?,
                 ffn,
             });
             progress(i + 1, total);
@@ -121,7 +133,15 @@ impl Model {
         let norm = RmsNorm::load(&store, &format!("{prefix}.norm.weight"), h, eps)?;
         let dtype = embed.dtype();
         let fingerprint = fingerprint(&spec, dtype);
-        Ok(Model { spec, embed, layers, norm, lm_head, dtype, fingerprint })
+        Ok(Model {
+            spec,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            dtype,
+            fingerprint,
+        })
     }
 
     pub fn spec(&self) -> &ModelSpec {
@@ -168,7 +188,12 @@ impl Model {
 
     /// Runs one step over a packed batch and returns logits `[rows, vocab]` (rows per `mode`).
     /// Every chunk's tokens are appended to its sequence's cache.
-    pub fn forward(&self, cache: &mut ModelCache, batch: &[SeqChunk<'_>], mode: LogitsMode) -> Result<Vec<f32>> {
+    pub fn forward(
+        &self,
+        cache: &mut ModelCache,
+        batch: &[SeqChunk<'_>],
+        mode: LogitsMode,
+    ) -> Result<Vec<f32>> {
         let segments = self.plan(cache, batch)?;
         let hidden = self.spec.hidden;
         let t: usize = segments.iter().map(|s| s.len).sum();
@@ -177,7 +202,11 @@ impl Model {
         for (chunk, seg) in batch.iter().zip(&segments) {
             for (i, &id) in chunk.tokens.iter().enumerate() {
                 let row = seg.offset + i;
-                cpu::embed_row(&self.embed, id as usize, &mut h[row * hidden..(row + 1) * hidden]);
+                cpu::embed_row(
+                    &self.embed,
+                    id as usize,
+                    &mut h[row * hidden..(row + 1) * hidden],
+                );
             }
         }
         let mut x = vec![0.0; t * hidden]; // normed input of a sublayer
@@ -212,7 +241,11 @@ impl Model {
         }
         self.norm.forward(&mut last);
         let mut logits = vec![0.0; rows.len() * self.spec.vocab]; // [rows, vocab]
-        cpu::matmul(&last, self.lm_head.as_ref().unwrap_or(&self.embed), &mut logits);
+        cpu::matmul(
+            &last,
+            self.lm_head.as_ref().unwrap_or(&self.embed),
+            &mut logits,
+        );
         Ok(logits)
     }
 
@@ -225,8 +258,15 @@ impl Model {
             if chunk.tokens.is_empty() {
                 return Err(EngineError::EmptyPrompt);
             }
-            if let Some(&id) = chunk.tokens.iter().find(|&&id| id as usize >= self.spec.vocab) {
-                return Err(EngineError::TokenOutOfRange { id, vocab: self.spec.vocab });
+            if let Some(&id) = chunk
+                .tokens
+                .iter()
+                .find(|&&id| id as usize >= self.spec.vocab)
+            {
+                return Err(EngineError::TokenOutOfRange {
+                    id,
+                    vocab: self.spec.vocab,
+                });
             }
             if !seen.insert(chunk.seq) {
                 return Err(EngineError::InvalidArgument {
@@ -235,7 +275,12 @@ impl Model {
                 });
             }
             let start_pos = cache.seq_len(chunk.seq)?;
-            segments.push(Segment { seq: chunk.seq, offset, len: chunk.tokens.len(), start_pos });
+            segments.push(Segment {
+                seq: chunk.seq,
+                offset,
+                len: chunk.tokens.len(),
+                start_pos,
+            });
             offset += chunk.tokens.len();
         }
         for seg in &segments {
@@ -248,5 +293,7 @@ impl Model {
 /// FNV-1a over the architecture and weight dtype.
 fn fingerprint(spec: &ModelSpec, dtype: DType) -> u64 {
     let text = format!("{spec:?}/{dtype}");
-    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }

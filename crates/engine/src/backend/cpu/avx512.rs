@@ -15,18 +15,20 @@ const LANES: usize = 16;
 #[inline(always)]
 fn lane_mask(i: usize, n: usize) -> __mmask16 {
     let rem = n - i;
-    if rem >= LANES { 0xffff } else { ((1u32 << rem) - 1) as __mmask16 }
+    if rem >= LANES {
+        0xffff
+    } else {
+        ((1u32 << rem) - 1) as __mmask16
+    }
 }
 
 #[target_feature(enable = "avx512f")]
 pub(super) fn row_tile(x: &[f32], t: usize, w: &Weight, r0: usize, out: &mut [f32]) {
     let n = w.cols;
     let rows = out.len() / t;
-    if t < 4 {
-        if let WeightData::BF16(d) = &w.data {
-            gemv_bf16(x, t, &d[r0 * n..(r0 + rows) * n], n, out);
-            return;
-        }
+    if let (true, WeightData::BF16(d)) = (t < 4, &w.data) {
+        gemv_bf16(x, t, &d[r0 * n..(r0 + rows) * n], n, out);
+        return;
     }
     let tile: Cow<'_, [f32]> = match &w.data {
         WeightData::F32(d) => Cow::Borrowed(&d[r0 * n..(r0 + rows) * n]),
@@ -106,32 +108,50 @@ unsafe fn load_bf16(p: *const u16, mask: __mmask16) -> __m512 {
 }
 
 /// y[r, tok] for `t` tokens and all rows of `w` (`[rows, n]` bf16, contiguous), 4 rows at a
-/// time so each activation load feeds four FMAs.
+/// time so each activation load feeds four FMAs; two chunks per row per iteration give eight
+/// independent accumulators, enough to keep the FMA pipes busy while weights stream in.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 fn gemv_bf16_impl(x: &[f32], t: usize, w: &[u16], n: usize, out: &mut [f32]) {
     let rows = w.len() / n;
     assert!(x.len() >= t * n && out.len() >= rows * t);
+    let pairs = n / (2 * LANES) * (2 * LANES);
     let mut r = 0;
     while r < rows {
         let group = (rows - r).min(4);
         for tok in 0..t {
             let xp = x[tok * n..].as_ptr();
-            let mut acc = [_mm512_setzero_ps(); 4];
+            let mut lo = [_mm512_setzero_ps(); 4];
+            let mut hi = [_mm512_setzero_ps(); 4];
             let mut i = 0;
+            while i < pairs {
+                // SAFETY: i + 32 <= n, so both chunks of row `r + g` (< rows) are in bounds.
+                unsafe {
+                    let x0 = _mm512_loadu_ps(xp.add(i));
+                    let x1 = _mm512_loadu_ps(xp.add(i + LANES));
+                    for g in 0..group {
+                        let wp = w.as_ptr().add((r + g) * n + i);
+                        let w0 = load_bf16(wp, 0xffff);
+                        let w1 = load_bf16(wp.add(LANES), 0xffff);
+                        lo[g] = _mm512_fmadd_ps(w0, x0, lo[g]);
+                        hi[g] = _mm512_fmadd_ps(w1, x1, hi[g]);
+                    }
+                }
+                i += 2 * LANES;
+            }
             while i < n {
                 let m = lane_mask(i, n);
-                // SAFETY: masked lanes stay inside row `r + g` (< rows) and token `tok`.
+                // SAFETY: masked-in lanes stay inside row `r + g` and token `tok`.
                 unsafe {
                     let xv = _mm512_maskz_loadu_ps(m, xp.add(i));
-                    for (g, a) in acc.iter_mut().enumerate().take(group) {
+                    for (g, a) in lo.iter_mut().enumerate().take(group) {
                         let wv = load_bf16(w.as_ptr().add((r + g) * n + i), m);
                         *a = _mm512_fmadd_ps(wv, xv, *a);
                     }
                 }
                 i += LANES;
             }
-            for (g, a) in acc.iter().enumerate().take(group) {
-                out[(r + g) * t + tok] = _mm512_reduce_add_ps(*a);
+            for g in 0..group {
+                out[(r + g) * t + tok] = _mm512_reduce_add_ps(_mm512_add_ps(lo[g], hi[g]));
             }
         }
         r += group;
@@ -224,7 +244,11 @@ fn dot1(w: &[f32], x: &[f32], n: usize) -> f32 {
         let m = lane_mask(i, n);
         // SAFETY: masked-in lanes are below n.
         unsafe {
-            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w.as_ptr().add(i)), _mm512_maskz_loadu_ps(m, x.as_ptr().add(i)), acc);
+            acc = _mm512_fmadd_ps(
+                _mm512_maskz_loadu_ps(m, w.as_ptr().add(i)),
+                _mm512_maskz_loadu_ps(m, x.as_ptr().add(i)),
+                acc,
+            );
         }
         i += LANES;
     }

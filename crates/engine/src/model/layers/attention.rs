@@ -104,7 +104,13 @@ impl Attention {
                     cpu::rms_norm_1p(head, &self.k_norm, self.eps);
                     self.rope(head, pos);
                 }
-                cache.write_kv(self.layer, seg.seq, pos, krow, &v[tok * nkv * d..(tok + 1) * nkv * d])?;
+                cache.write_kv(
+                    self.layer,
+                    seg.seq,
+                    pos,
+                    krow,
+                    &v[tok * nkv * d..(tok + 1) * nkv * d],
+                )?;
             }
         }
 
@@ -114,31 +120,33 @@ impl Attention {
         for seg in segments {
             let view = cache.kv_view(self.layer, seg.seq, seg.start_pos + seg.len)?;
             let rows = &mut attn[seg.offset * nh * d..(seg.offset + seg.len) * nh * d];
-            rows.par_chunks_mut(nh * d).enumerate().for_each(|(i, row)| {
-                let tok = seg.offset + i;
-                let visible = seg.start_pos + i + 1; // causal
-                let mut scores = vec![0.0f32; visible];
-                for (h, o) in row.chunks_exact_mut(d).enumerate() {
-                    let q = &qg[(tok * nh + h) * 2 * d..(tok * nh + h) * 2 * d + d];
-                    let kh = h / group;
-                    for (p, s) in scores.iter_mut().enumerate() {
-                        let key = &view.key(p)[kh * d..(kh + 1) * d];
-                        *s = q.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale;
-                    }
-                    cpu::softmax(&mut scores);
-                    o.fill(0.0);
-                    for (p, w) in scores.iter().enumerate() {
-                        let val = &view.value(p)[kh * d..(kh + 1) * d];
-                        for (acc, vv) in o.iter_mut().zip(val) {
-                            *acc += w * vv;
+            rows.par_chunks_mut(nh * d)
+                .enumerate()
+                .for_each(|(i, row)| {
+                    let tok = seg.offset + i;
+                    let visible = seg.start_pos + i + 1; // causal
+                    let mut scores = vec![0.0f32; visible];
+                    for (h, o) in row.chunks_exact_mut(d).enumerate() {
+                        let q = &qg[(tok * nh + h) * 2 * d..(tok * nh + h) * 2 * d + d];
+                        let kh = h / group;
+                        for (p, s) in scores.iter_mut().enumerate() {
+                            let key = &view.key(p)[kh * d..(kh + 1) * d];
+                            *s = q.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale;
+                        }
+                        cpu::softmax(&mut scores);
+                        o.fill(0.0);
+                        for (p, w) in scores.iter().enumerate() {
+                            let val = &view.value(p)[kh * d..(kh + 1) * d];
+                            for (acc, vv) in o.iter_mut().zip(val) {
+                                *acc += w * vv;
+                            }
+                        }
+                        let gate = &qg[(tok * nh + h) * 2 * d + d..(tok * nh + h + 1) * 2 * d];
+                        for (acc, g) in o.iter_mut().zip(gate) {
+                            *acc *= cpu::sigmoid(*g);
                         }
                     }
-                    let gate = &qg[(tok * nh + h) * 2 * d + d..(tok * nh + h + 1) * 2 * d];
-                    for (acc, g) in o.iter_mut().zip(gate) {
-                        *acc *= cpu::sigmoid(*g);
-                    }
-                }
-            });
+                });
         }
         cpu::matmul(&attn, &self.o_proj, out);
         Ok(())

@@ -51,39 +51,49 @@ impl GatedDeltaNet {
         hidden: usize,
         eps: f32,
     ) -> Result<Self> {
-        let (nk, nv, dk, dv, kern) =
-            (spec.key_heads, spec.value_heads, spec.key_dim, spec.value_dim, spec.conv_kernel);
+        let (nk, nv, dk, dv, kern) = (
+            spec.key_heads,
+            spec.value_heads,
+            spec.key_dim,
+            spec.value_dim,
+            spec.conv_kernel,
+        );
         let conv_dim = spec.conv_dim();
         let name = |s: &str| format!("{prefix}.{s}");
-        let (in_proj_qkv, in_proj_z, in_proj_b, in_proj_a) =
-            if store.contains(&name("in_proj_qkvz.weight")) {
-                let qkvz = store.matrix(&name("in_proj_qkvz.weight"), conv_dim + nv * dv, hidden)?;
-                let ba = store.matrix(&name("in_proj_ba.weight"), 2 * nv, hidden)?;
-                let r = nv / nk;
-                let group = 2 * dk + 2 * r * dv;
-                let rows = |from: usize, n: usize| -> Vec<usize> {
-                    (0..nk).flat_map(|g| g * group + from..g * group + from + n).collect()
-                };
-                let mut qkv_order = rows(0, dk);
-                qkv_order.extend(rows(dk, dk));
-                qkv_order.extend(rows(2 * dk, r * dv));
-                let z_order = rows(2 * dk + r * dv, r * dv);
-                let b_order: Vec<usize> = (0..nk).flat_map(|g| g * 2 * r..g * 2 * r + r).collect();
-                let a_order: Vec<usize> = (0..nk).flat_map(|g| g * 2 * r + r..g * 2 * r + 2 * r).collect();
-                (
-                    qkvz.gather_rows(&qkv_order),
-                    qkvz.gather_rows(&z_order),
-                    ba.gather_rows(&b_order),
-                    ba.gather_rows(&a_order),
-                )
-            } else {
-                (
-                    store.matrix(&name("in_proj_qkv.weight"), conv_dim, hidden)?,
-                    store.matrix(&name("in_proj_z.weight"), nv * dv, hidden)?,
-                    store.matrix(&name("in_proj_b.weight"), nv, hidden)?,
-                    store.matrix(&name("in_proj_a.weight"), nv, hidden)?,
-                )
+        let (in_proj_qkv, in_proj_z, in_proj_b, in_proj_a) = if store
+            .contains(&name("in_proj_qkvz.weight"))
+        {
+            let qkvz = store.matrix(&name("in_proj_qkvz.weight"), conv_dim + nv * dv, hidden)?;
+            let ba = store.matrix(&name("in_proj_ba.weight"), 2 * nv, hidden)?;
+            let r = nv / nk;
+            let group = 2 * dk + 2 * r * dv;
+            let rows = |from: usize, n: usize| -> Vec<usize> {
+                (0..nk)
+                    .flat_map(|g| g * group + from..g * group + from + n)
+                    .collect()
             };
+            let mut qkv_order = rows(0, dk);
+            qkv_order.extend(rows(dk, dk));
+            qkv_order.extend(rows(2 * dk, r * dv));
+            let z_order = rows(2 * dk + r * dv, r * dv);
+            let b_order: Vec<usize> = (0..nk).flat_map(|g| g * 2 * r..g * 2 * r + r).collect();
+            let a_order: Vec<usize> = (0..nk)
+                .flat_map(|g| g * 2 * r + r..g * 2 * r + 2 * r)
+                .collect();
+            (
+                qkvz.gather_rows(&qkv_order),
+                qkvz.gather_rows(&z_order),
+                ba.gather_rows(&b_order),
+                ba.gather_rows(&a_order),
+            )
+        } else {
+            (
+                store.matrix(&name("in_proj_qkv.weight"), conv_dim, hidden)?,
+                store.matrix(&name("in_proj_z.weight"), nv * dv, hidden)?,
+                store.matrix(&name("in_proj_b.weight"), nv, hidden)?,
+                store.matrix(&name("in_proj_a.weight"), nv, hidden)?,
+            )
+        };
         let a_log = store.f32_tensor(&name("A_log"), &[nv])?;
         Ok(GatedDeltaNet {
             layer,
@@ -157,7 +167,18 @@ impl GatedDeltaNet {
                     g[i * nv + h] = self.neg_a[h] * cpu::softplus(a[at] + self.dt_bias[h]);
                 }
             }
-            let inputs = HeadInputs { q: &q, k: &k, v: &val, beta: &beta, g: &g, len: seg.len, nk, nv, dk, dv };
+            let inputs = HeadInputs {
+                q: &q,
+                k: &k,
+                v: &val,
+                beta: &beta,
+                g: &g,
+                len: seg.len,
+                nk,
+                nv,
+                dk,
+                dv,
+            };
             let seg_core = &mut core[seg.offset * nv * dv..(seg.offset + seg.len) * nv * dv];
             let per_head: Vec<Vec<f32>> = recurrent
                 .par_chunks_mut(dk * dv)
@@ -173,7 +194,8 @@ impl GatedDeltaNet {
                 .collect();
             for (h, o) in per_head.iter().enumerate() {
                 for i in 0..seg.len {
-                    seg_core[(i * nv + h) * dv..(i * nv + h + 1) * dv].copy_from_slice(&o[i * dv..(i + 1) * dv]);
+                    seg_core[(i * nv + h) * dv..(i * nv + h + 1) * dv]
+                        .copy_from_slice(&o[i * dv..(i + 1) * dv]);
                 }
             }
         }
@@ -195,7 +217,11 @@ impl GatedDeltaNet {
             let past = &state[c * hist..(c + 1) * hist];
             // Input at relative time j (may be negative: then it comes from the state).
             let input = |j: isize| -> f32 {
-                if j >= 0 { mixed[j as usize * conv_dim + c] } else { past[(hist as isize + j) as usize] }
+                if j >= 0 {
+                    mixed[j as usize * conv_dim + c]
+                } else {
+                    past[(hist as isize + j) as usize]
+                }
             };
             for i in 0..len {
                 let mut acc = 0.0;
@@ -204,7 +230,9 @@ impl GatedDeltaNet {
                 }
                 out[i * conv_dim + c] = cpu::silu(acc);
             }
-            let new_past: Vec<f32> = (0..hist).map(|j| input(len as isize - hist as isize + j as isize)).collect();
+            let new_past: Vec<f32> = (0..hist)
+                .map(|j| input(len as isize - hist as isize + j as isize))
+                .collect();
             state[c * hist..(c + 1) * hist].copy_from_slice(&new_past);
         }
         out
@@ -359,7 +387,11 @@ fn chunked(head: &Head, state: &mut [f32]) -> Vec<f32> {
                 let srow = &state[c * dv..(c + 1) * dv];
                 let wc = w[i * dk + c];
                 let qc = q[i * dk + c] * e;
-                for ((vn, oo), s) in v_new[i * dv..(i + 1) * dv].iter_mut().zip(&mut o[i * dv..(i + 1) * dv]).zip(srow) {
+                for ((vn, oo), s) in v_new[i * dv..(i + 1) * dv]
+                    .iter_mut()
+                    .zip(&mut o[i * dv..(i + 1) * dv])
+                    .zip(srow)
+                {
                     *vn -= wc * s;
                     *oo += qc * s;
                 }
@@ -383,7 +415,10 @@ fn chunked(head: &Head, state: &mut [f32]) -> Vec<f32> {
             let e = (last - gamma[i]).exp();
             for c in 0..dk {
                 let kc = k[i * dk + c] * e;
-                for (s, vn) in state[c * dv..(c + 1) * dv].iter_mut().zip(&v_new[i * dv..(i + 1) * dv]) {
+                for (s, vn) in state[c * dv..(c + 1) * dv]
+                    .iter_mut()
+                    .zip(&v_new[i * dv..(i + 1) * dv])
+                {
                     *s += kc * vn;
                 }
             }
@@ -398,7 +433,9 @@ mod tests {
     use super::*;
 
     fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 

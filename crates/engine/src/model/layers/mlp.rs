@@ -16,7 +16,11 @@ pub struct Mlp {
 impl Mlp {
     pub fn new(gate_up: Weight, down: Weight) -> Self {
         let inter = gate_up.rows / 2;
-        Mlp { gate_up, down, inter }
+        Mlp {
+            gate_up,
+            down,
+            inter,
+        }
     }
 
     /// Loads `{prefix}.gate_proj`, `{prefix}.up_proj`, `{prefix}.down_proj`.
@@ -36,13 +40,22 @@ impl Mlp {
         self.gate_up.bytes() + self.down.bytes()
     }
 
-    /// x `[t, hidden]` → out `[t, hidden]` (overwritten).
+    /// x `[t, hidden]` → out `[t, hidden]` (overwritten), using the whole thread pool.
     pub fn forward(&self, x: &[f32], out: &mut [f32]) {
+        self.forward_with(x, out, cpu::matmul)
+    }
+
+    /// As `forward`, on the calling thread only.
+    pub fn forward_serial(&self, x: &[f32], out: &mut [f32]) {
+        self.forward_with(x, out, cpu::matmul_serial)
+    }
+
+    fn forward_with(&self, x: &[f32], out: &mut [f32], matmul: fn(&[f32], &Weight, &mut [f32])) {
         let t = x.len() / self.gate_up.cols;
         let mut gate_up = vec![0.0; t * 2 * self.inter]; // [t, 2·inter]
-        cpu::matmul(x, &self.gate_up, &mut gate_up);
+        matmul(x, &self.gate_up, &mut gate_up);
         let mut act = vec![0.0; t * self.inter]; // [t, inter]
         cpu::swiglu(&gate_up, self.inter, &mut act);
-        cpu::matmul(&act, &self.down, out);
+        matmul(&act, &self.down, out);
     }
 }

@@ -1,6 +1,8 @@
 //! Sparse MoE: softmax router in f32, top-k (renormalised when the config says so), SwiGLU
 //! experts run on the rows routed to them, plus a shared expert scaled by sigmoid(gate).
 
+use rayon::prelude::*;
+
 use crate::backend::cpu;
 use crate::config::MoeSpec;
 use crate::error::Result;
@@ -50,13 +52,24 @@ impl SparseMoe {
         };
         let (shared, shared_gate) = if spec.shared_intermediate > 0 {
             (
-                Some(Mlp::load(store, &format!("{prefix}.shared_expert"), hidden, spec.shared_intermediate)?),
+                Some(Mlp::load(
+                    store,
+                    &format!("{prefix}.shared_expert"),
+                    hidden,
+                    spec.shared_intermediate,
+                )?),
                 Some(store.matrix(&format!("{prefix}.shared_expert_gate.weight"), 1, hidden)?),
             )
         } else {
             (None, None)
         };
-        Ok(SparseMoe { spec: spec.clone(), router, experts, shared, shared_gate })
+        Ok(SparseMoe {
+            spec: spec.clone(),
+            router,
+            experts,
+            shared,
+            shared_gate,
+        })
     }
 
     /// Bytes of weights one token reads: router, top-k experts, shared expert.
@@ -89,7 +102,10 @@ impl SparseMoe {
                     let sum: f32 = weights.iter().sum();
                     weights.iter_mut().for_each(|w| *w /= sum);
                 }
-                Route { experts: order, weights }
+                Route {
+                    experts: order,
+                    weights,
+                }
             })
             .collect()
     }
@@ -109,17 +125,35 @@ impl SparseMoe {
                 assigned[e].push((tok, w));
             }
         }
-        out.fill(0.0);
-        for (expert, rows) in self.experts.iter().zip(&assigned) {
-            if rows.is_empty() {
-                continue;
-            }
+        // Experts run one per thread when there are enough of them to fill the pool (decode:
+        // a few rows each); otherwise each product uses the whole pool (prefill).
+        let active: Vec<(usize, &Vec<(usize, f32)>)> = assigned
+            .iter()
+            .enumerate()
+            .filter(|(_, rows)| !rows.is_empty())
+            .collect();
+        let one_per_thread = active.len() >= rayon::current_num_threads();
+        let run = |&(e, rows): &(usize, &Vec<(usize, f32)>)| -> Vec<f32> {
             let mut xe = Vec::with_capacity(rows.len() * hidden); // [n_e, hidden]
             for (tok, _) in rows {
                 xe.extend_from_slice(&x[tok * hidden..(tok + 1) * hidden]);
             }
-            let mut ye = vec![0.0; rows.len() * hidden];
-            expert.forward(&xe, &mut ye);
+            let mut ye = vec![0.0; rows.len() * hidden]; // [n_e, hidden]
+            if one_per_thread {
+                self.experts[e].forward_serial(&xe, &mut ye);
+            } else {
+                self.experts[e].forward(&xe, &mut ye);
+            }
+            ye
+        };
+        let outputs: Vec<Vec<f32>> = if one_per_thread {
+            active.par_iter().map(run).collect()
+        } else {
+            active.iter().map(run).collect()
+        };
+        // Accumulate in expert order, so the sum does not depend on scheduling.
+        out.fill(0.0);
+        for ((_, rows), ye) in active.iter().zip(&outputs) {
             for ((tok, w), y) in rows.iter().zip(ye.chunks_exact(hidden)) {
                 for (o, v) in out[tok * hidden..(tok + 1) * hidden].iter_mut().zip(y) {
                     *o += w * v;
@@ -131,7 +165,11 @@ impl SparseMoe {
             shared.forward(x, &mut ys);
             let mut g = vec![0.0; t]; // [t, 1]
             cpu::matmul(x, gate, &mut g);
-            for ((o, y), gv) in out.chunks_exact_mut(hidden).zip(ys.chunks_exact(hidden)).zip(&g) {
+            for ((o, y), gv) in out
+                .chunks_exact_mut(hidden)
+                .zip(ys.chunks_exact(hidden))
+                .zip(&g)
+            {
                 let s = cpu::sigmoid(*gv);
                 for (ov, yv) in o.iter_mut().zip(y) {
                     *ov += s * yv;

@@ -13,7 +13,10 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn load(store: &WeightStore, name: &str, dim: usize, eps: f32) -> Result<Self> {
-        Ok(RmsNorm { weight: store.f32_tensor(name, &[dim])?, eps })
+        Ok(RmsNorm {
+            weight: store.f32_tensor(name, &[dim])?,
+            eps,
+        })
     }
 
     /// Normalises every `[dim]` row of `x` in place.
