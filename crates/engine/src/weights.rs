@@ -12,7 +12,7 @@ use memmap2::Mmap;
 use serde_json::Value;
 
 use crate::error::{EngineError, Result};
-use crate::tensor::{DType, Weight, WeightData};
+use crate::tensor::{DType, Weight, WeightData, weight_buffer};
 
 #[derive(Debug, Clone)]
 struct TensorEntry {
@@ -284,8 +284,7 @@ fn check_shape(t: &TensorRef<'_>, expected: &[usize]) -> Result<()> {
 fn copy_le<T: Copy + Default>(bytes: &[u8], from_le: impl Fn(&[u8]) -> T) -> Vec<T> {
     let size = std::mem::size_of::<T>();
     let n = bytes.len() / size;
-    let mut out: Vec<T> = Vec::with_capacity(n);
-    hugepage_hint(out.as_ptr().cast(), n * size);
+    let mut out: Vec<T> = weight_buffer(n);
     if cfg!(target_endian = "little") {
         // SAFETY: `out` has capacity for n values, every bit pattern is a valid T (u16 or
         // f32), and on a little-endian target the file's byte order is the in-memory one.
@@ -298,22 +297,6 @@ fn copy_le<T: Copy + Default>(bytes: &[u8], from_le: impl Fn(&[u8]) -> T) -> Vec
     }
     out
 }
-
-#[cfg(target_os = "linux")]
-fn hugepage_hint(ptr: *const u8, len: usize) {
-    const HUGE: usize = 2 << 20;
-    let start = (ptr as usize).next_multiple_of(HUGE);
-    let end = (ptr as usize + len) / HUGE * HUGE;
-    if end > start {
-        // SAFETY: advisory only; the range lies inside an allocation this process owns.
-        unsafe {
-            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
-        }
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn hugepage_hint(_ptr: *const u8, _len: usize) {}
 
 fn u16s(bytes: &[u8]) -> Vec<u16> {
     copy_le(bytes, |c| u16::from_le_bytes([c[0], c[1]]))

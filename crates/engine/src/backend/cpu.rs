@@ -312,15 +312,41 @@ pub fn widen_bf16(bits: u16) -> f32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::tensor::f32_to_bf16;
 
-    fn lcg(seed: &mut u64) -> f32 {
+    /// Uniform in [-1, 1): a tiny deterministic generator for kernel tests.
+    pub(crate) fn lcg(seed: &mut u64) -> f32 {
         *seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    /// The same random matrix as f32 and as bf16, each with the f32 values it holds.
+    fn random_weights(rows: usize, cols: usize, seed: &mut u64) -> [(Weight, Vec<f32>); 2] {
+        let wf: Vec<f32> = (0..rows * cols).map(|_| lcg(seed)).collect();
+        let bits: Vec<u16> = wf.iter().map(|v| f32_to_bf16(*v)).collect();
+        let wb: Vec<f32> = bits.iter().map(|b| bf16_to_f32(*b)).collect();
+        [
+            (
+                Weight {
+                    rows,
+                    cols,
+                    data: WeightData::F32(wf.clone()),
+                },
+                wf,
+            ),
+            (
+                Weight {
+                    rows,
+                    cols,
+                    data: WeightData::BF16(bits),
+                },
+                wb,
+            ),
+        ]
     }
 
     /// f64 reference for `x · Wᵀ`.
@@ -348,27 +374,8 @@ mod tests {
             (17, 33, 100),
         ] {
             let x: Vec<f32> = (0..t * cols).map(|_| lcg(&mut seed)).collect();
-            let wf: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed)).collect();
-            let bits: Vec<u16> = wf.iter().map(|v| f32_to_bf16(*v)).collect();
-            let wb: Vec<f32> = bits.iter().map(|b| bf16_to_f32(*b)).collect();
-            for (w, wref) in [
-                (
-                    Weight {
-                        rows,
-                        cols,
-                        data: WeightData::F32(wf.clone()),
-                    },
-                    &wf,
-                ),
-                (
-                    Weight {
-                        rows,
-                        cols,
-                        data: WeightData::BF16(bits.clone()),
-                    },
-                    &wb,
-                ),
-            ] {
+            for (w, wref) in random_weights(rows, cols, &mut seed) {
+                let wref = &wref;
                 let mut y = vec![0.0; t * rows];
                 matmul(&x, &w, &mut y);
                 let r = reference(&x, wref, rows, cols);
@@ -399,27 +406,8 @@ mod tests {
         let mut seed = 3;
         for &(t, rows, cols) in &[(1, 7, 40), (2, 9, 33), (6, 13, 70), (65, 6, 17)] {
             let x: Vec<f32> = (0..t * cols).map(|_| lcg(&mut seed)).collect();
-            let wf: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed)).collect();
-            let bits: Vec<u16> = wf.iter().map(|v| f32_to_bf16(*v)).collect();
-            let wb: Vec<f32> = bits.iter().map(|b| bf16_to_f32(*b)).collect();
-            for (w, wref) in [
-                (
-                    Weight {
-                        rows,
-                        cols,
-                        data: WeightData::F32(wf.clone()),
-                    },
-                    &wf,
-                ),
-                (
-                    Weight {
-                        rows,
-                        cols,
-                        data: WeightData::BF16(bits.clone()),
-                    },
-                    &wb,
-                ),
-            ] {
+            for (w, wref) in random_weights(rows, cols, &mut seed) {
+                let wref = &wref;
                 let r = reference(&x, wref, rows, cols);
                 for &level in &levels {
                     let mut out = vec![0.0; rows * t]; // [rows, t]

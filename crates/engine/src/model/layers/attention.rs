@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use super::Segment;
+use super::{Segment, fuse_rows};
 use crate::backend::cpu;
 use crate::cache::ModelCache;
 use crate::config::AttentionSpec;
@@ -15,11 +15,9 @@ use crate::weights::WeightStore;
 pub struct Attention {
     layer: usize,
     spec: AttentionSpec,
-    /// `[heads · 2 · head_dim, hidden]`, per head [q | gate].
-    q_proj: Weight,
-    /// `[kv_heads · head_dim, hidden]`.
-    k_proj: Weight,
-    v_proj: Weight,
+    /// q_proj | k_proj | v_proj fused into one `[(2·heads + 2·kv_heads) · head_dim, hidden]`
+    /// product; q_proj rows hold [q | gate] per head.
+    qkv_proj: Weight,
     /// `[hidden, heads · head_dim]`.
     o_proj: Weight,
     q_norm: Vec<f32>,
@@ -46,9 +44,14 @@ impl Attention {
         Ok(Attention {
             layer,
             spec: spec.clone(),
-            q_proj: store.matrix(&format!("{prefix}.q_proj.weight"), 2 * h * d, hidden)?,
-            k_proj: store.matrix(&format!("{prefix}.k_proj.weight"), kv * d, hidden)?,
-            v_proj: store.matrix(&format!("{prefix}.v_proj.weight"), kv * d, hidden)?,
+            qkv_proj: fuse_rows(
+                &format!("{prefix}.q_proj.weight"),
+                vec![
+                    store.matrix(&format!("{prefix}.q_proj.weight"), 2 * h * d, hidden)?,
+                    store.matrix(&format!("{prefix}.k_proj.weight"), kv * d, hidden)?,
+                    store.matrix(&format!("{prefix}.v_proj.weight"), kv * d, hidden)?,
+                ],
+            )?,
             o_proj: store.matrix(&format!("{prefix}.o_proj.weight"), hidden, h * d)?,
             q_norm: store.f32_tensor(&format!("{prefix}.q_norm.weight"), &[d])?,
             k_norm: store.f32_tensor(&format!("{prefix}.k_norm.weight"), &[d])?,
@@ -58,7 +61,7 @@ impl Attention {
     }
 
     pub fn weight_bytes(&self) -> usize {
-        self.q_proj.bytes() + self.k_proj.bytes() + self.v_proj.bytes() + self.o_proj.bytes()
+        self.qkv_proj.bytes() + self.o_proj.bytes()
     }
 
     /// Rotates the first `rotary_dim` dims of one head vector for position `pos`.
@@ -82,13 +85,16 @@ impl Attention {
         out: &mut [f32],
     ) -> Result<()> {
         let (nh, nkv, d) = (self.spec.heads, self.spec.kv_heads, self.spec.head_dim);
-        let t = x.len() / self.q_proj.cols;
+        let t = x.len() / self.qkv_proj.cols;
+        let width = self.qkv_proj.rows;
+        let mut qkv = vec![0.0; t * width]; // [t, nh·2d + 2·nkv·d]
+        cpu::matmul(x, &self.qkv_proj, &mut qkv);
         let mut qg = vec![0.0; t * nh * 2 * d]; // [t, nh, 2d]
         let mut k = vec![0.0; t * nkv * d]; // [t, nkv, d]
         let mut v = vec![0.0; t * nkv * d];
-        cpu::matmul(x, &self.q_proj, &mut qg);
-        cpu::matmul(x, &self.k_proj, &mut k);
-        cpu::matmul(x, &self.v_proj, &mut v);
+        cpu::split_columns(&qkv, width, 0, nh * 2 * d, &mut qg);
+        cpu::split_columns(&qkv, width, nh * 2 * d, nkv * d, &mut k);
+        cpu::split_columns(&qkv, width, nh * 2 * d + nkv * d, nkv * d, &mut v);
 
         for seg in segments {
             for i in 0..seg.len {

@@ -8,7 +8,7 @@
 
 use rayon::prelude::*;
 
-use super::Segment;
+use super::{Segment, fuse_rows};
 use crate::backend::cpu;
 use crate::cache::ModelCache;
 use crate::config::LinearSpec;
@@ -21,13 +21,10 @@ const CHUNK: usize = 64;
 pub struct GatedDeltaNet {
     layer: usize,
     spec: LinearSpec,
-    /// `[conv_dim, hidden]`, channels [q | k | v], head-major.
-    in_proj_qkv: Weight,
-    /// `[nv·dv, hidden]`.
-    in_proj_z: Weight,
-    /// `[nv, hidden]`.
-    in_proj_b: Weight,
-    in_proj_a: Weight,
+    /// in_proj_qkv `[conv_dim, hidden]` (channels [q | k | v], head-major) | in_proj_z
+    /// `[nv·dv, hidden]` | in_proj_b `[nv, hidden]` | in_proj_a `[nv, hidden]`, fused into one
+    /// product.
+    in_proj: Weight,
     /// `[conv_dim, kernel]`.
     conv: Vec<f32>,
     dt_bias: Vec<f32>,
@@ -98,10 +95,10 @@ impl GatedDeltaNet {
         Ok(GatedDeltaNet {
             layer,
             spec: spec.clone(),
-            in_proj_qkv,
-            in_proj_z,
-            in_proj_b,
-            in_proj_a,
+            in_proj: fuse_rows(
+                &name("in_proj"),
+                vec![in_proj_qkv, in_proj_z, in_proj_b, in_proj_a],
+            )?,
             conv: store.f32_tensor(&name("conv1d.weight"), &[conv_dim, 1, kern])?,
             dt_bias: store.f32_tensor(&name("dt_bias"), &[nv])?,
             neg_a: a_log.iter().map(|a| -a.exp()).collect(),
@@ -112,11 +109,7 @@ impl GatedDeltaNet {
     }
 
     pub fn weight_bytes(&self) -> usize {
-        self.in_proj_qkv.bytes()
-            + self.in_proj_z.bytes()
-            + self.in_proj_b.bytes()
-            + self.in_proj_a.bytes()
-            + self.out_proj.bytes()
+        self.in_proj.bytes() + self.out_proj.bytes()
     }
 
     /// x `[t, hidden]` (normed) → out `[t, hidden]`; updates each sequence's conv and
@@ -131,15 +124,18 @@ impl GatedDeltaNet {
         let s = &self.spec;
         let (nk, nv, dk, dv) = (s.key_heads, s.value_heads, s.key_dim, s.value_dim);
         let conv_dim = s.conv_dim();
-        let t = x.len() / self.in_proj_qkv.cols;
+        let t = x.len() / self.in_proj.cols;
+        let width = self.in_proj.rows;
+        let mut projected = vec![0.0; t * width]; // [t, conv_dim + nv·dv + 2·nv]
+        cpu::matmul(x, &self.in_proj, &mut projected);
         let mut mixed = vec![0.0; t * conv_dim]; // [t, conv_dim]
         let mut z = vec![0.0; t * nv * dv]; // [t, nv, dv]
         let mut b = vec![0.0; t * nv]; // [t, nv]
         let mut a = vec![0.0; t * nv];
-        cpu::matmul(x, &self.in_proj_qkv, &mut mixed);
-        cpu::matmul(x, &self.in_proj_z, &mut z);
-        cpu::matmul(x, &self.in_proj_b, &mut b);
-        cpu::matmul(x, &self.in_proj_a, &mut a);
+        cpu::split_columns(&projected, width, 0, conv_dim, &mut mixed);
+        cpu::split_columns(&projected, width, conv_dim, nv * dv, &mut z);
+        cpu::split_columns(&projected, width, conv_dim + nv * dv, nv, &mut b);
+        cpu::split_columns(&projected, width, conv_dim + nv * dv + nv, nv, &mut a);
 
         let mut core = vec![0.0; t * nv * dv]; // [t, nv, dv]
         for seg in segments {
@@ -431,13 +427,7 @@ fn chunked(head: &Head, state: &mut [f32]) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
+    use crate::backend::cpu::tests::lcg;
 
     fn random_head(len: usize, dk: usize, dv: usize, seed: &mut u64) -> Head {
         let unit = |n: usize, s: &mut u64| {

@@ -1,7 +1,8 @@
 //! SwiGLU MLP (`down(silu(gate x) · up x)`), used for dense layers, shared experts and experts.
 
+use super::fuse_rows;
 use crate::backend::cpu;
-use crate::error::{EngineError, Result};
+use crate::error::Result;
 use crate::tensor::Weight;
 use crate::weights::WeightStore;
 
@@ -28,11 +29,7 @@ impl Mlp {
         let gate = store.matrix(&format!("{prefix}.gate_proj.weight"), inter, hidden)?;
         let up = store.matrix(&format!("{prefix}.up_proj.weight"), inter, hidden)?;
         let down = store.matrix(&format!("{prefix}.down_proj.weight"), hidden, inter)?;
-        let gate_up = Weight::concat_rows(&[gate, up]).ok_or_else(|| EngineError::TensorDType {
-            name: format!("{prefix}.up_proj.weight"),
-            actual: "a dtype different from gate_proj".into(),
-            expected: "the dtype of gate_proj",
-        })?;
+        let gate_up = fuse_rows(&format!("{prefix}.up_proj.weight"), vec![gate, up])?;
         Ok(Mlp::new(gate_up, down))
     }
 
