@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use crate::tensor::{Weight, WeightData, bf16_to_f32};
+use crate::tensor::{Weight, WeightData};
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
@@ -305,16 +305,10 @@ pub fn add_assign(acc: &mut [f32], x: &[f32]) {
     }
 }
 
-/// Reads a bf16 bit pattern as f32 (re-exported for kernels that stream bf16).
-#[inline]
-pub fn widen_bf16(bits: u16) -> f32 {
-    bf16_to_f32(bits)
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::tensor::f32_to_bf16;
+    use crate::tensor::{bf16_to_f32, f32_to_bf16};
 
     /// Uniform in [-1, 1): a tiny deterministic generator for kernel tests.
     pub(crate) fn lcg(seed: &mut u64) -> f32 {
