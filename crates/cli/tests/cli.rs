@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::Value;
+use sluice_engine::weights::WeightStore;
 
 fn sluice(args: &[&str], cache: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_sluice"))
@@ -32,42 +33,27 @@ fn fixture(case: &str) -> PathBuf {
 
 /// prompt, logits [T, vocab] and greedy tokens of a golden fixture (made by HF transformers).
 fn golden(case: &str) -> (Vec<u32>, Vec<Vec<f32>>, Vec<u32>) {
-    sluice_engine_golden::open(&fixture(case).join("golden.safetensors"))
-}
-
-mod sluice_engine_golden {
-    use std::path::Path;
-
-    use sluice_engine::weights::WeightStore;
-
-    pub fn open(path: &Path) -> (Vec<u32>, Vec<Vec<f32>>, Vec<u32>) {
-        let store = WeightStore::open_file(path).unwrap();
-        let words = |name: &str| -> Vec<[u8; 4]> {
-            store
-                .raw(name)
-                .unwrap()
-                .2
-                .chunks_exact(4)
-                .map(|c| [c[0], c[1], c[2], c[3]])
-                .collect()
-        };
-        let ints = |name: &str| {
-            words(name)
-                .into_iter()
-                .map(|w| i32::from_le_bytes(w) as u32)
-                .collect()
-        };
-        let vocab = store.raw("logits").unwrap().1[1];
-        let floats: Vec<f32> = words("logits")
+    let store = WeightStore::open_file(&fixture(case).join("golden.safetensors")).unwrap();
+    let words = |name: &str| -> Vec<[u8; 4]> {
+        let bytes = store.raw(name).unwrap().2;
+        bytes
+            .chunks_exact(4)
+            .map(|c| [c[0], c[1], c[2], c[3]])
+            .collect()
+    };
+    let ints = |name: &str| {
+        words(name)
             .into_iter()
-            .map(f32::from_le_bytes)
-            .collect();
-        (
-            ints("prompt"),
-            floats.chunks(vocab).map(<[f32]>::to_vec).collect(),
-            ints("greedy"),
-        )
-    }
+            .map(|w| i32::from_le_bytes(w) as u32)
+            .collect()
+    };
+    let vocab = store.raw("logits").unwrap().1[1];
+    let floats: Vec<f32> = words("logits")
+        .into_iter()
+        .map(f32::from_le_bytes)
+        .collect();
+    let rows = floats.chunks(vocab).map(<[f32]>::to_vec).collect();
+    (ints("prompt"), rows, ints("greedy"))
 }
 
 fn ids_arg(ids: &[u32]) -> String {

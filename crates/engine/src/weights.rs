@@ -124,7 +124,7 @@ impl WeightStore {
             if name == "__metadata__" {
                 continue;
             }
-            let entry = parse_entry(&name, &info, file_index, data_start)
+            let entry = parse_entry(&info, file_index, data_start)
                 .map_err(|m| bad(format!("tensor `{name}`: {m}")))?;
             if entry.end > mmap.len() {
                 return Err(bad(format!(
@@ -213,7 +213,6 @@ impl WeightStore {
 }
 
 fn parse_entry(
-    name: &str,
     info: &Value,
     file: usize,
     data_start: usize,
@@ -257,7 +256,6 @@ fn parse_entry(
             ));
         }
     }
-    let _ = name;
     Ok(TensorEntry {
         file,
         dtype,

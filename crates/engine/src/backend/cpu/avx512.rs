@@ -22,7 +22,8 @@ fn lane_mask(i: usize, n: usize) -> __mmask16 {
     }
 }
 
-#[target_feature(enable = "avx512f")]
+/// Callers must have detected AVX-512 F, BW and VL (see `simd_level`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub(super) fn row_tile(x: &[f32], t: usize, w: &Weight, r0: usize, out: &mut [f32]) {
     let n = w.cols;
     let rows = out.len() / t;
@@ -77,7 +78,7 @@ pub(super) fn row_tile(x: &[f32], t: usize, w: &Weight, r0: usize, out: &mut [f3
 }
 
 /// bf16 bits → f32, 16 at a time.
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 fn widen_bf16(src: &[u16], dst: &mut [f32]) {
     assert_eq!(src.len(), dst.len());
     let n = src.len();
@@ -111,7 +112,7 @@ unsafe fn load_bf16(p: *const u16, mask: __mmask16) -> __m512 {
 /// time so each activation load feeds four FMAs; two chunks per row per iteration give eight
 /// independent accumulators, enough to keep the FMA pipes busy while weights stream in.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn gemv_bf16_impl(x: &[f32], t: usize, w: &[u16], n: usize, out: &mut [f32]) {
+fn gemv_bf16(x: &[f32], t: usize, w: &[u16], n: usize, out: &mut [f32]) {
     let rows = w.len() / n;
     assert!(x.len() >= t * n && out.len() >= rows * t);
     let pairs = n / (2 * LANES) * (2 * LANES);
@@ -155,23 +156,6 @@ fn gemv_bf16_impl(x: &[f32], t: usize, w: &[u16], n: usize, out: &mut [f32]) {
             }
         }
         r += group;
-    }
-}
-
-#[target_feature(enable = "avx512f")]
-fn gemv_bf16(x: &[f32], t: usize, w: &[u16], n: usize, out: &mut [f32]) {
-    if std::is_x86_feature_detected!("avx512bw") && std::is_x86_feature_detected!("avx512vl") {
-        // SAFETY: the features were just detected.
-        unsafe { gemv_bf16_impl(x, t, w, n, out) }
-    } else {
-        let rows = w.len() / n;
-        let mut wide = vec![0.0f32; n];
-        for r in 0..rows {
-            widen_bf16(&w[r * n..(r + 1) * n], &mut wide);
-            for tok in 0..t {
-                out[r * t + tok] = dot1(&wide, &x[tok * n..(tok + 1) * n], n);
-            }
-        }
     }
 }
 
