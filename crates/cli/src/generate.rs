@@ -40,8 +40,15 @@ pub struct GenerateArgs {
     /// Print `{"token_ids": [...], "text": "..."}` of the generated tokens only.
     #[arg(long)]
     pub json: bool,
+    /// Generate through a running Sluice endpoint (e.g. http://127.0.0.1:50051) instead of
+    /// loading the model here.
+    #[arg(long, env = "SLUICE_ENDPOINT")]
+    pub endpoint: Option<String>,
+    /// With --endpoint: print chunks as they arrive (GenerateStream) instead of one answer.
+    #[arg(long, requires = "endpoint")]
+    pub stream: bool,
     /// Prompt tokens per forward pass during prefill.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = sluice_engine::DEFAULT_PREFILL_CHUNK)]
     pub prefill_chunk: usize,
 }
 
@@ -84,6 +91,9 @@ impl SamplingArgs {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
+    if let Some(endpoint) = args.endpoint.clone() {
+        return crate::remote::generate(&endpoint, &args);
+    }
     let sampling = args.sampling.params();
     sampling.validate()?;
     let (dir, model) = args.model.load()?;

@@ -1,11 +1,14 @@
-//! `sluice`: the command-line front door. `generate`, `logits`, `synth` and `bench` run the
-//! engine in-process; the cluster commands arrive with the services.
+//! `sluice`: the command-line front door. `up` runs a whole cluster in one process;
+//! `generate` runs the engine in-process or calls an endpoint; `logits`, `synth` and `bench`
+//! work on the engine directly.
 
 mod bench;
 mod generate;
 mod logits;
 mod model_source;
 mod progress;
+mod remote;
+mod up;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,11 +17,7 @@ use clap::{Parser, Subcommand};
 use sluice_engine::Preset;
 
 #[derive(Parser)]
-#[command(
-    name = "sluice",
-    version,
-    about = "Serve Qwen3.5-class models: engine commands"
-)]
+#[command(name = "sluice", version, about = "Serve Qwen3.5-class models")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -26,7 +25,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Generate tokens for one prompt.
+    /// Run router, prefill, decode and expert workers in one process until Ctrl-C.
+    Up(up::UpArgs),
+    /// Generate tokens for one prompt (locally, or through --endpoint).
     Generate(generate::GenerateArgs),
     /// Print the logits of every position of one forward pass.
     Logits(logits::LogitsArgs),
@@ -51,6 +52,7 @@ struct SynthArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Up(args) => up::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Logits(args) => logits::run(args),
         Command::Synth(args) => model_source::synth(args.preset, &args.out, args.seed),

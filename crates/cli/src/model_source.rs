@@ -42,10 +42,8 @@ impl ModelArgs {
         self.device.ensure_available()?;
         if let Some(n) = self.threads {
             anyhow::ensure!(n > 0, "--threads must be at least 1");
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(n)
-                .build_global()
-                .context("setting up the thread pool")?;
+            sluice_engine::backend::cpu::set_threads(n)
+                .map_err(|e| anyhow::anyhow!("setting up the thread pool: {e}"))?;
         }
         let dir = self.resolve()?;
         let mut bar = Progress::new("loading");

@@ -59,6 +59,8 @@ pub enum EngineError {
     SnapshotMismatch(String),
     #[error("device `{device}` is not available: {reason}")]
     DeviceUnavailable { device: String, reason: String },
+    #[error("expert dispatch: {0}")]
+    Experts(String),
     #[error("invalid argument `{field}`: {message}")]
     InvalidArgument {
         field: &'static str,

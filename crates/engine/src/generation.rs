@@ -12,6 +12,11 @@ use crate::error::{EngineError, Result};
 use crate::model::{LogitsMode, Model, SeqChunk};
 use crate::sampler::{Sampled, Sampler, SamplingParams};
 
+/// Prompt tokens per forward pass during prefill, unless configured otherwise. Services and
+/// the CLI share it: chunk boundaries are part of the arithmetic of the DeltaNet layers, so the
+/// same chunking gives bit-identical results.
+pub const DEFAULT_PREFILL_CHUNK: usize = 512;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
     /// `max_tokens` reached.

@@ -18,8 +18,13 @@ pub use backend::Device;
 pub use cache::{CacheConfig, CacheLayout, CacheSnapshot, ModelCache, SeqId};
 pub use config::{ModelFamily, ModelSpec};
 pub use error::{EngineError, Result};
-pub use generation::{FinishReason, GenerationOutput, GenerationRequest, generate};
-pub use model::{LogitsMode, Model, SeqChunk};
+pub use generation::{
+    DEFAULT_PREFILL_CHUNK, FinishReason, GenerationOutput, GenerationRequest, generate,
+};
+pub use model::{
+    ExpertExecutor, ExpertGroup, ExpertResidency, ExpertShard, LogitsMode, Model, SeqChunk,
+    shard_range,
+};
 pub use sampler::{Sampled, Sampler, SamplingParams};
 pub use synth::Preset;
 pub use tokenizer::{ChatMessage, IncrementalDecoder, Tokenizer};

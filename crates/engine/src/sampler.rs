@@ -170,6 +170,29 @@ impl Sampler {
         &self.params
     }
 
+    /// The RNG state: with [`Sampler::resume`] another process continues this request's
+    /// sampling exactly where this one stopped.
+    pub fn rng_state(&self) -> u64 {
+        self.rng.0
+    }
+
+    /// A sampler in the state this request's sampler reached after `generated`, given the
+    /// state [`Sampler::rng_state`] returned then.
+    pub fn resume(
+        params: SamplingParams,
+        prompt: &[u32],
+        generated: &[u32],
+        rng_state: u64,
+    ) -> Result<Self> {
+        let mut sampler = Sampler::new(params, prompt)?;
+        sampler.rng = Rng(rng_state);
+        for &t in generated {
+            *sampler.seen.entry(t).or_insert(0) += 1;
+            *sampler.generated.entry(t).or_insert(0) += 1;
+        }
+        Ok(sampler)
+    }
+
     /// Picks the next token from one row of logits and records it.
     pub fn sample(&mut self, logits: &[f32]) -> Sampled {
         let mut work = std::mem::take(&mut self.scratch);
@@ -430,5 +453,33 @@ mod tests {
             let err = Sampler::new(p, &[]).err().unwrap().to_string();
             assert!(err.contains(&format!("`{field}`")), "{err}");
         }
+    }
+
+    #[test]
+    fn a_resumed_sampler_continues_the_same_stream() {
+        let params = SamplingParams {
+            temperature: 0.9,
+            top_k: 5,
+            repetition_penalty: 1.3,
+            frequency_penalty: 0.4,
+            seed: Some(99),
+            ..Default::default()
+        };
+        let logits: Vec<Vec<f32>> = (0..12)
+            .map(|i| {
+                (0..40)
+                    .map(|j| ((i * 7 + j * 13) % 17) as f32 * 0.3)
+                    .collect()
+            })
+            .collect();
+        let prompt = [3, 4, 5];
+        let mut whole = Sampler::new(params.clone(), &prompt).unwrap();
+        let expected: Vec<u32> = logits.iter().map(|l| whole.sample(l).token).collect();
+
+        let mut first = Sampler::new(params.clone(), &prompt).unwrap();
+        let head: Vec<u32> = logits[..4].iter().map(|l| first.sample(l).token).collect();
+        let mut rest = Sampler::resume(params, &prompt, &head, first.rng_state()).unwrap();
+        let tail: Vec<u32> = logits[4..].iter().map(|l| rest.sample(l).token).collect();
+        assert_eq!([head, tail].concat(), expected);
     }
 }

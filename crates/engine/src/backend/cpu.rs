@@ -48,6 +48,14 @@ fn simd_level() -> SimdLevel {
     })
 }
 
+/// Sizes the global thread pool the kernels use; call once, before the first product.
+pub fn set_threads(n: usize) -> Result<(), String> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .map_err(|e| e.to_string())
+}
+
 /// Name of the kernel variant in use (for `sluice bench`).
 pub fn kernel_name() -> &'static str {
     match simd_level() {
@@ -415,6 +423,45 @@ pub(crate) mod tests {
                         for row in 0..rows {
                             let (a, b) = (out[row * t + tok] as f64, r[tok * rows + row]);
                             assert!((a - b).abs() < 1e-4, "{level:?} t={t}: {a} vs {b}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Batch invariance: a token's products are bit-identical whether it is alone (the GEMV
+    /// path) or one of many (the blocked GEMM path), at every kernel level and dtype. Decode
+    /// results then never depend on which other requests share the step.
+    #[test]
+    fn a_tokens_result_does_not_depend_on_its_batch() {
+        let mut levels = vec![SimdLevel::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if simd_level() != SimdLevel::Portable {
+                levels.push(SimdLevel::Avx2);
+            }
+            if simd_level() == SimdLevel::Avx512 {
+                levels.push(SimdLevel::Avx512);
+            }
+        }
+        let mut seed = 11;
+        for &(rows, cols) in &[(9, 70), (8, 64), (5, 100)] {
+            let t = 9;
+            let x: Vec<f32> = (0..t * cols).map(|_| lcg(&mut seed)).collect();
+            for (w, _) in random_weights(rows, cols, &mut seed) {
+                for &level in &levels {
+                    let mut all = vec![0.0; rows * t]; // [rows, t]
+                    row_tile_at(level, &x, t, &w, 0, &mut all);
+                    for tok in 0..t {
+                        let mut one = vec![0.0; rows]; // [rows, 1]
+                        row_tile_at(level, &x[tok * cols..(tok + 1) * cols], 1, &w, 0, &mut one);
+                        for row in 0..rows {
+                            assert_eq!(
+                                one[row].to_bits(),
+                                all[row * t + tok].to_bits(),
+                                "{level:?} {rows}x{cols} token {tok} row {row}"
+                            );
                         }
                     }
                 }

@@ -7,12 +7,13 @@
 
 use std::collections::HashSet;
 use std::path::Path;
+use std::sync::Arc;
 
 use super::layers::Segment;
 use super::layers::attention::Attention;
 use super::layers::gated_delta::GatedDeltaNet;
 use super::layers::mlp::Mlp;
-use super::layers::moe::SparseMoe;
+use super::layers::moe::{ExpertExecutor, ExpertResidency, SparseMoe};
 use super::layers::norm::RmsNorm;
 use crate::backend::cpu;
 use crate::cache::{CacheConfig, ModelCache, SeqId};
@@ -48,6 +49,8 @@ pub struct Model {
     lm_head: Option<Weight>,
     dtype: DType,
     fingerprint: u64,
+    /// Runs the routed experts when they are not loaded here.
+    remote_experts: Option<Arc<dyn ExpertExecutor>>,
 }
 
 /// One sequence's new tokens in a batch.
@@ -67,16 +70,21 @@ pub enum LogitsMode {
 }
 
 impl Model {
-    /// Loads `config.json` and the safetensors weights of `dir`. `progress(done, total)` is
+    /// Loads `config.json` and all the safetensors weights of `dir`. `progress(done, total)` is
     /// called after each layer.
-    pub fn load(dir: &Path, mut progress: impl FnMut(usize, usize)) -> Result<Model> {
+    pub fn load(dir: &Path, progress: impl FnMut(usize, usize)) -> Result<Model> {
+        Model::load_with(dir, &ExpertResidency::All, progress)
+    }
+
+    /// As `load`, with the routed experts loaded or left to expert workers per `experts`.
+    pub fn load_with(
+        dir: &Path,
+        experts: &ExpertResidency,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Model> {
         let spec = load_spec(dir)?;
         let store = WeightStore::open(dir)?;
-        let prefix = if store.contains("model.language_model.embed_tokens.weight") {
-            "model.language_model"
-        } else {
-            "model"
-        };
+        let prefix = tensor_prefix(&store);
         let (h, v, eps) = (spec.hidden, spec.vocab, spec.eps);
         let embed = store.matrix(&format!("{prefix}.embed_tokens.weight"), v, h)?;
         let total = spec.layers.len();
@@ -102,9 +110,13 @@ impl Model {
                 )?),
             };
             let ffn = match (layer.ffn, &spec.moe) {
-                (FfnKind::Moe, Some(moe)) => {
-                    Ffn::Moe(SparseMoe::load(&store, &format!("{p}.mlp"), moe, h)?)
-                }
+                (FfnKind::Moe, Some(moe)) => Ffn::Moe(SparseMoe::load(
+                    &store,
+                    &format!("{p}.mlp"),
+                    moe,
+                    h,
+                    experts,
+                )?),
                 _ => Ffn::Dense(Mlp::load(
                     &store,
                     &format!("{p}.mlp"),
@@ -141,7 +153,13 @@ impl Model {
             lm_head,
             dtype,
             fingerprint,
+            remote_experts: None,
         })
+    }
+
+    /// Where the routed experts run when this model was loaded without them.
+    pub fn set_expert_executor(&mut self, executor: Arc<dyn ExpertExecutor>) {
+        self.remote_experts = Some(executor);
     }
 
     pub fn spec(&self) -> &ModelSpec {
@@ -211,7 +229,7 @@ impl Model {
         }
         let mut x = vec![0.0; t * hidden]; // normed input of a sublayer
         let mut y = vec![0.0; t * hidden]; // sublayer output
-        for layer in &self.layers {
+        for (i, layer) in self.layers.iter().enumerate() {
             x.copy_from_slice(&h);
             layer.input_norm.forward(&mut x);
             match &layer.mixer {
@@ -223,7 +241,7 @@ impl Model {
             layer.post_norm.forward(&mut x);
             match &layer.ffn {
                 Ffn::Dense(m) => m.forward(&x, &mut y),
-                Ffn::Moe(m) => m.forward(&x, &mut y)?,
+                Ffn::Moe(m) => m.forward(&x, &mut y, i, self.remote_experts.as_deref())?,
             }
             cpu::add_assign(&mut h, &y);
         }
@@ -290,8 +308,17 @@ impl Model {
     }
 }
 
+/// `model.language_model` (Qwen3.5 release layout) or `model` (text-only save).
+pub(crate) fn tensor_prefix(store: &WeightStore) -> &'static str {
+    if store.contains("model.language_model.embed_tokens.weight") {
+        "model.language_model"
+    } else {
+        "model"
+    }
+}
+
 /// FNV-1a over the architecture and weight dtype.
-fn fingerprint(spec: &ModelSpec, dtype: DType) -> u64 {
+pub(crate) fn fingerprint(spec: &ModelSpec, dtype: DType) -> u64 {
     let text = format!("{spec:?}/{dtype}");
     text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)

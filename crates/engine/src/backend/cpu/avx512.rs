@@ -109,8 +109,10 @@ unsafe fn load_bf16(p: *const u16, mask: __mmask16) -> __m512 {
 }
 
 /// y[r, tok] for `t` tokens and all rows of `w` (`[rows, n]` bf16, contiguous), 4 rows at a
-/// time so each activation load feeds four FMAs; two chunks per row per iteration give eight
-/// independent accumulators, enough to keep the FMA pipes busy while weights stream in.
+/// time so each activation load feeds four FMAs. Each row keeps one accumulator that sums the
+/// 16-lane chunks in order, exactly as `dot4x4` does: a token's result is then bit-identical
+/// whichever kernel its batch size selects (batch-invariant decoding). Four independent chains
+/// are plenty: the loop is bound by memory bandwidth, not FMA latency.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 fn gemv_bf16(x: &[f32], t: usize, w: &[u16], n: usize, out: &mut [f32]) {
     let rows = w.len() / n;
@@ -121,20 +123,19 @@ fn gemv_bf16(x: &[f32], t: usize, w: &[u16], n: usize, out: &mut [f32]) {
         let group = (rows - r).min(4);
         for tok in 0..t {
             let xp = x[tok * n..].as_ptr();
-            let mut lo = [_mm512_setzero_ps(); 4];
-            let mut hi = [_mm512_setzero_ps(); 4];
+            let mut acc = [_mm512_setzero_ps(); 4];
             let mut i = 0;
             while i < pairs {
                 // SAFETY: i + 32 <= n, so both chunks of row `r + g` (< rows) are in bounds.
                 unsafe {
                     let x0 = _mm512_loadu_ps(xp.add(i));
                     let x1 = _mm512_loadu_ps(xp.add(i + LANES));
-                    for g in 0..group {
+                    for (g, a) in acc.iter_mut().enumerate().take(group) {
                         let wp = w.as_ptr().add((r + g) * n + i);
                         let w0 = load_bf16(wp, 0xffff);
                         let w1 = load_bf16(wp.add(LANES), 0xffff);
-                        lo[g] = _mm512_fmadd_ps(w0, x0, lo[g]);
-                        hi[g] = _mm512_fmadd_ps(w1, x1, hi[g]);
+                        *a = _mm512_fmadd_ps(w0, x0, *a);
+                        *a = _mm512_fmadd_ps(w1, x1, *a);
                     }
                 }
                 i += 2 * LANES;
@@ -144,7 +145,7 @@ fn gemv_bf16(x: &[f32], t: usize, w: &[u16], n: usize, out: &mut [f32]) {
                 // SAFETY: masked-in lanes stay inside row `r + g` and token `tok`.
                 unsafe {
                     let xv = _mm512_maskz_loadu_ps(m, xp.add(i));
-                    for (g, a) in lo.iter_mut().enumerate().take(group) {
+                    for (g, a) in acc.iter_mut().enumerate().take(group) {
                         let wv = load_bf16(w.as_ptr().add((r + g) * n + i), m);
                         *a = _mm512_fmadd_ps(wv, xv, *a);
                     }
@@ -152,7 +153,7 @@ fn gemv_bf16(x: &[f32], t: usize, w: &[u16], n: usize, out: &mut [f32]) {
                 i += LANES;
             }
             for g in 0..group {
-                out[(r + g) * t + tok] = _mm512_reduce_add_ps(_mm512_add_ps(lo[g], hi[g]));
+                out[(r + g) * t + tok] = _mm512_reduce_add_ps(acc[g]);
             }
         }
         r += group;

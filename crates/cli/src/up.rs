@@ -1,0 +1,157 @@
+//! `sluice up`: router, prefill, decode and expert workers in one process, each role on its own
+//! loopback gRPC port, with embedded membership and in-process cache transfer.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use sluice_engine::{ExpertShard, shard_range};
+use sluice_runtime::model_host::{ExpertsMode, load_model, model_name};
+use sluice_runtime::telemetry::{self, LogFormat};
+use sluice_runtime::transport::{InProcessHub, InProcessTransport, TcpTransport};
+use sluice_runtime::{
+    CacheTransport, EmbeddedMembership, Membership, Role, WorkerDirectory, WorkerId,
+};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::model_source::ModelArgs;
+
+#[derive(clap::Args, Debug)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prefill workers.
+    #[arg(long, default_value_t = 1)]
+    pub prefill: usize,
+    /// Decode workers.
+    #[arg(long, default_value_t = 1)]
+    pub decode: usize,
+    /// Expert workers (shards of the MoE experts); 0 keeps the experts in the model workers.
+    #[arg(long, default_value_t = 0)]
+    pub experts: usize,
+    /// Address of the public gRPC API.
+    #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+const LOOPBACK: ([u8; 4], u16) = ([127, 0, 0, 1], 0);
+
+pub fn run(args: UpArgs) -> Result<()> {
+    telemetry::init(args.log_format);
+    if args.prefill == 0 || args.decode == 0 {
+        bail!("--prefill and --decode must each be at least 1");
+    }
+    if let Some(n) = args.model.threads {
+        sluice_engine::backend::cpu::set_threads(n)
+            .map_err(|e| anyhow::anyhow!("thread pool: {e}"))?;
+    }
+    args.model.device.ensure_available()?;
+    let dir = args.model.resolve()?;
+    tokio::runtime::Runtime::new()?.block_on(async move {
+        let shutdown = CancellationToken::new();
+        sluice_runtime::cli::cancel_on_signal(shutdown.clone());
+        let membership: Arc<dyn Membership> = Arc::new(EmbeddedMembership::new("local"));
+        let hub = Arc::new(InProcessHub::default());
+        let mut tasks: JoinSet<Result<()>> = JoinSet::new();
+        let name = model_name(&dir);
+
+        if args.experts > 0 {
+            let spec = sluice_engine::config::load_spec(&dir)?;
+            let total = spec.moe.map(|m| m.experts).context("--experts needs a MoE model")?;
+            for i in 0..args.experts {
+                let range = shard_range(total, i, args.experts)?;
+                let d = dir.clone();
+                let shard = tokio::task::spawn_blocking(move || ExpertShard::load(&d, range)).await??;
+                let config = sluice_expert::ExpertConfig {
+                    worker_id: WorkerId::generate(Role::Expert),
+                    advertise: None,
+                    model_name: name.clone(),
+                    shard: (i, args.experts),
+                };
+                let listener = sluice_runtime::serve::bind(SocketAddr::from(LOOPBACK)).await?;
+                let (m, s) = (membership.clone(), shutdown.clone());
+                tasks.spawn(async move { Ok(sluice_expert::run(listener, Arc::new(shard), m, config, s).await?) });
+            }
+        }
+        let directory = WorkerDirectory::start(membership.clone(), shutdown.clone()).await?;
+        let mode = if args.experts > 0 { ExpertsMode::Remote } else { ExpertsMode::Local };
+        // One copy of the weights serves every prefill and decode worker of the process.
+        let model = load_model(&dir, mode, Some(directory.clone())).await?;
+        for _ in 0..args.decode {
+            let config = sluice_decode::DecodeConfig::new(WorkerId::generate(Role::Decode), name.clone());
+            let listener = sluice_runtime::serve::bind(SocketAddr::from(LOOPBACK)).await?;
+            let (m, s, h, md) = (membership.clone(), shutdown.clone(), hub.clone(), model.clone());
+            tasks.spawn(async move { Ok(sluice_decode::run(listener, md, m, Some(h), config, s).await?) });
+        }
+        for _ in 0..args.prefill {
+            let config = sluice_prefill::PrefillConfig::new(WorkerId::generate(Role::Prefill), name.clone());
+            let listener = sluice_runtime::serve::bind(SocketAddr::from(LOOPBACK)).await?;
+            let transports: Vec<Arc<dyn CacheTransport>> = vec![
+                Arc::new(InProcessTransport::new(hub.clone())),
+                Arc::new(TcpTransport::default()),
+            ];
+            let (m, s, md) = (membership.clone(), shutdown.clone(), model.clone());
+            tasks.spawn(async move { Ok(sluice_prefill::run(listener, md, m, transports, config, s).await?) });
+        }
+        let listener = sluice_runtime::serve::bind(args.listen).await?;
+        let endpoint = format!("http://{}", listener.local_addr()?);
+        let router_config = sluice_router::RouterConfig::new(dir.clone());
+        {
+            let (m, s) = (membership.clone(), shutdown.clone());
+            tasks.spawn(async move { Ok(sluice_router::run(listener, m, router_config, s).await?) });
+        }
+        wait_for_workers(&directory, &args, &mut tasks).await?;
+        println!(
+            "sluice up: serving {name} at {endpoint} ({} prefill, {} decode, {} expert workers); Ctrl-C to stop",
+            args.prefill, args.decode, args.experts
+        );
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                done = tasks.join_next() => match done {
+                    Some(Ok(Ok(()))) => {}
+                    Some(Ok(Err(e))) => { shutdown.cancel(); return Err(e); }
+                    Some(Err(e)) => { shutdown.cancel(); bail!("a role panicked: {e}"); }
+                    None => break,
+                },
+            }
+        }
+        // Let every role finish its calls in flight and deregister.
+        let _ = tokio::time::timeout(Duration::from_secs(10), async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        eprintln!("sluice up: stopped");
+        Ok(())
+    })
+}
+
+async fn wait_for_workers(
+    directory: &WorkerDirectory,
+    args: &UpArgs,
+    tasks: &mut JoinSet<Result<()>>,
+) -> Result<()> {
+    let mut changes = directory.changes();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        if directory.workers(Role::Prefill).len() >= args.prefill
+            && directory.workers(Role::Decode).len() >= args.decode
+            && directory.workers(Role::Expert).len() >= args.experts
+        {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = changes.changed() => {}
+            Some(done) = tasks.join_next() => match done {
+                Ok(Ok(())) => bail!("a role stopped during start-up"),
+                Ok(Err(e)) => return Err(e),
+                Err(e) => bail!("a role panicked during start-up: {e}"),
+            },
+            () = tokio::time::sleep_until(deadline) => bail!("the workers did not register within 2 minutes"),
+        }
+    }
+}

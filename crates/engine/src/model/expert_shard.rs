@@ -1,0 +1,149 @@
+//! The routed experts of a contiguous expert range, every MoE layer: what an expert worker
+//! holds. It computes exactly what [`SparseMoe`](super::layers::moe::SparseMoe) computes for
+//! the same rows, so remote and local experts give bit-identical outputs.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::Path;
+
+use rayon::prelude::*;
+
+use super::layers::mlp::Mlp;
+use super::layers::moe::{ExpertGroup, load_experts, scale_rows};
+use super::qwen35::{fingerprint, tensor_prefix};
+use crate::config::{FfnKind, load_spec};
+use crate::error::{EngineError, Result};
+use crate::tensor::DType;
+use crate::weights::WeightStore;
+
+pub struct ExpertShard {
+    range: Range<usize>,
+    experts: usize,
+    hidden: usize,
+    /// MoE layer index → experts `range`, in order.
+    layers: BTreeMap<usize, Vec<Mlp>>,
+    fingerprint: u64,
+}
+
+/// Experts of shard `index` of `count`: contiguous, sizes differing by at most one.
+pub fn shard_range(experts: usize, index: usize, count: usize) -> Result<Range<usize>> {
+    if count == 0 || index >= count || count > experts {
+        return Err(EngineError::InvalidArgument {
+            field: "shard",
+            message: format!(
+                "shard {index}/{count} is impossible for {experts} experts \
+                 (need index < count <= experts)"
+            ),
+        });
+    }
+    Ok(index * experts / count..(index + 1) * experts / count)
+}
+
+impl ExpertShard {
+    /// Loads experts `range` of every MoE layer of the checkpoint in `dir`.
+    pub fn load(dir: &Path, range: Range<usize>) -> Result<Self> {
+        let spec = load_spec(dir)?;
+        let moe = spec
+            .moe
+            .clone()
+            .ok_or_else(|| EngineError::InvalidArgument {
+                field: "model",
+                message: "the model has no MoE layers: there are no experts to host".into(),
+            })?;
+        if range.is_empty() || range.end > moe.experts {
+            return Err(EngineError::InvalidArgument {
+                field: "shard",
+                message: format!("experts {range:?} outside 0..{}", moe.experts),
+            });
+        }
+        let store = WeightStore::open(dir)?;
+        let prefix = tensor_prefix(&store);
+        let mut layers = BTreeMap::new();
+        for (i, layer) in spec.layers.iter().enumerate() {
+            if layer.ffn == FfnKind::Moe {
+                let p = format!("{prefix}.layers.{i}.mlp");
+                layers.insert(
+                    i,
+                    load_experts(&store, &p, &moe, spec.hidden, range.clone())?,
+                );
+            }
+        }
+        let embed = format!("{prefix}.embed_tokens.weight");
+        let (dtype_name, _, _) = store.raw(&embed)?;
+        let dtype =
+            DType::from_safetensors(dtype_name).ok_or_else(|| EngineError::TensorDType {
+                name: embed.clone(),
+                actual: dtype_name.to_string(),
+                expected: "F32, BF16 or F16",
+            })?;
+        Ok(ExpertShard {
+            range,
+            experts: moe.experts,
+            hidden: spec.hidden,
+            layers,
+            fingerprint: fingerprint(&spec, dtype),
+        })
+    }
+
+    /// The experts this shard hosts.
+    pub fn range(&self) -> Range<usize> {
+        self.range.clone()
+    }
+
+    /// Number of experts per layer in the whole model.
+    pub fn total_experts(&self) -> usize {
+        self.experts
+    }
+
+    pub fn hidden(&self) -> usize {
+        self.hidden
+    }
+
+    /// Same value as [`Model::fingerprint`](super::Model::fingerprint) for the same checkpoint.
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+
+    /// Weighted outputs `weights[i] · expert(x[i])`, one `[rows, hidden]` per group.
+    pub fn run(&self, layer: usize, groups: &[ExpertGroup]) -> Result<Vec<Vec<f32>>> {
+        let experts = self
+            .layers
+            .get(&layer)
+            .ok_or_else(|| EngineError::InvalidArgument {
+                field: "layer",
+                message: format!("layer {layer} is not a MoE layer of this model"),
+            })?;
+        let mut picked = Vec::with_capacity(groups.len());
+        for g in groups {
+            if !self.range.contains(&g.expert) {
+                return Err(EngineError::InvalidArgument {
+                    field: "expert",
+                    message: format!(
+                        "expert {} is not in this shard ({:?})",
+                        g.expert, self.range
+                    ),
+                });
+            }
+            if g.x.len() != g.weights.len() * self.hidden {
+                return Err(EngineError::InvalidArgument {
+                    field: "rows",
+                    message: format!(
+                        "expert {}: {} values for {} rows of width {}",
+                        g.expert,
+                        g.x.len(),
+                        g.weights.len(),
+                        self.hidden
+                    ),
+                });
+            }
+            picked.push(&experts[g.expert - self.range.start]);
+        }
+        let run = |(mlp, g): (&&Mlp, &ExpertGroup)| -> Vec<f32> {
+            let mut y = vec![0.0; g.x.len()]; // [rows, hidden]
+            mlp.forward_serial(&g.x, &mut y);
+            scale_rows(&mut y, &g.weights);
+            y
+        };
+        Ok(picked.par_iter().zip(groups).map(run).collect())
+    }
+}

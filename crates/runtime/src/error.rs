@@ -1,0 +1,92 @@
+//! The runtime's one error type, mapped to `tonic::Status` once, here.
+
+use sluice_engine::EngineError;
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("invalid argument `{field}`: {message}")]
+    InvalidArgument { field: String, message: String },
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    #[error("membership: {0}")]
+    Membership(String),
+    #[error("malformed key `{key}`: {reason}")]
+    MalformedKey { key: String, reason: &'static str },
+    #[error("malformed worker record under `{key}`: {message}")]
+    MalformedRecord { key: String, message: String },
+    #[error("cache transfer refused: {0}")]
+    TransferRefused(String),
+    #[error("cache transfer corrupted: {0}")]
+    TransferCorrupted(String),
+    #[error("cache transfer `{0}` did not arrive in time")]
+    TransferTimeout(String),
+    #[error("worker {worker} is unavailable: {message}")]
+    Unavailable { worker: String, message: String },
+    #[error(
+        "this worker is not registered (membership lease lost); it takes no work until it has re-registered"
+    )]
+    NotRegistered,
+    #[error("overloaded: {0}")]
+    Overloaded(String),
+    #[error("engine: {0}")]
+    Engine(#[from] EngineError),
+    #[error("gRPC: {0}")]
+    Rpc(#[from] Status),
+    #[error("cannot connect to {address}: {message}")]
+    Connect { address: String, message: String },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;
+
+impl RuntimeError {
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The status code an engine error deserves: the caller's input, capacity, or our fault.
+pub fn engine_code(e: &EngineError) -> Code {
+    match e {
+        EngineError::TokenOutOfRange { .. }
+        | EngineError::EmptyPrompt
+        | EngineError::InvalidSampling { .. }
+        | EngineError::InvalidArgument { .. }
+        | EngineError::Tokenizer(_)
+        | EngineError::ChatTemplate(_) => Code::InvalidArgument,
+        EngineError::CacheFull { .. } | EngineError::NoFreeSlot(_) => Code::ResourceExhausted,
+        EngineError::SnapshotMismatch(_) => Code::FailedPrecondition,
+        EngineError::Experts(_) => Code::Unavailable,
+        _ => Code::Internal,
+    }
+}
+
+impl From<RuntimeError> for Status {
+    fn from(e: RuntimeError) -> Status {
+        let message = e.to_string();
+        match e {
+            RuntimeError::Rpc(status) => status,
+            RuntimeError::Engine(ref inner) => Status::new(engine_code(inner), message),
+            RuntimeError::InvalidArgument { .. }
+            | RuntimeError::MalformedKey { .. }
+            | RuntimeError::MalformedRecord { .. } => Status::invalid_argument(message),
+            RuntimeError::TransferRefused(_) => Status::failed_precondition(message),
+            RuntimeError::TransferCorrupted(_) => Status::data_loss(message),
+            RuntimeError::TransferTimeout(_) => Status::deadline_exceeded(message),
+            RuntimeError::Unavailable { .. }
+            | RuntimeError::NotRegistered
+            | RuntimeError::Connect { .. }
+            | RuntimeError::Etcd(_)
+            | RuntimeError::Membership(_) => Status::unavailable(message),
+            RuntimeError::Overloaded(_) => Status::resource_exhausted(message),
+            RuntimeError::Io(_) | RuntimeError::Internal(_) => Status::internal(message),
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! The public `SamplingParams` message → the engine's validated [`SamplingParams`] plus the
+//! stop rules. Unset optional fields take documented defaults; set ones are range-checked and
+//! refused naming the field.
+
+use sluice_engine::SamplingParams;
+use sluice_proto::v1 as pb;
+
+use crate::error::{Result, RuntimeError};
+
+/// `max_tokens` when a request leaves it unset.
+pub const DEFAULT_MAX_TOKENS: usize = 256;
+/// `temperature` when a request leaves it unset (as OpenAI-style servers do).
+pub const DEFAULT_TEMPERATURE: f32 = 1.0;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestSampling {
+    pub params: SamplingParams,
+    pub max_tokens: usize,
+    pub stop: Vec<String>,
+    pub ignore_eos: bool,
+}
+
+/// The engine parameters of `p` (absent = all defaults), validated.
+pub fn params_from_pb(p: Option<&pb::SamplingParams>) -> Result<SamplingParams> {
+    let d = pb::SamplingParams::default();
+    let p = p.unwrap_or(&d);
+    let params = SamplingParams {
+        temperature: p.temperature.unwrap_or(DEFAULT_TEMPERATURE),
+        top_p: p.top_p.unwrap_or(1.0),
+        top_k: p.top_k as usize,
+        min_p: p.min_p,
+        repetition_penalty: p.repetition_penalty.unwrap_or(1.0),
+        presence_penalty: p.presence_penalty,
+        frequency_penalty: p.frequency_penalty,
+        seed: p.seed,
+        top_logprobs: 0,
+    };
+    params.validate()?;
+    Ok(params)
+}
+
+/// Everything a request asks of sampling, with `max_tokens` checked against `max_tokens_limit`.
+pub fn from_pb(p: Option<&pb::SamplingParams>, max_tokens_limit: usize) -> Result<RequestSampling> {
+    let params = params_from_pb(p)?;
+    let max_tokens = match p.and_then(|p| p.max_tokens) {
+        None => DEFAULT_MAX_TOKENS.min(max_tokens_limit),
+        Some(0) => {
+            return Err(RuntimeError::invalid("max_tokens", "must be at least 1"));
+        }
+        Some(n) if n as usize > max_tokens_limit => {
+            return Err(RuntimeError::invalid(
+                "max_tokens",
+                format!("{n} is above this server's limit of {max_tokens_limit}"),
+            ));
+        }
+        Some(n) => n as usize,
+    };
+    let stop = p.map(|p| p.stop.clone()).unwrap_or_default();
+    if stop.iter().any(String::is_empty) {
+        return Err(RuntimeError::invalid(
+            "stop",
+            "stop strings must not be empty",
+        ));
+    }
+    Ok(RequestSampling {
+        params,
+        max_tokens,
+        stop,
+        ignore_eos: p.is_some_and(|p| p.ignore_eos),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(p: pb::SamplingParams) -> String {
+        from_pb(Some(&p), 100).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_and_ranges() {
+        let s = from_pb(None, 100).unwrap();
+        assert_eq!(s.max_tokens, 100);
+        assert_eq!(s.params.temperature, DEFAULT_TEMPERATURE);
+        assert_eq!(s.params.top_p, 1.0);
+        let greedy = pb::SamplingParams {
+            temperature: Some(0.0),
+            max_tokens: Some(5),
+            ..Default::default()
+        };
+        assert_eq!(from_pb(Some(&greedy), 100).unwrap().params.temperature, 0.0);
+
+        let msg = field_of(pb::SamplingParams {
+            temperature: Some(-0.5),
+            ..Default::default()
+        });
+        assert!(msg.contains("temperature"), "{msg}");
+        for top_p in [0.0, 1.5, -1.0] {
+            let msg = field_of(pb::SamplingParams {
+                top_p: Some(top_p),
+                ..Default::default()
+            });
+            assert!(msg.contains("top_p"), "{msg}");
+        }
+        for n in [0, 101] {
+            let msg = field_of(pb::SamplingParams {
+                max_tokens: Some(n),
+                ..Default::default()
+            });
+            assert!(msg.contains("max_tokens"), "{msg}");
+        }
+    }
+}

@@ -1,0 +1,477 @@
+//! Moving a sequence's cache from a prefill worker to a decode worker.
+//!
+//! A [`CacheTransport`] sends; the decode worker's [`CacheInbox`] receives, checks the model
+//! fingerprint and the [`CacheLayout`] before any byte is adopted, and hands the state to the
+//! `Decode` call that asked for it (which may start before or after the cache arrives).
+//! Implementations: `tcp` (gRPC `CacheTransfer.Push`, chunked, crc32c per chunk) and
+//! `in-process` (`sluice up`). A GPU transport (NCCL) uses `handshake` once per receiver to
+//! exchange its communicator id and then moves raw device buffers layer by layer; the header
+//! still travels over `CacheTransfer`.
+
+mod in_process;
+mod tcp;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use sluice_engine::cache::{RegionKind, RegionLayout};
+use sluice_engine::{CacheLayout, CacheSnapshot};
+use sluice_proto::worker::v1 as pb;
+use tokio::sync::oneshot;
+
+pub use in_process::{InProcessHub, InProcessTransport};
+pub use tcp::{CacheTransferService, TcpTransport};
+
+use crate::error::{Result, RuntimeError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TransportKind {
+    Tcp,
+    InProcess,
+    Nccl,
+    CudaIpc,
+}
+
+impl TransportKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransportKind::Tcp => "tcp",
+            TransportKind::InProcess => "in-process",
+            TransportKind::Nccl => "nccl",
+            TransportKind::CudaIpc => "cuda-ipc",
+        }
+    }
+}
+
+impl fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TransportKind {
+    type Err = RuntimeError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        [
+            TransportKind::Tcp,
+            TransportKind::InProcess,
+            TransportKind::Nccl,
+            TransportKind::CudaIpc,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+        .ok_or_else(|| {
+            RuntimeError::invalid(
+                "transport",
+                format!("`{s}` is not tcp, in-process, nccl or cuda-ipc"),
+            )
+        })
+    }
+}
+
+/// Where a cache goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destination {
+    pub worker_id: String,
+    pub address: String,
+}
+
+/// What the decode worker needs besides the cache to continue the sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handoff {
+    pub request_id: String,
+    pub first_token: u32,
+    /// Sampler RNG state after the first token.
+    pub rng_state: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransferHeader {
+    pub transfer_id: String,
+    pub fingerprint: u64,
+    pub layout: CacheLayout,
+    pub handoff: Handoff,
+}
+
+#[async_trait]
+pub trait CacheTransport: Send + Sync {
+    fn kind(&self) -> TransportKind;
+
+    /// One-time set-up with a receiver before the first push (NCCL: exchange the unique id of
+    /// a communicator). Nothing to do for byte-stream transports.
+    async fn handshake(&self, _dest: &Destination) -> Result<()> {
+        Ok(())
+    }
+
+    /// Moves the state to `dest`; returns the bytes moved once the receiver holds it all.
+    async fn push(
+        &self,
+        dest: &Destination,
+        header: TransferHeader,
+        snapshot: CacheSnapshot,
+    ) -> Result<u64>;
+}
+
+/// A cache received and checked, waiting for (or handed to) its `Decode` call.
+#[derive(Debug)]
+pub struct Arrival {
+    pub handoff: Handoff,
+    pub snapshot: CacheSnapshot,
+}
+
+enum Slot {
+    Waiting(oneshot::Sender<Arrival>),
+    Staged(Arrival, Instant),
+}
+
+/// Caches staged longer than this without a `Decode` call asking for them are dropped.
+const STAGED_TTL: Duration = Duration::from_secs(60);
+
+type LayoutFn = Box<dyn Fn(usize) -> CacheLayout + Send + Sync>;
+
+/// The decode worker's receiving end, shared by every transport.
+pub struct CacheInbox {
+    fingerprint: u64,
+    layout: LayoutFn,
+    slots: Mutex<HashMap<String, Slot>>,
+}
+
+impl CacheInbox {
+    /// `layout(tokens)` is what this worker's model expects for a sequence of `tokens`.
+    pub fn new(
+        fingerprint: u64,
+        layout: impl Fn(usize) -> CacheLayout + Send + Sync + 'static,
+    ) -> Self {
+        CacheInbox {
+            fingerprint,
+            layout: Box::new(layout),
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Slot>> {
+        self.slots.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Refuses a header whose model or layout differs from ours, before any data is read.
+    pub fn check(&self, header: &TransferHeader) -> Result<()> {
+        if header.transfer_id.is_empty() {
+            return Err(RuntimeError::invalid("transfer_id", "must not be empty"));
+        }
+        if header.fingerprint != self.fingerprint {
+            return Err(RuntimeError::TransferRefused(format!(
+                "model fingerprint {:016x} differs from this worker's {:016x}: the workers serve different models",
+                header.fingerprint, self.fingerprint
+            )));
+        }
+        let expected = (self.layout)(header.layout.tokens);
+        if header.layout != expected {
+            return Err(RuntimeError::TransferRefused(format!(
+                "cache layout for {} tokens has {} regions ({} elements), this model expects {} regions ({} elements)",
+                header.layout.tokens,
+                header.layout.regions.len(),
+                header
+                    .layout
+                    .regions
+                    .iter()
+                    .map(|r| r.elements)
+                    .sum::<usize>(),
+                expected.regions.len(),
+                expected.regions.iter().map(|r| r.elements).sum::<usize>(),
+            )));
+        }
+        Ok(())
+    }
+
+    /// Hands a complete, checked cache to its `Decode` call, or stages it until that comes.
+    pub fn deliver(&self, header: TransferHeader, snapshot: CacheSnapshot) -> Result<()> {
+        self.check(&header)?;
+        if snapshot.layout != header.layout
+            || snapshot
+                .regions
+                .iter()
+                .zip(&header.layout.regions)
+                .any(|(b, r)| b.len() != r.elements * 4)
+        {
+            return Err(RuntimeError::TransferRefused(
+                "the cache bytes do not match their header's layout".into(),
+            ));
+        }
+        let mut arrival = Arrival {
+            handoff: header.handoff,
+            snapshot,
+        };
+        let mut slots = self.lock();
+        let now = Instant::now();
+        slots.retain(
+            |_, s| !matches!(s, Slot::Staged(_, at) if now.duration_since(*at) > STAGED_TTL),
+        );
+        if let Some(Slot::Waiting(tx)) = slots.remove(&header.transfer_id) {
+            match tx.send(arrival) {
+                Ok(()) => return Ok(()),
+                // Its Decode call went away meanwhile.
+                Err(back) => arrival = back,
+            }
+            tracing::debug!(transfer = %header.transfer_id, "cache arrived after its Decode call ended");
+            drop(arrival);
+            return Ok(());
+        }
+        slots.insert(header.transfer_id, Slot::Staged(arrival, now));
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the cache of `transfer_id`.
+    pub async fn take(&self, transfer_id: &str, timeout: Duration) -> Result<Arrival> {
+        let rx = {
+            let mut slots = self.lock();
+            match slots.remove(transfer_id) {
+                Some(Slot::Staged(arrival, _)) => return Ok(arrival),
+                Some(Slot::Waiting(_)) => {
+                    return Err(RuntimeError::invalid(
+                        "transfer_id",
+                        format!("`{transfer_id}` is already being waited for"),
+                    ));
+                }
+                None => {
+                    let (tx, rx) = oneshot::channel();
+                    slots.insert(transfer_id.to_string(), Slot::Waiting(tx));
+                    rx
+                }
+            }
+        };
+        // Removes the waiting slot if this call is dropped or times out.
+        struct Forget<'a>(&'a CacheInbox, &'a str);
+        impl Drop for Forget<'_> {
+            fn drop(&mut self) {
+                let mut slots = self.0.lock();
+                if matches!(slots.get(self.1), Some(Slot::Waiting(_))) {
+                    slots.remove(self.1);
+                }
+            }
+        }
+        let _forget = Forget(self, transfer_id);
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(arrival)) => Ok(arrival),
+            Ok(Err(_)) => Err(RuntimeError::Internal("cache inbox closed".into())),
+            Err(_) => Err(RuntimeError::TransferTimeout(transfer_id.to_string())),
+        }
+    }
+
+    /// Drops whatever is held for `transfer_id`.
+    pub fn forget(&self, transfer_id: &str) {
+        self.lock().remove(transfer_id);
+    }
+
+    /// Caches received and not yet adopted.
+    pub fn staged(&self) -> usize {
+        self.lock()
+            .values()
+            .filter(|s| matches!(s, Slot::Staged(..)))
+            .count()
+    }
+
+    /// `Decode` calls waiting for their cache.
+    pub fn waiting(&self) -> usize {
+        self.lock()
+            .values()
+            .filter(|s| matches!(s, Slot::Waiting(_)))
+            .count()
+    }
+}
+
+/// Shared so transports and services can hold it.
+pub type SharedInbox = Arc<CacheInbox>;
+
+fn kind_to_pb(kind: RegionKind) -> pb::RegionKind {
+    match kind {
+        RegionKind::Keys => pb::RegionKind::Keys,
+        RegionKind::Values => pb::RegionKind::Values,
+        RegionKind::ConvState => pb::RegionKind::ConvState,
+        RegionKind::RecurrentState => pb::RegionKind::RecurrentState,
+    }
+}
+
+pub fn layout_to_pb(layout: &CacheLayout) -> pb::CacheLayout {
+    pb::CacheLayout {
+        tokens: layout.tokens as u64,
+        regions: layout
+            .regions
+            .iter()
+            .map(|r| pb::Region {
+                layer: r.layer as u32,
+                kind: kind_to_pb(r.kind) as i32,
+                elements: r.elements as u64,
+            })
+            .collect(),
+    }
+}
+
+pub fn layout_from_pb(layout: &pb::CacheLayout) -> Result<CacheLayout> {
+    let regions = layout
+        .regions
+        .iter()
+        .map(|r| {
+            let kind = match pb::RegionKind::try_from(r.kind) {
+                Ok(pb::RegionKind::Keys) => RegionKind::Keys,
+                Ok(pb::RegionKind::Values) => RegionKind::Values,
+                Ok(pb::RegionKind::ConvState) => RegionKind::ConvState,
+                Ok(pb::RegionKind::RecurrentState) => RegionKind::RecurrentState,
+                _ => {
+                    return Err(RuntimeError::invalid(
+                        "layout.regions.kind",
+                        format!("unknown region kind {}", r.kind),
+                    ));
+                }
+            };
+            Ok(RegionLayout {
+                layer: r.layer as usize,
+                kind,
+                elements: r.elements as usize,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(CacheLayout {
+        tokens: layout.tokens as usize,
+        regions,
+    })
+}
+
+pub fn header_to_pb(h: &TransferHeader, total_bytes: u64) -> pb::CacheHeader {
+    pb::CacheHeader {
+        transfer_id: h.transfer_id.clone(),
+        model_fingerprint: h.fingerprint,
+        layout: Some(layout_to_pb(&h.layout)),
+        handoff: Some(pb::SequenceHandoff {
+            request_id: h.handoff.request_id.clone(),
+            first_token: h.handoff.first_token,
+            rng_state: h.handoff.rng_state,
+        }),
+        total_bytes,
+    }
+}
+
+pub fn header_from_pb(h: &pb::CacheHeader) -> Result<TransferHeader> {
+    let layout = h
+        .layout
+        .as_ref()
+        .ok_or_else(|| RuntimeError::invalid("header.layout", "missing"))?;
+    let handoff = h
+        .handoff
+        .as_ref()
+        .ok_or_else(|| RuntimeError::invalid("header.handoff", "missing"))?;
+    Ok(TransferHeader {
+        transfer_id: h.transfer_id.clone(),
+        fingerprint: h.model_fingerprint,
+        layout: layout_from_pb(layout)?,
+        handoff: Handoff {
+            request_id: handoff.request_id.clone(),
+            first_token: handoff.first_token,
+            rng_state: handoff.rng_state,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout(tokens: usize) -> CacheLayout {
+        CacheLayout {
+            tokens,
+            regions: vec![
+                RegionLayout {
+                    layer: 0,
+                    kind: RegionKind::ConvState,
+                    elements: 6,
+                },
+                RegionLayout {
+                    layer: 1,
+                    kind: RegionKind::Keys,
+                    elements: 4 * tokens,
+                },
+            ],
+        }
+    }
+
+    fn header(id: &str, fingerprint: u64, tokens: usize) -> TransferHeader {
+        TransferHeader {
+            transfer_id: id.into(),
+            fingerprint,
+            layout: layout(tokens),
+            handoff: Handoff {
+                request_id: "r".into(),
+                first_token: 7,
+                rng_state: 9,
+            },
+        }
+    }
+
+    fn snapshot(tokens: usize) -> CacheSnapshot {
+        let layout = layout(tokens);
+        let regions = layout
+            .regions
+            .iter()
+            .map(|r| vec![1u8; r.elements * 4])
+            .collect();
+        CacheSnapshot { layout, regions }
+    }
+
+    #[tokio::test]
+    async fn delivers_before_or_after_the_decode_call_asks() {
+        let inbox = Arc::new(CacheInbox::new(5, layout));
+        inbox.deliver(header("a", 5, 3), snapshot(3)).unwrap();
+        assert_eq!(inbox.staged(), 1);
+        let got = inbox.take("a", Duration::from_secs(1)).await.unwrap();
+        assert_eq!(got.handoff.first_token, 7);
+        assert_eq!(inbox.staged(), 0);
+
+        let waiter = {
+            let inbox = inbox.clone();
+            tokio::spawn(async move { inbox.take("b", Duration::from_secs(5)).await })
+        };
+        while inbox.waiting() == 0 {
+            tokio::task::yield_now().await;
+        }
+        inbox.deliver(header("b", 5, 2), snapshot(2)).unwrap();
+        assert_eq!(waiter.await.unwrap().unwrap().snapshot.layout.tokens, 2);
+        assert_eq!(inbox.waiting(), 0);
+    }
+
+    #[tokio::test]
+    async fn refuses_other_models_and_layouts_and_adopts_nothing() {
+        let inbox = CacheInbox::new(5, layout);
+        let err = inbox.deliver(header("a", 6, 3), snapshot(3)).unwrap_err();
+        assert!(err.to_string().contains("fingerprint"), "{err}");
+        let mut bad = header("b", 5, 3);
+        bad.layout.regions.pop();
+        let err = inbox.check(&bad).unwrap_err();
+        assert!(err.to_string().contains("layout"), "{err}");
+        let mut short = snapshot(3);
+        short.regions[1].pop();
+        assert!(inbox.deliver(header("c", 5, 3), short).is_err());
+        assert_eq!(inbox.staged(), 0);
+        let err = inbox
+            .take("a", Duration::from_millis(20))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RuntimeError::TransferTimeout(_)));
+        assert_eq!(inbox.waiting(), 0, "a timed-out wait leaves nothing behind");
+    }
+
+    #[test]
+    fn layouts_round_trip_through_proto() {
+        let h = header("x", 1, 5);
+        let back = header_from_pb(&header_to_pb(&h, 10)).unwrap();
+        assert_eq!(back, h);
+        for k in ["tcp", "in-process", "nccl", "cuda-ipc"] {
+            assert_eq!(k.parse::<TransportKind>().unwrap().as_str(), k);
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! The TCP transport: `CacheTransfer.Push` over gRPC. The header goes first and is checked
+//! before any data is read; data follows in chunks of at most 1 MiB, each with its crc32c.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use async_trait::async_trait;
+use sluice_engine::CacheSnapshot;
+use sluice_proto::worker::v1 as pb;
+use sluice_proto::worker::v1::cache_transfer_client::CacheTransferClient;
+use sluice_proto::worker::v1::cache_transfer_server::CacheTransfer;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{
+    CacheInbox, CacheTransport, Destination, TransferHeader, TransportKind, header_from_pb,
+    header_to_pb,
+};
+use crate::error::{Result, RuntimeError};
+use crate::serve::connect_lazy;
+
+const CHUNK_BYTES: usize = 1 << 20;
+
+/// Sends caches over gRPC; one HTTP/2 connection per destination, reused.
+#[derive(Default)]
+pub struct TcpTransport {
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl TcpTransport {
+    fn channel(&self, address: &str) -> Result<Channel> {
+        let mut map = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(c) = map.get(address) {
+            return Ok(c.clone());
+        }
+        let c = connect_lazy(address)?;
+        map.insert(address.to_string(), c.clone());
+        Ok(c)
+    }
+}
+
+/// Header, then every region in chunks, produced lazily from the snapshot.
+fn chunks(
+    header: pb::CacheHeader,
+    snapshot: CacheSnapshot,
+) -> impl Iterator<Item = pb::CacheChunk> {
+    let snapshot = Arc::new(snapshot);
+    let head = std::iter::once(pb::CacheChunk {
+        kind: Some(pb::cache_chunk::Kind::Header(header)),
+    });
+    let data = (0..snapshot.regions.len()).flat_map(move |region| {
+        let snapshot = snapshot.clone();
+        let len = snapshot.regions[region].len();
+        (0..len).step_by(CHUNK_BYTES).map(move |offset| {
+            let bytes = &snapshot.regions[region][offset..(offset + CHUNK_BYTES).min(len)];
+            pb::CacheChunk {
+                kind: Some(pb::cache_chunk::Kind::Data(pb::CacheData {
+                    region: region as u32,
+                    offset: offset as u64,
+                    crc32c: crc32c::crc32c(bytes),
+                    data: bytes.to_vec(),
+                })),
+            }
+        })
+    });
+    head.chain(data)
+}
+
+#[async_trait]
+impl CacheTransport for TcpTransport {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Tcp
+    }
+
+    async fn push(
+        &self,
+        dest: &Destination,
+        header: TransferHeader,
+        snapshot: CacheSnapshot,
+    ) -> Result<u64> {
+        let total = snapshot.total_bytes() as u64;
+        let mut client = CacheTransferClient::new(self.channel(&dest.address)?)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX);
+        let stream = tokio_stream::iter(chunks(header_to_pb(&header, total), snapshot));
+        let ack = client
+            .push(stream)
+            .await
+            .map_err(|status| match status.code() {
+                tonic::Code::FailedPrecondition
+                | tonic::Code::InvalidArgument
+                | tonic::Code::DataLoss => RuntimeError::Rpc(status),
+                _ => RuntimeError::Unavailable {
+                    worker: dest.worker_id.clone(),
+                    message: format!("cache push failed: {}", status.message()),
+                },
+            })?;
+        Ok(ack.into_inner().bytes)
+    }
+}
+
+/// The receiving side, served by decode workers.
+pub struct CacheTransferService {
+    inbox: Arc<CacheInbox>,
+}
+
+impl CacheTransferService {
+    pub fn new(inbox: Arc<CacheInbox>) -> Self {
+        CacheTransferService { inbox }
+    }
+}
+
+#[tonic::async_trait]
+impl CacheTransfer for CacheTransferService {
+    async fn push(
+        &self,
+        request: Request<Streaming<pb::CacheChunk>>,
+    ) -> Result<Response<pb::PushAck>, Status> {
+        let mut stream = request.into_inner();
+        let header = match stream.message().await? {
+            Some(pb::CacheChunk {
+                kind: Some(pb::cache_chunk::Kind::Header(h)),
+            }) => h,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of a cache push must be its header",
+                ));
+            }
+        };
+        let header = header_from_pb(&header)?;
+        // Nothing is read or allocated for a cache this worker could not use.
+        self.inbox.check(&header)?;
+        let mut regions: Vec<Vec<u8>> = header
+            .layout
+            .regions
+            .iter()
+            .map(|r| vec![0u8; r.elements * 4])
+            .collect();
+        let mut received = 0u64;
+        while let Some(chunk) = stream.message().await? {
+            let Some(pb::cache_chunk::Kind::Data(d)) = chunk.kind else {
+                return Err(Status::invalid_argument(
+                    "a second header in one cache push",
+                ));
+            };
+            let region = regions.get_mut(d.region as usize).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "chunk names region {}, the layout has fewer",
+                    d.region
+                ))
+            })?;
+            let start = d.offset as usize;
+            let end = start
+                .checked_add(d.data.len())
+                .filter(|&e| e <= region.len());
+            let Some(end) = end else {
+                return Err(Status::invalid_argument(format!(
+                    "chunk of region {} at offset {} overruns it",
+                    d.region, d.offset
+                )));
+            };
+            if crc32c::crc32c(&d.data) != d.crc32c {
+                return Err(RuntimeError::TransferCorrupted(format!(
+                    "crc32c mismatch in region {} at offset {}",
+                    d.region, d.offset
+                ))
+                .into());
+            }
+            region[start..end].copy_from_slice(&d.data);
+            received += d.data.len() as u64;
+        }
+        let expected: u64 = regions.iter().map(|r| r.len() as u64).sum();
+        if received != expected {
+            return Err(RuntimeError::TransferCorrupted(format!(
+                "received {received} of {expected} bytes"
+            ))
+            .into());
+        }
+        let transfer_id = header.transfer_id.clone();
+        let snapshot = CacheSnapshot {
+            layout: header.layout.clone(),
+            regions,
+        };
+        self.inbox.deliver(header, snapshot)?;
+        Ok(Response::new(pb::PushAck {
+            transfer_id,
+            bytes: received,
+        }))
+    }
+
+    async fn handshake(
+        &self,
+        request: Request<pb::HandshakeRequest>,
+    ) -> Result<Response<pb::HandshakeResponse>, Status> {
+        let r = request.into_inner();
+        match r.transport.parse::<TransportKind>()? {
+            TransportKind::Tcp | TransportKind::InProcess => {
+                Ok(Response::new(pb::HandshakeResponse {
+                    payload: Vec::new(),
+                }))
+            }
+            other => Err(Status::unimplemented(format!(
+                "this worker was built without the `{other}` transport (it needs the `cuda` feature)"
+            ))),
+        }
+    }
+}

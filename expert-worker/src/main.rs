@@ -1,0 +1,65 @@
+//! `sluice-expert`: an expert worker process.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use clap::Parser;
+use sluice_engine::{ExpertShard, shard_range};
+use sluice_expert::{ExpertConfig, parse_shard, shard_from_placement};
+use sluice_runtime::model_host::model_name;
+use sluice_runtime::service_args::ServiceArgs;
+use sluice_runtime::{Role, WorkerId, telemetry};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "sluice-expert", version, about = "Sluice expert worker")]
+struct Args {
+    #[command(flatten)]
+    service: ServiceArgs,
+    /// The shard to host, INDEX/COUNT (experts split evenly and contiguously); default: this
+    /// worker's entry in the cluster's expert placement.
+    #[arg(long, env = "SLUICE_SHARD", value_parser = parse_shard)]
+    shard: Option<(usize, usize)>,
+    /// Threads for the experts' kernels (default: all cores).
+    #[arg(long, env = "SLUICE_THREADS")]
+    threads: Option<usize>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    telemetry::init(args.service.log_format);
+    sluice_runtime::cli::configure_threads(args.threads)?;
+    tokio::runtime::Runtime::new()?.block_on(async move {
+        let s = &args.service;
+        let membership = s.membership().await?;
+        let shutdown = CancellationToken::new();
+        sluice_runtime::cli::cancel_on_signal(shutdown.clone());
+        let worker_id = match &s.worker_id {
+            Some(id) => WorkerId::new(id.clone())?,
+            None => WorkerId::generate(Role::Expert),
+        };
+        let shard = match args.shard {
+            Some(shard) => shard,
+            None => shard_from_placement(membership.placement().await?.as_ref(), &worker_id)?,
+        };
+        let dir = s.model.clone();
+        let experts = sluice_engine::config::load_spec(&dir)?
+            .moe
+            .map(|m| m.experts)
+            .ok_or_else(|| {
+                anyhow::anyhow!("{} has no MoE layers: no experts to host", dir.display())
+            })?;
+        let range = shard_range(experts, shard.0, shard.1)?;
+        let loaded = tokio::task::spawn_blocking(move || ExpertShard::load(&dir, range)).await??;
+        let config = ExpertConfig {
+            worker_id,
+            advertise: s.advertise.clone(),
+            model_name: model_name(&s.model),
+            shard,
+        };
+        let listen = s.listen.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 50081)));
+        let listener = sluice_runtime::serve::bind(listen).await?;
+        sluice_expert::run(listener, Arc::new(loaded), membership, config, shutdown).await?;
+        anyhow::Ok(())
+    })
+}

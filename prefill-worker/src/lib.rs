@@ -1,0 +1,420 @@
+//! The prefill worker: runs prompts (several per step when they arrive together), samples each
+//! first token, and pushes the resulting cache to the decode worker the router chose.
+//!
+//! The model runs on one engine thread fed by a queue; the gRPC side only validates, queues,
+//! and moves the cache with a [`CacheTransport`].
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use sluice_engine::{
+    CacheConfig, CacheSnapshot, EngineError, LogitsMode, Model, Sampler, SamplingParams, SeqChunk,
+};
+use sluice_proto::worker::v1 as pb;
+use sluice_proto::worker::v1::prefill_server::{Prefill, PrefillServer};
+use sluice_proto::worker::v1::worker_status_server::WorkerStatusServer;
+use sluice_runtime::serve::{advertised_address, serve, standard_routes};
+use sluice_runtime::status::{
+    LoadCounters, WorkerStatusService, ensure_registered, follow_registration,
+};
+use sluice_runtime::transport::TransferHeader;
+use sluice_runtime::{
+    CacheTransport, Destination, Handoff, Membership, Registration, Result, Role, RuntimeError,
+    WorkerId, WorkerInfo, sampling,
+};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+#[derive(Debug, Clone)]
+pub struct PrefillConfig {
+    pub worker_id: WorkerId,
+    pub advertise: Option<String>,
+    pub model_name: String,
+    /// Tokens of all prompts in one batch (a longer prompt runs alone).
+    pub max_batch_tokens: usize,
+    /// Prompts in one batch.
+    pub max_batch_prompts: usize,
+    /// Longest prompt accepted.
+    pub max_context: usize,
+    /// Prompt tokens per forward pass of one sequence.
+    pub prefill_chunk: usize,
+}
+
+impl PrefillConfig {
+    pub fn new(worker_id: WorkerId, model_name: String) -> Self {
+        PrefillConfig {
+            worker_id,
+            advertise: None,
+            model_name,
+            max_batch_tokens: 4096,
+            max_batch_prompts: 8,
+            max_context: 8192,
+            prefill_chunk: sluice_engine::DEFAULT_PREFILL_CHUNK,
+        }
+    }
+}
+
+/// A prompt run to its first token.
+struct Prefilled {
+    first_token: u32,
+    rng_state: u64,
+    snapshot: CacheSnapshot,
+}
+
+struct Job {
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    reply: oneshot::Sender<Result<Prefilled, EngineError>>,
+}
+
+/// Serves `Prefill` on `listener` and registers in `membership` until `shutdown`.
+pub async fn run(
+    listener: TcpListener,
+    model: Arc<Model>,
+    membership: Arc<dyn Membership>,
+    transports: Vec<Arc<dyn CacheTransport>>,
+    config: PrefillConfig,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let address = advertised_address(listener.local_addr()?, config.advertise.as_deref());
+    let counters = Arc::new(LoadCounters::default());
+    let jobs = start_engine(model.clone(), &config, counters.clone())?;
+    let info = WorkerInfo {
+        worker_id: config.worker_id.clone(),
+        role: Role::Prefill,
+        address: address.clone(),
+        model_fingerprint: WorkerInfo::fingerprint_hex(model.fingerprint()),
+        model: config.model_name.clone(),
+        capacity: config.max_batch_prompts,
+        transports: transports.iter().map(|t| t.kind()).collect(),
+        expert_shard: None,
+    };
+    let registration = membership.register(info, shutdown.clone()).await?;
+    tracing::info!(worker = %config.worker_id, %address, "prefill worker registered");
+    let (health, routes) = standard_routes()?;
+    follow_registration(
+        health,
+        registration.clone(),
+        vec!["sluice.worker.v1.Prefill"],
+    );
+    let service = PrefillService {
+        model: model.clone(),
+        jobs,
+        transports,
+        registration: registration.clone(),
+        counters: counters.clone(),
+        max_context: config.max_context,
+    };
+    let routes =
+        routes
+            .add_service(PrefillServer::new(service))
+            .add_service(WorkerStatusServer::new(WorkerStatusService::new(
+                config.worker_id.to_string(),
+                counters,
+                registration,
+            )));
+    serve(listener, routes, shutdown).await
+}
+
+fn start_engine(
+    model: Arc<Model>,
+    config: &PrefillConfig,
+    counters: Arc<LoadCounters>,
+) -> Result<mpsc::UnboundedSender<Job>> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let capacity = config.max_batch_tokens.max(config.max_context);
+    let cache_config = CacheConfig {
+        block_size: 16,
+        num_blocks: capacity.div_ceil(16) + config.max_batch_prompts,
+        max_sequences: config.max_batch_prompts,
+    };
+    let mut engine = PrefillEngine {
+        cache: model.new_cache(cache_config)?,
+        model,
+        chunk: config.prefill_chunk.max(1),
+        max_batch_tokens: capacity,
+        max_batch_prompts: config.max_batch_prompts.max(1),
+        counters,
+    };
+    std::thread::Builder::new()
+        .name("sluice-prefill-engine".into())
+        .spawn(move || engine.run(rx))?;
+    Ok(tx)
+}
+
+struct PrefillEngine {
+    model: Arc<Model>,
+    cache: sluice_engine::ModelCache,
+    chunk: usize,
+    max_batch_tokens: usize,
+    max_batch_prompts: usize,
+    counters: Arc<LoadCounters>,
+}
+
+impl PrefillEngine {
+    fn run(&mut self, mut rx: mpsc::UnboundedReceiver<Job>) {
+        let mut next: Option<Job> = None;
+        loop {
+            let first = match next.take() {
+                Some(job) => job,
+                None => match rx.blocking_recv() {
+                    Some(job) => job,
+                    None => return,
+                },
+            };
+            // Everything already queued joins the batch, within its token and prompt limits.
+            let mut tokens = first.prompt.len();
+            let mut batch = vec![first];
+            while batch.len() < self.max_batch_prompts {
+                match rx.try_recv() {
+                    Ok(job) if tokens + job.prompt.len() <= self.max_batch_tokens => {
+                        tokens += job.prompt.len();
+                        batch.push(job);
+                    }
+                    Ok(job) => {
+                        next = Some(job);
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            batch.retain(|j| !j.reply.is_closed());
+            if batch.is_empty() {
+                continue;
+            }
+            LoadCounters::set(&self.counters.running, batch.len());
+            let results = self.prefill(&batch);
+            for (job, result) in batch.into_iter().zip(results) {
+                let _ = job.reply.send(result);
+            }
+            LoadCounters::set(&self.counters.running, 0);
+            self.counters
+                .waiting
+                .store(rx.len() as u32, Ordering::Relaxed);
+        }
+    }
+
+    /// Runs every prompt of `batch` in chunks, all prompts in each step.
+    fn prefill(&mut self, batch: &[Job]) -> Vec<Result<Prefilled, EngineError>> {
+        let mut seqs = Vec::with_capacity(batch.len());
+        let result = self.prefill_sequences(batch, &mut seqs);
+        let out = match result {
+            Ok(out) => out,
+            Err(e) => {
+                tracing::warn!("prefill batch of {} failed: {e}", batch.len());
+                batch.iter().map(|_| Err(clone_error(&e))).collect()
+            }
+        };
+        for seq in seqs {
+            self.cache.release(seq);
+        }
+        out
+    }
+
+    fn prefill_sequences(
+        &mut self,
+        batch: &[Job],
+        seqs: &mut Vec<sluice_engine::SeqId>,
+    ) -> Result<Vec<Result<Prefilled, EngineError>>, EngineError> {
+        let mut samplers = Vec::with_capacity(batch.len());
+        for job in batch {
+            seqs.push(self.cache.add_sequence()?);
+            samplers.push(Sampler::new(job.params.clone(), &job.prompt)?);
+        }
+        let mut done = vec![0usize; batch.len()];
+        let mut first: Vec<Option<u32>> = vec![None; batch.len()];
+        let vocab = self.model.spec().vocab;
+        loop {
+            let active: Vec<usize> = (0..batch.len())
+                .filter(|&i| done[i] < batch[i].prompt.len())
+                .collect();
+            if active.is_empty() {
+                break;
+            }
+            let chunks: Vec<SeqChunk> = active
+                .iter()
+                .map(|&i| {
+                    let p = &batch[i].prompt;
+                    SeqChunk {
+                        seq: seqs[i],
+                        tokens: &p[done[i]..(done[i] + self.chunk).min(p.len())],
+                    }
+                })
+                .collect();
+            let logits =
+                self.model
+                    .forward(&mut self.cache, &chunks, LogitsMode::LastPerSequence)?;
+            for (row, (&i, c)) in active.iter().zip(&chunks).enumerate() {
+                done[i] += c.tokens.len();
+                if done[i] == batch[i].prompt.len() {
+                    let sampled = samplers[i].sample(&logits[row * vocab..(row + 1) * vocab]);
+                    first[i] = Some(sampled.token);
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(batch.len());
+        for i in 0..batch.len() {
+            let snapshot = self.cache.export(seqs[i])?;
+            out.push(Ok(Prefilled {
+                first_token: first[i].unwrap_or_default(),
+                rng_state: samplers[i].rng_state(),
+                snapshot,
+            }));
+        }
+        Ok(out)
+    }
+}
+
+/// Engine errors are not `Clone`; a failed batch reports the same message to every prompt.
+fn clone_error(e: &EngineError) -> EngineError {
+    match e {
+        EngineError::CacheFull { needed, free } => EngineError::CacheFull {
+            needed: *needed,
+            free: *free,
+        },
+        EngineError::NoFreeSlot(n) => EngineError::NoFreeSlot(*n),
+        EngineError::TokenOutOfRange { id, vocab } => EngineError::TokenOutOfRange {
+            id: *id,
+            vocab: *vocab,
+        },
+        EngineError::Experts(m) => EngineError::Experts(m.clone()),
+        other => EngineError::Experts(other.to_string()),
+    }
+}
+
+struct PrefillService {
+    model: Arc<Model>,
+    jobs: mpsc::UnboundedSender<Job>,
+    transports: Vec<Arc<dyn CacheTransport>>,
+    registration: Registration,
+    counters: Arc<LoadCounters>,
+    max_context: usize,
+}
+
+impl PrefillService {
+    async fn prefill(&self, req: pb::PrefillRequest) -> Result<pb::PrefillResponse> {
+        let vocab = self.model.spec().vocab;
+        if req.prompt_token_ids.is_empty() {
+            return Err(RuntimeError::invalid(
+                "prompt_token_ids",
+                "the prompt is empty",
+            ));
+        }
+        if req.prompt_token_ids.len() > self.max_context {
+            return Err(RuntimeError::invalid(
+                "prompt_token_ids",
+                format!(
+                    "{} tokens is above this worker's limit of {}",
+                    req.prompt_token_ids.len(),
+                    self.max_context
+                ),
+            ));
+        }
+        if let Some(id) = req.prompt_token_ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(RuntimeError::invalid(
+                "prompt_token_ids",
+                format!("token id {id} is not below the vocabulary size {vocab}"),
+            ));
+        }
+        // No destination: only the first token is wanted (max_tokens = 1).
+        let push = !req.decode_address.is_empty();
+        if push && req.transfer_id.is_empty() {
+            return Err(RuntimeError::invalid("transfer_id", "must not be empty"));
+        }
+        let params = sampling::params_from_pb(req.sampling.as_ref())?;
+        let dest = Destination {
+            worker_id: req.decode_worker_id.clone(),
+            address: req.decode_address.clone(),
+        };
+        let transport = if push {
+            let kind = req.transport.parse()?;
+            let transport = self
+                .transports
+                .iter()
+                .find(|t| t.kind() == kind)
+                .ok_or_else(|| {
+                    RuntimeError::invalid(
+                        "transport",
+                        format!("this worker cannot send over `{kind}`"),
+                    )
+                })?
+                .clone();
+            transport.handshake(&dest).await?;
+            Some(transport)
+        } else {
+            None
+        };
+
+        let (reply, result) = oneshot::channel();
+        self.counters.waiting.fetch_add(1, Ordering::Relaxed);
+        let sent = self.jobs.send(Job {
+            prompt: req.prompt_token_ids.clone(),
+            params,
+            reply,
+        });
+        let prefilled = match sent {
+            Ok(()) => result.await,
+            Err(_) => {
+                self.counters.waiting.fetch_sub(1, Ordering::Relaxed);
+                return Err(RuntimeError::Internal(
+                    "the prefill engine has stopped".into(),
+                ));
+            }
+        };
+        let _ = self
+            .counters
+            .waiting
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| w.checked_sub(1));
+        let prefilled = prefilled.map_err(|_| {
+            RuntimeError::Internal("the prefill engine dropped the request".into())
+        })??;
+        let Some(transport) = transport else {
+            return Ok(pb::PrefillResponse {
+                first_token: prefilled.first_token,
+                transfer_id: String::new(),
+                transferred_bytes: 0,
+            });
+        };
+        let header = TransferHeader {
+            transfer_id: req.transfer_id.clone(),
+            fingerprint: self.model.fingerprint(),
+            layout: prefilled.snapshot.layout.clone(),
+            handoff: Handoff {
+                request_id: req.request_id.clone(),
+                first_token: prefilled.first_token,
+                rng_state: prefilled.rng_state,
+            },
+        };
+        let bytes = tokio::time::timeout(
+            Duration::from_secs(120),
+            transport.push(&dest, header, prefilled.snapshot),
+        )
+        .await
+        .map_err(|_| RuntimeError::Unavailable {
+            worker: dest.worker_id.clone(),
+            message: "cache push timed out".into(),
+        })??;
+        tracing::debug!(request = %req.request_id, bytes, "cache pushed");
+        Ok(pb::PrefillResponse {
+            first_token: prefilled.first_token,
+            transfer_id: req.transfer_id,
+            transferred_bytes: bytes,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Prefill for PrefillService {
+    async fn prefill(
+        &self,
+        request: Request<pb::PrefillRequest>,
+    ) -> Result<Response<pb::PrefillResponse>, Status> {
+        ensure_registered(&self.registration)?;
+        Ok(Response::new(
+            PrefillService::prefill(self, request.into_inner()).await?,
+        ))
+    }
+}

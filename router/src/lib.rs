@@ -1,0 +1,112 @@
+//! The router: the cluster's front door. It validates and tokenises requests, admits them
+//! within bounded limits, pairs a prefill and a decode worker (least-loaded by default, behind
+//! [`pool::SchedulingPolicy`]), and streams each request's tokens back.
+
+pub mod admission;
+pub mod error;
+pub mod generation;
+pub mod pool;
+pub mod service;
+pub mod stop;
+pub mod validate;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_proto::v1::inference_server::InferenceServer;
+use sluice_proto::worker::v1::router_status_server::RouterStatusServer;
+use sluice_runtime::serve::{serve, standard_routes};
+use sluice_runtime::{Membership, Role, WorkerDirectory};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+
+pub use error::RouterError;
+
+use crate::admission::Admission;
+use crate::pool::{LeastLoaded, WorkerPool};
+use crate::service::{InferenceService, RouterStatusService};
+use crate::validate::ModelContext;
+
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// Checkpoint directory: its tokenizer, chat template and config.
+    pub model: PathBuf,
+    pub max_in_flight: usize,
+    pub max_queue: usize,
+    pub max_context: usize,
+    pub max_tokens_limit: usize,
+    /// Deadline of requests whose caller sets none.
+    pub default_deadline: Duration,
+    pub transfer_timeout: Duration,
+}
+
+impl RouterConfig {
+    pub fn new(model: PathBuf) -> Self {
+        RouterConfig {
+            model,
+            max_in_flight: 256,
+            max_queue: 1024,
+            max_context: 8192,
+            max_tokens_limit: 4096,
+            default_deadline: Duration::from_secs(600),
+            transfer_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Serves the public API on `listener` until `shutdown`.
+pub async fn run(
+    listener: TcpListener,
+    membership: Arc<dyn Membership>,
+    config: RouterConfig,
+    shutdown: CancellationToken,
+) -> Result<(), RouterError> {
+    let model = Arc::new(ModelContext::load(
+        &config.model,
+        config.max_context,
+        config.max_tokens_limit,
+    )?);
+    let directory = WorkerDirectory::start(membership, shutdown.clone()).await?;
+    let pool = WorkerPool::new(directory.clone(), Box::new(LeastLoaded));
+    pool.poll_loads(Duration::from_millis(500), shutdown.clone());
+    let (health, routes) = standard_routes()?;
+    // Ready only while at least one prefill and one decode worker are registered.
+    tokio::spawn({
+        let directory = directory.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            let mut changes = directory.changes();
+            loop {
+                let ready = !directory.workers(Role::Prefill).is_empty()
+                    && !directory.workers(Role::Decode).is_empty();
+                let status = if ready {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                };
+                health
+                    .set_service_status("sluice.v1.Inference", status)
+                    .await;
+                tokio::select! {
+                    r = changes.changed() => if r.is_err() { return },
+                    () = shutdown.cancelled() => return,
+                }
+            }
+        }
+    });
+    let service = InferenceService {
+        pool: pool.clone(),
+        model,
+        admission: Arc::new(Admission::new(config.max_in_flight, config.max_queue)),
+        default_deadline: config.default_deadline,
+        transfer_timeout: config.transfer_timeout,
+    };
+    let routes = routes
+        .add_service(InferenceServer::new(service))
+        .add_service(RouterStatusServer::new(RouterStatusService { pool }));
+    tracing::info!(address = %listener.local_addr().map_err(sluice_runtime::RuntimeError::from)?, "router serving");
+    serve(listener, routes, shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs the system packages the build needs when they are missing: protoc (etcd-client
+# compiles etcd's protos with it at build time; Sluice's own protos use protox). With --test,
+# also etcd (the cluster tests start a throw-away etcd server). Debian/Ubuntu, via apt-get.
+set -euo pipefail
+
+need=()
+command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)" >&2; exit 1; }
+command -v protoc >/dev/null || need+=(protobuf-compiler)
+if [ "${1:-}" = "--test" ]; then
+    command -v etcd >/dev/null || [ -x /usr/bin/etcd ] || need+=(etcd-server)
+fi
+[ ${#need[@]} -eq 0 ] && exit 0
+
+command -v apt-get >/dev/null || {
+    echo "please install: ${need[*]} (no apt-get here)" >&2
+    exit 1
+}
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+echo "installing ${need[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq >/dev/null
+$sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null

@@ -1,0 +1,389 @@
+//! The cluster as separate processes against a real etcd: router, prefill, decode and expert
+//! workers started from their binaries.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use sluice_client::{Client, ClientError, FinishReason, GenerateRequest, SamplingParams};
+use sluice_harness::{Etcd, Proc, eventually, free_port, local_greedy, service, synth};
+use sluice_proto::worker::v1 as wpb;
+use sluice_proto::worker::v1::cache_transfer_client::CacheTransferClient;
+use sluice_proto::worker::v1::router_status_client::RouterStatusClient;
+use sluice_proto::worker::v1::worker_status_client::WorkerStatusClient;
+use tonic::Code;
+
+struct Cluster {
+    router: String,
+    procs: Vec<Proc>,
+}
+
+/// etcd must outlive the processes; `_etcd` is declared last so it drops last.
+struct Running {
+    cluster: Cluster,
+    _logs: tempfile::TempDir,
+    _etcd: Etcd,
+}
+
+fn start(model: &Path, prefill: usize, decode: usize, experts: usize, ttl: u64) -> Running {
+    let logs = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(logs.path());
+    let mut procs = Vec::new();
+    let remote = if experts > 0 { "remote" } else { "local" };
+    for i in 0..experts {
+        let mut cmd = service("sluice-expert", &etcd.url, model, free_port(), ttl);
+        cmd.arg("--shard")
+            .arg(format!("{i}/{experts}"))
+            .arg("--threads")
+            .arg("1");
+        procs.push(Proc::spawn(&format!("expert{i}"), &mut cmd, logs.path()));
+    }
+    for i in 0..prefill {
+        let mut cmd = service("sluice-prefill", &etcd.url, model, free_port(), ttl);
+        cmd.args(["--experts", remote, "--threads", "1"]);
+        procs.push(Proc::spawn(&format!("prefill{i}"), &mut cmd, logs.path()));
+    }
+    for i in 0..decode {
+        let mut cmd = service("sluice-decode", &etcd.url, model, free_port(), ttl);
+        cmd.args(["--experts", remote, "--threads", "1"]);
+        procs.push(Proc::spawn(&format!("decode{i}"), &mut cmd, logs.path()));
+    }
+    let port = free_port();
+    let mut cmd = service("sluice-router", &etcd.url, model, port, ttl);
+    procs.push(Proc::spawn("router", &mut cmd, logs.path()));
+    Running {
+        cluster: Cluster {
+            router: format!("http://127.0.0.1:{port}"),
+            procs,
+        },
+        _logs: logs,
+        _etcd: etcd,
+    }
+}
+
+impl Cluster {
+    async fn workers(&self) -> Option<Vec<wpb::WorkerView>> {
+        let mut c = RouterStatusClient::connect(self.router.clone())
+            .await
+            .ok()?;
+        Some(
+            c.workers(wpb::WorkersRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .workers,
+        )
+    }
+
+    /// Waits until the router sees `n` workers, each with a load report where it has one.
+    async fn wait_ready(&self, n: usize) -> Vec<wpb::WorkerView> {
+        eventually(
+            Duration::from_secs(60),
+            "every worker registered",
+            || async {
+                let w = self.workers().await?;
+                let reported = w
+                    .iter()
+                    .filter(|v| v.role == "expert" || v.load.is_some())
+                    .count();
+                (w.len() == n && reported == n).then_some(w)
+            },
+        )
+        .await
+    }
+
+    async fn client(&self) -> Client {
+        Client::connect(&self.router).await.unwrap()
+    }
+}
+
+fn greedy(tokens: &[u32], max_tokens: u32, ignore_eos: bool) -> GenerateRequest {
+    GenerateRequest {
+        prompt_token_ids: tokens.to_vec(),
+        sampling: Some(SamplingParams {
+            temperature: Some(0.0),
+            max_tokens: Some(max_tokens),
+            ignore_eos,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn status(e: ClientError) -> tonic::Status {
+    match e {
+        ClientError::Status(s) => s,
+        other => panic!("expected a status, got {other}"),
+    }
+}
+
+async fn load_of(address: &str) -> wpb::LoadReport {
+    let mut c = WorkerStatusClient::connect(address.to_string())
+        .await
+        .unwrap();
+    c.load(wpb::LoadRequest {}).await.unwrap().into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_disaggregated_cluster_matches_local_generation() {
+    let model_dir = tempfile::tempdir().unwrap();
+    let model = model_dir.path();
+    synth("tiny", model);
+    let running = start(model, 1, 1, 2, 10);
+    let cluster = &running.cluster;
+    let workers = cluster.wait_ready(4).await;
+    let decode_addr = workers
+        .iter()
+        .find(|w| w.role == "decode")
+        .unwrap()
+        .address
+        .clone();
+
+    // --- Disaggregation is exact: prefill, decode and experts in different processes give the
+    // tokens of one local process, several requests in flight at once.
+    let prompts: Vec<(Vec<u32>, u32, bool)> = vec![
+        ((0..150).map(|i| (i * 37 + 11) % 1000).collect(), 12, true), // > 2 chunks of 64
+        (vec![5, 6, 7, 8, 9], 20, true),
+        (vec![300, 2, 999, 41, 17, 17, 80], 16, false),
+        (vec![42], 1, true),
+    ];
+    let expected: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|(p, n, ignore)| local_greedy(model, p, *n as usize, *ignore))
+        .collect();
+    let client = cluster.client().await;
+    let answers = futures::future::join_all(prompts.iter().map(|(p, n, ignore)| {
+        let mut c = client.clone();
+        let req = greedy(p, *n, *ignore);
+        async move { c.generate(req).await.unwrap() }
+    }))
+    .await;
+    for ((answer, want), (prompt, n, _)) in answers.iter().zip(&expected).zip(&prompts) {
+        assert_eq!(&answer.token_ids, want, "prompt of {} tokens", prompt.len());
+        let usage = answer.usage.unwrap();
+        assert_eq!(usage.prompt_tokens as usize, prompt.len());
+        assert_eq!(usage.completion_tokens as usize, want.len());
+        if want.len() == *n as usize {
+            assert_eq!(answer.finish_reason, FinishReason::Length as i32);
+        }
+    }
+
+    // --- Streaming: chunks arrive before the end; their text is the unary text.
+    let mut c = cluster.client().await;
+    let mut req = greedy(&prompts[1].0, 20, true);
+    req.prompt_token_ids.clear();
+    req.prompt = "Tell me about rivers".into();
+    req.chat = true;
+    let unary = c.generate(req.clone()).await.unwrap();
+    let mut stream = c.generate_stream(req).await.unwrap();
+    let mut chunks = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        chunks.push(chunk.unwrap());
+    }
+    assert!(chunks.len() >= 2, "{} chunks", chunks.len());
+    assert!(
+        chunks[..chunks.len() - 1]
+            .iter()
+            .all(|c| c.finish_reason == FinishReason::Unspecified as i32)
+    );
+    assert_ne!(
+        chunks.last().unwrap().finish_reason,
+        FinishReason::Unspecified as i32
+    );
+    let text: String = chunks.iter().map(|c| c.text.as_str()).collect();
+    let ids: Vec<u32> = chunks.iter().flat_map(|c| c.token_ids.clone()).collect();
+    assert_eq!(text, unary.text);
+    assert_eq!(ids, unary.token_ids);
+
+    // --- Bad input is INVALID_ARGUMENT naming the field.
+    let cases: Vec<(GenerateRequest, &str)> = vec![
+        (GenerateRequest::default(), "prompt"),
+        (greedy(&[1, 2, 1_000_000], 4, false), "prompt_token_ids"),
+        (greedy(&[1, 2], 0, false), "max_tokens"),
+        (greedy(&[1, 2], 1_000_000, false), "max_tokens"),
+        (
+            GenerateRequest {
+                sampling: Some(SamplingParams {
+                    temperature: Some(-1.0),
+                    ..Default::default()
+                }),
+                ..greedy(&[1], 4, false)
+            },
+            "temperature",
+        ),
+        (
+            GenerateRequest {
+                sampling: Some(SamplingParams {
+                    top_p: Some(1.5),
+                    ..Default::default()
+                }),
+                ..greedy(&[1], 4, false)
+            },
+            "top_p",
+        ),
+        (
+            GenerateRequest {
+                sampling: Some(SamplingParams {
+                    top_p: Some(0.0),
+                    ..Default::default()
+                }),
+                ..greedy(&[1], 4, false)
+            },
+            "top_p",
+        ),
+    ];
+    for (req, field) in cases {
+        let s = status(c.generate(req).await.unwrap_err());
+        assert_eq!(s.code(), Code::InvalidArgument, "{field}: {s:?}");
+        assert!(s.message().contains(field), "{field}: {}", s.message());
+    }
+
+    // --- A cache push for another model or layout is refused before anything is adopted.
+    let mut push = CacheTransferClient::connect(decode_addr.clone())
+        .await
+        .unwrap();
+    for (fingerprint, regions) in [(0xbad_u64, 0usize), (0, 1)] {
+        let header = wpb::CacheHeader {
+            transfer_id: "bogus".into(),
+            model_fingerprint: fingerprint,
+            layout: Some(wpb::CacheLayout {
+                tokens: 3,
+                regions: (0..regions)
+                    .map(|_| wpb::Region {
+                        layer: 0,
+                        kind: wpb::RegionKind::Keys as i32,
+                        elements: 12,
+                    })
+                    .collect(),
+            }),
+            handoff: Some(wpb::SequenceHandoff::default()),
+            total_bytes: 48,
+        };
+        let msgs = vec![
+            wpb::CacheChunk {
+                kind: Some(wpb::cache_chunk::Kind::Header(header)),
+            },
+            wpb::CacheChunk {
+                kind: Some(wpb::cache_chunk::Kind::Data(wpb::CacheData {
+                    region: 0,
+                    offset: 0,
+                    data: vec![0; 48],
+                    crc32c: 0,
+                })),
+            },
+        ];
+        let s = push.push(futures::stream::iter(msgs)).await.unwrap_err();
+        assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+        assert!(
+            s.message().contains("fingerprint") || s.message().contains("layout"),
+            "{}",
+            s.message()
+        );
+    }
+    let load = load_of(&decode_addr).await;
+    assert_eq!(
+        (load.running, load.waiting),
+        (0, 0),
+        "nothing adopted or staged: {load:?}"
+    );
+
+    // --- Client cancellation frees the sequence on the decode worker.
+    let mut stream = c
+        .generate_stream(greedy(&[3, 4, 5], 4000, true))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        stream.next().await.unwrap().unwrap();
+    }
+    let busy = load_of(&decode_addr).await;
+    assert_eq!(busy.running, 1, "{busy:?}");
+    assert!(busy.kv_blocks_used > 0, "{busy:?}");
+    drop(stream);
+    eventually(
+        Duration::from_secs(10),
+        "the decode worker to free the cancelled sequence",
+        || async {
+            let l = load_of(&decode_addr).await;
+            (l.running == 0 && l.kv_blocks_used == 0).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_worker_leaves_the_cluster_and_its_request_fails_cleanly() {
+    let model_dir = tempfile::tempdir().unwrap();
+    let model = model_dir.path();
+    synth("tiny", model);
+    let ttl = 3;
+    let mut running = start(model, 1, 2, 0, ttl);
+    running.cluster.wait_ready(3).await;
+    let cluster = &running.cluster;
+
+    // A long request on one decode worker; find which.
+    let mut c = cluster.client().await;
+    let mut stream = c
+        .generate_stream(greedy(&[9, 8, 7], 4000, true))
+        .await
+        .unwrap();
+    stream.next().await.unwrap().unwrap();
+    stream.next().await.unwrap().unwrap();
+    let decodes: Vec<_> = cluster
+        .workers()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|w| w.role == "decode")
+        .collect();
+    let mut busy = None;
+    for w in &decodes {
+        if load_of(&w.address).await.running == 1 {
+            busy = Some(w.clone());
+        }
+    }
+    let busy = busy.expect("one decode worker runs the request");
+    // The worker logs the address it registered with.
+    let index = running
+        .cluster
+        .procs
+        .iter()
+        .position(|p| p.name.starts_with("decode") && p.log().contains(&busy.address))
+        .expect("the busy worker's process");
+    let killed_at = Instant::now();
+    running.cluster.procs[index].kill9();
+    let cluster = &running.cluster;
+
+    // The request in flight ends with UNAVAILABLE, promptly, never a hang.
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Some(status(e)),
+                None => return None,
+            }
+        }
+    })
+    .await
+    .expect("the stream must end soon after the worker dies");
+    let s = end.expect("the stream must end with an error status");
+    assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+
+    // The router drops the worker within the lease TTL (plus scheduling slack).
+    eventually(
+        Duration::from_secs(ttl + 5),
+        "the router to drop the killed worker",
+        || async {
+            let w = cluster.workers().await?;
+            (!w.iter().any(|v| v.worker_id == busy.worker_id)).then_some(())
+        },
+    )
+    .await;
+    assert!(killed_at.elapsed() < Duration::from_secs(ttl + 5));
+
+    // New requests succeed on the remaining workers.
+    let want = local_greedy(model, &[1, 2, 3, 4], 8, true);
+    let got = c.generate(greedy(&[1, 2, 3, 4], 8, true)).await.unwrap();
+    assert_eq!(got.token_ids, want);
+}
