@@ -65,7 +65,7 @@ impl Membership for EmbeddedMembership {
             state.publish(WorkerEvent::Down(key));
             let _ = tx.send(false);
         });
-        Ok(Registration::new(rx))
+        Ok(Registration::new(rx, Arc::default()))
     }
 
     async fn watch_workers(

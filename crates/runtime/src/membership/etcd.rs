@@ -3,6 +3,8 @@
 //! delay a keep-alive. A lost lease (expired, revoked, etcd unreachable past the TTL) flips the
 //! registration to "not registered" until the key is back on a fresh lease.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -86,6 +88,8 @@ impl Membership for EtcdMembership {
         let mut client = self.client.clone();
         let lease = grant_and_put(&mut client, &key, &value, ttl).await?;
         let (state_tx, state_rx) = watch::channel(true);
+        let losses = Arc::new(AtomicU64::new(0));
+        let lost = losses.clone();
         let endpoints = self.endpoints.clone();
         std::thread::Builder::new()
             .name("sluice-lease".into())
@@ -101,11 +105,18 @@ impl Membership for EtcdMembership {
                         return;
                     }
                 };
-                runtime.block_on(keep_registered(
-                    endpoints, key, value, ttl, lease, state_tx, shutdown,
-                ));
+                let keeper = LeaseKeeper {
+                    endpoints,
+                    key,
+                    value,
+                    ttl,
+                    state: state_tx,
+                    losses: lost,
+                    shutdown,
+                };
+                runtime.block_on(keeper.keep_registered(lease));
             })?;
-        Ok(Registration::new(state_rx))
+        Ok(Registration::new(state_rx, losses))
     }
 
     async fn watch_workers(
@@ -222,64 +233,80 @@ async fn grant_and_put(client: &mut Client, key: &str, value: &[u8], ttl: Durati
     Ok(lease)
 }
 
-/// Keeps `lease` alive every TTL/3; when it is lost, reports it and re-registers on a new
-/// lease (with a fresh connection) until that works; on shutdown revokes it.
-async fn keep_registered(
+/// What the lease-keeper thread owns.
+struct LeaseKeeper {
     endpoints: Vec<String>,
     key: String,
     value: Vec<u8>,
     ttl: Duration,
-    mut lease: i64,
     state: watch::Sender<bool>,
+    losses: Arc<AtomicU64>,
     shutdown: CancellationToken,
-) {
-    let interval = (ttl / 3).max(Duration::from_millis(200));
-    let mut client: Option<Client> = None;
-    loop {
-        // Connect (or reconnect) this thread's own client.
-        let c = match &mut client {
-            Some(c) => c,
-            None => match Client::connect(&endpoints, Some(options())).await {
-                Ok(c) => client.insert(c),
-                Err(e) => {
-                    tracing::warn!("lease keeper cannot reach etcd: {e}");
+}
+
+impl LeaseKeeper {
+    /// Keeps `lease` alive every TTL/3; when it is lost, reports it and re-registers on a new
+    /// lease (with a fresh connection) until that works; on shutdown revokes it.
+    async fn keep_registered(self, mut lease: i64) {
+        let LeaseKeeper {
+            endpoints,
+            key,
+            value,
+            ttl,
+            state,
+            losses,
+            shutdown,
+        } = self;
+        let interval = (ttl / 3).max(Duration::from_millis(200));
+        let mut client: Option<Client> = None;
+        loop {
+            // Connect (or reconnect) this thread's own client.
+            let c = match &mut client {
+                Some(c) => c,
+                None => match Client::connect(&endpoints, Some(options())).await {
+                    Ok(c) => client.insert(c),
+                    Err(e) => {
+                        tracing::warn!("lease keeper cannot reach etcd: {e}");
+                        let _ = state.send(false);
+                        if sleep_or_shutdown(interval, &shutdown).await {
+                            return;
+                        }
+                        continue;
+                    }
+                },
+            };
+            if lease == 0 {
+                match grant_and_put(c, &key, &value, ttl).await {
+                    Ok(id) => {
+                        lease = id;
+                        tracing::info!(%key, "re-registered on a new lease");
+                    }
+                    Err(e) => {
+                        tracing::warn!(%key, "re-registration failed: {e}");
+                        client = None;
+                        if sleep_or_shutdown(interval, &shutdown).await {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
+            let _ = state.send(true);
+            let outcome = keep_alive(c, lease, interval, &shutdown).await;
+            match outcome {
+                KeepAlive::Shutdown => {
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(2), c.lease_revoke(lease)).await;
                     let _ = state.send(false);
-                    if sleep_or_shutdown(interval, &shutdown).await {
-                        return;
-                    }
-                    continue;
+                    return;
                 }
-            },
-        };
-        if lease == 0 {
-            match grant_and_put(c, &key, &value, ttl).await {
-                Ok(id) => {
-                    lease = id;
-                    tracing::info!(%key, "re-registered on a new lease");
-                }
-                Err(e) => {
-                    tracing::warn!(%key, "re-registration failed: {e}");
+                KeepAlive::Lost(reason) => {
+                    tracing::warn!(%key, "membership lease lost ({reason}); refusing work until re-registered");
+                    losses.fetch_add(1, Ordering::Relaxed);
+                    let _ = state.send(false);
+                    lease = 0;
                     client = None;
-                    if sleep_or_shutdown(interval, &shutdown).await {
-                        return;
-                    }
-                    continue;
                 }
-            }
-        }
-        let _ = state.send(true);
-        let outcome = keep_alive(c, lease, interval, &shutdown).await;
-        match outcome {
-            KeepAlive::Shutdown => {
-                let _ = tokio::time::timeout(Duration::from_secs(2), c.lease_revoke(lease)).await;
-                let _ = state.send(false);
-                return;
-            }
-            KeepAlive::Lost(reason) => {
-                tracing::warn!(%key, "membership lease lost ({reason}); refusing work until re-registered");
-                let _ = state.send(false);
-                lease = 0;
-                client = None;
             }
         }
     }

@@ -6,6 +6,8 @@ mod embedded;
 mod etcd;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -61,11 +63,18 @@ pub trait Membership: Send + Sync {
 #[derive(Debug, Clone)]
 pub struct Registration {
     registered: watch::Receiver<bool>,
+    /// Times the lease was lost (and the worker stopped taking work).
+    losses: Arc<AtomicU64>,
 }
 
 impl Registration {
-    pub(crate) fn new(registered: watch::Receiver<bool>) -> Self {
-        Registration { registered }
+    pub(crate) fn new(registered: watch::Receiver<bool>, losses: Arc<AtomicU64>) -> Self {
+        Registration { registered, losses }
+    }
+
+    /// How many times this registration lost its lease.
+    pub fn losses(&self) -> u64 {
+        self.losses.load(Ordering::Relaxed)
     }
 
     pub fn is_registered(&self) -> bool {
