@@ -14,7 +14,7 @@ use sluice_proto::worker::v1 as pb;
 use sluice_proto::worker::v1::cache_transfer_server::CacheTransferServer;
 use sluice_proto::worker::v1::decode_server::{Decode, DecodeServer};
 use sluice_proto::worker::v1::worker_status_server::WorkerStatusServer;
-use sluice_runtime::error::engine_code;
+use sluice_runtime::error::engine_status;
 use sluice_runtime::serve::{advertised_address, serve, standard_routes};
 use sluice_runtime::status::{
     LoadCounters, WorkerStatusService, ensure_registered, follow_registration,
@@ -241,14 +241,14 @@ impl DecodeEngine {
         ) {
             Ok(s) => s,
             Err(e) => {
-                let _ = a.tx.send(Err(Status::new(engine_code(&e), e.to_string())));
+                let _ = a.tx.send(Err(engine_status(&e)));
                 return;
             }
         };
         let seq = match self.cache.import(&a.arrival.snapshot) {
             Ok(seq) => seq,
             Err(e) => {
-                let _ = a.tx.send(Err(Status::new(engine_code(&e), e.to_string())));
+                let _ = a.tx.send(Err(engine_status(&e)));
                 return;
             }
         };
@@ -282,7 +282,7 @@ impl DecodeEngine {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!("decode step of {} sequences failed: {e}", self.active.len());
-                let status = Status::new(engine_code(&e), format!("decode step failed: {e}"));
+                let status = engine_status(&e);
                 for s in std::mem::take(&mut self.active) {
                     let _ = s.tx.send(Err(status.clone()));
                     self.cache.release(s.seq);

@@ -14,6 +14,7 @@ use sluice_engine::{
 use sluice_proto::worker::v1 as pb;
 use sluice_proto::worker::v1::prefill_server::{Prefill, PrefillServer};
 use sluice_proto::worker::v1::worker_status_server::WorkerStatusServer;
+use sluice_runtime::error::engine_status;
 use sluice_runtime::serve::{advertised_address, serve, standard_routes};
 use sluice_runtime::status::{
     LoadCounters, WorkerStatusService, ensure_registered, follow_registration,
@@ -67,7 +68,8 @@ struct Prefilled {
 struct Job {
     prompt: Vec<u32>,
     params: SamplingParams,
-    reply: oneshot::Sender<Result<Prefilled, EngineError>>,
+    /// Shared: one failed batch fails every prompt in it with the same error.
+    reply: oneshot::Sender<Result<Prefilled, Arc<EngineError>>>,
 }
 
 /// Serves `Prefill` on `listener` and registers in `membership` until `shutdown`.
@@ -198,14 +200,15 @@ impl PrefillEngine {
     }
 
     /// Runs every prompt of `batch` in chunks, all prompts in each step.
-    fn prefill(&mut self, batch: &[Job]) -> Vec<Result<Prefilled, EngineError>> {
+    fn prefill(&mut self, batch: &[Job]) -> Vec<Result<Prefilled, Arc<EngineError>>> {
         let mut seqs = Vec::with_capacity(batch.len());
         let result = self.prefill_sequences(batch, &mut seqs);
         let out = match result {
-            Ok(out) => out,
+            Ok(out) => out.into_iter().map(Ok).collect(),
             Err(e) => {
                 tracing::warn!("prefill batch of {} failed: {e}", batch.len());
-                batch.iter().map(|_| Err(clone_error(&e))).collect()
+                let e = Arc::new(e);
+                batch.iter().map(|_| Err(e.clone())).collect()
             }
         };
         for seq in seqs {
@@ -218,7 +221,7 @@ impl PrefillEngine {
         &mut self,
         batch: &[Job],
         seqs: &mut Vec<sluice_engine::SeqId>,
-    ) -> Result<Vec<Result<Prefilled, EngineError>>, EngineError> {
+    ) -> Result<Vec<Prefilled>, EngineError> {
         let mut samplers = Vec::with_capacity(batch.len());
         for job in batch {
             seqs.push(self.cache.add_sequence()?);
@@ -258,30 +261,13 @@ impl PrefillEngine {
         let mut out = Vec::with_capacity(batch.len());
         for i in 0..batch.len() {
             let snapshot = self.cache.export(seqs[i])?;
-            out.push(Ok(Prefilled {
+            out.push(Prefilled {
                 first_token: first[i].unwrap_or_default(),
                 rng_state: samplers[i].rng_state(),
                 snapshot,
-            }));
+            });
         }
         Ok(out)
-    }
-}
-
-/// Engine errors are not `Clone`; a failed batch reports the same message to every prompt.
-fn clone_error(e: &EngineError) -> EngineError {
-    match e {
-        EngineError::CacheFull { needed, free } => EngineError::CacheFull {
-            needed: *needed,
-            free: *free,
-        },
-        EngineError::NoFreeSlot(n) => EngineError::NoFreeSlot(*n),
-        EngineError::TokenOutOfRange { id, vocab } => EngineError::TokenOutOfRange {
-            id: *id,
-            vocab: *vocab,
-        },
-        EngineError::Experts(m) => EngineError::Experts(m.clone()),
-        other => EngineError::Experts(other.to_string()),
     }
 }
 
@@ -368,9 +354,9 @@ impl PrefillService {
             .counters
             .waiting
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| w.checked_sub(1));
-        let prefilled = prefilled.map_err(|_| {
-            RuntimeError::Internal("the prefill engine dropped the request".into())
-        })??;
+        let prefilled = prefilled
+            .map_err(|_| RuntimeError::Internal("the prefill engine dropped the request".into()))?
+            .map_err(|e| engine_status(&e))?;
         let Some(transport) = transport else {
             return Ok(pb::PrefillResponse {
                 first_token: prefilled.first_token,

@@ -68,6 +68,11 @@ pub fn engine_code(e: &EngineError) -> Code {
     }
 }
 
+/// An engine error as the status a caller should see.
+pub fn engine_status(e: &EngineError) -> Status {
+    Status::new(engine_code(e), e.to_string())
+}
+
 impl From<RuntimeError> for Status {
     fn from(e: RuntimeError) -> Status {
         let message = e.to_string();

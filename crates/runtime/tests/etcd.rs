@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use sluice_harness::{Etcd, eventually};
 use sluice_runtime::{
-    EtcdMembership, ExpertPlacement, Membership, Role, TransportKind, WorkerDirectory, WorkerId,
-    WorkerInfo,
+    EtcdMembership, ExpertPlacement, Membership, Role, TransportKind, WorkerDirectory, WorkerEvent,
+    WorkerId, WorkerInfo,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -26,12 +26,19 @@ fn info(id: &str) -> WorkerInfo {
     }
 }
 
+async fn next_event(events: &mut tokio::sync::mpsc::UnboundedReceiver<WorkerEvent>) -> WorkerEvent {
+    tokio::time::timeout(Duration::from_secs(10), events.recv())
+        .await
+        .expect("a membership event")
+        .expect("the watch stays open")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_are_kept_lost_re_registered_and_revoked() {
     let logs = tempfile::tempdir().unwrap();
     let etcd = Etcd::start(logs.path());
     let endpoints = vec![etcd.url.clone()];
-    let ttl = Duration::from_secs(2);
+    let ttl = Duration::from_secs(3);
     let membership: Arc<dyn Membership> = Arc::new(
         EtcdMembership::connect(&endpoints, "lease-test", ttl)
             .await
@@ -63,34 +70,42 @@ async fn leases_are_kept_lost_re_registered_and_revoked() {
     tokio::time::sleep(ttl * 2).await;
     assert!(present() && registration.is_registered());
 
-    // Someone revokes the lease (as an expiry would): the key goes, the worker notices it is
-    // not registered, then puts itself back on a new lease.
+    // Someone revokes the lease (as an expiry would): the key is deleted, the worker notices it
+    // is not registered, then puts itself back on a new lease. The gap can be shorter than any
+    // poll, so the watch's events are the witness.
+    let (_, mut events) = membership.watch_workers().await.unwrap();
     let mut admin = etcd_client::Client::connect(&endpoints, None)
         .await
         .unwrap();
     for lease in admin.leases().await.unwrap().leases() {
         admin.lease_revoke(lease.id()).await.unwrap();
     }
-    eventually(Duration::from_secs(5), "the key to disappear", || async {
-        (!present()).then_some(())
-    })
+    match next_event(&mut events).await {
+        WorkerEvent::Down(key) => assert_eq!(key.worker.as_str(), "d1"),
+        other => panic!("expected d1 to go down, got {other:?}"),
+    }
+    match next_event(&mut events).await {
+        WorkerEvent::Up(info) => assert_eq!(info.worker_id.as_str(), "d1"),
+        other => panic!("expected d1 to come back, got {other:?}"),
+    }
+    eventually(
+        Duration::from_secs(5),
+        "the keeper to count the lost lease",
+        || async { (registration.losses() == 1 && registration.is_registered()).then_some(()) },
+    )
     .await;
     eventually(
         Duration::from_secs(5),
-        "the keeper to notice the lost lease",
-        || async { (registration.losses() == 1).then_some(()) },
+        "d1 back in the directory",
+        || async { present().then_some(()) },
     )
-    .await;
-    eventually(Duration::from_secs(10), "d1 re-registered", || async {
-        (present() && registration.is_registered()).then_some(())
-    })
     .await;
     assert_eq!(registration.losses(), 1);
 
     // Graceful shutdown revokes at once: gone well before the TTL.
     shutdown.cancel();
     eventually(
-        Duration::from_secs(1),
+        Duration::from_millis(1500), // well under the TTL: a revoke, not an expiry
         "the key to go on shutdown",
         || async { (!present()).then_some(()) },
     )
