@@ -1,15 +1,14 @@
 //! `sluice-expert`: an expert worker process.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use clap::Parser;
 use sluice_engine::{ExpertShard, shard_range};
 use sluice_expert::{ExpertConfig, parse_shard, shard_from_placement};
+use sluice_runtime::Role;
+use sluice_runtime::cli::run_service;
 use sluice_runtime::model_host::model_name;
 use sluice_runtime::service_args::ServiceArgs;
-use sluice_runtime::{Role, WorkerId, telemetry};
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(name = "sluice-expert", version, about = "Sluice expert worker")]
@@ -27,20 +26,13 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    telemetry::init(args.service.log_format);
-    sluice_runtime::cli::configure_threads(args.threads)?;
-    tokio::runtime::Runtime::new()?.block_on(async move {
-        let s = &args.service;
-        let membership = s.membership().await?;
-        let shutdown = CancellationToken::new();
-        sluice_runtime::cli::cancel_on_signal(shutdown.clone());
-        let worker_id = match &s.worker_id {
-            Some(id) => WorkerId::new(id.clone())?,
-            None => WorkerId::generate(Role::Expert),
-        };
+    let s = &args.service;
+    run_service(s.log_format, args.threads, async {
+        let start = s.start(50081).await?;
+        let worker_id = s.worker_id(Role::Expert)?;
         let shard = match args.shard {
             Some(shard) => shard,
-            None => shard_from_placement(membership.placement().await?.as_ref(), &worker_id)?,
+            None => shard_from_placement(start.membership.placement().await?.as_ref(), &worker_id)?,
         };
         let dir = s.model.clone();
         let experts = sluice_engine::config::load_spec(&dir)?
@@ -57,9 +49,14 @@ fn main() -> anyhow::Result<()> {
             model_name: model_name(&s.model),
             shard,
         };
-        let listen = s.listen.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 50081)));
-        let listener = sluice_runtime::serve::bind(listen).await?;
-        sluice_expert::run(listener, Arc::new(loaded), membership, config, shutdown).await?;
+        sluice_expert::run(
+            start.listener,
+            Arc::new(loaded),
+            start.membership,
+            config,
+            start.shutdown,
+        )
+        .await?;
         anyhow::Ok(())
     })
 }

@@ -1,13 +1,11 @@
 //! `sluice-router`: the router process.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
 use sluice_router::RouterConfig;
+use sluice_runtime::cli::run_service;
 use sluice_runtime::service_args::ServiceArgs;
-use sluice_runtime::telemetry;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -37,21 +35,16 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    telemetry::init(args.service.log_format);
-    tokio::runtime::Runtime::new()?.block_on(async move {
-        let s = &args.service;
-        let membership = s.membership().await?;
-        let shutdown = CancellationToken::new();
-        sluice_runtime::cli::cancel_on_signal(shutdown.clone());
+    let s = &args.service;
+    run_service(s.log_format, None, async {
+        let start = s.start(50051).await?;
         let mut config = RouterConfig::new(s.model.clone());
         config.max_in_flight = args.max_in_flight;
         config.max_queue = args.max_queue;
         config.max_context = args.max_context;
         config.max_tokens_limit = args.max_tokens_limit;
         config.default_deadline = Duration::from_secs(args.default_deadline);
-        let listen = s.listen.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 50051)));
-        let listener = sluice_runtime::serve::bind(listen).await?;
-        sluice_router::run(listener, membership, config, shutdown).await?;
+        sluice_router::run(start.listener, start.membership, config, start.shutdown).await?;
         anyhow::Ok(())
     })
 }

@@ -1,8 +1,26 @@
 //! Process set-up shared by the service binaries.
 
+use std::future::Future;
+
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Result, RuntimeError};
+use crate::telemetry::{self, LogFormat};
+
+/// A service binary's `main`: logging, the kernels' thread pool, then `service` on a
+/// multi-threaded runtime.
+pub fn run_service<T, E>(
+    log_format: LogFormat,
+    threads: Option<usize>,
+    service: impl Future<Output = std::result::Result<T, E>>,
+) -> std::result::Result<T, E>
+where
+    E: From<RuntimeError> + From<std::io::Error>,
+{
+    telemetry::init(log_format);
+    configure_threads(threads)?;
+    tokio::runtime::Runtime::new()?.block_on(service)
+}
 
 /// Sizes the kernels' thread pool (default: one thread per core).
 pub fn configure_threads(threads: Option<usize>) -> Result<()> {

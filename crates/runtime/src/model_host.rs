@@ -19,6 +19,33 @@ pub enum ExpertsMode {
     Remote,
 }
 
+/// Flags of the workers that run the model (prefill and decode).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelWorkerArgs {
+    /// Run the routed experts here (`local`) or on expert workers (`remote`).
+    #[arg(long, env = "SLUICE_EXPERTS", value_enum, default_value_t = ExpertsMode::Local)]
+    pub experts: ExpertsMode,
+    /// Longest sequence (prompt + output), in tokens.
+    #[arg(long, env = "SLUICE_MAX_CONTEXT", default_value_t = 8192)]
+    pub max_context: usize,
+    /// Threads for the model's kernels (default: all cores).
+    #[arg(long, env = "SLUICE_THREADS")]
+    pub threads: Option<usize>,
+}
+
+impl ModelWorkerArgs {
+    /// Follows the cluster's workers (for remote experts) and loads the model from `dir`.
+    pub async fn load(
+        &self,
+        dir: &Path,
+        membership: Arc<dyn crate::Membership>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Result<Arc<Model>> {
+        let directory = WorkerDirectory::start(membership, shutdown).await?;
+        load_model(dir, self.experts, Some(directory)).await
+    }
+}
+
 /// Loads `dir` on a blocking thread; with `Remote`, wires the expert dispatcher to
 /// `directory` (which must then be given).
 pub async fn load_model(

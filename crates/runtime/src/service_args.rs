@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
 use crate::error::{Result, RuntimeError};
+use crate::keys::{Role, WorkerId};
 use crate::membership::{EtcdMembership, Membership};
 use crate::telemetry::LogFormat;
 
@@ -41,7 +45,40 @@ pub const NO_ETCD: &str = "no etcd endpoints: pass --etcd http://HOST:2379 (or S
 To start one locally: `apt-get install etcd-server && etcd --data-dir /tmp/sluice-etcd` \
 (then --etcd http://127.0.0.1:2379); or run every role in one process with `sluice up`";
 
+/// What every service's `main` sets up before its role starts.
+pub struct ServiceStart {
+    pub membership: Arc<dyn Membership>,
+    /// Cancelled by SIGTERM or Ctrl-C.
+    pub shutdown: CancellationToken,
+    pub listener: TcpListener,
+}
+
 impl ServiceArgs {
+    /// Connects to etcd, arms the shutdown signals and binds `--listen` (`0.0.0.0:default_port`
+    /// when absent).
+    pub async fn start(&self, default_port: u16) -> Result<ServiceStart> {
+        let membership = self.membership().await?;
+        let shutdown = CancellationToken::new();
+        crate::cli::cancel_on_signal(shutdown.clone());
+        let listen = self
+            .listen
+            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], default_port)));
+        let listener = crate::serve::bind(listen).await?;
+        Ok(ServiceStart {
+            membership,
+            shutdown,
+            listener,
+        })
+    }
+
+    /// `--worker-id`, or a generated one for `role`.
+    pub fn worker_id(&self, role: Role) -> Result<WorkerId> {
+        match &self.worker_id {
+            Some(id) => WorkerId::new(id.clone()),
+            None => Ok(WorkerId::generate(role)),
+        }
+    }
+
     /// etcd membership from `--etcd`; a clear error when none is given.
     pub async fn membership(&self) -> Result<Arc<dyn Membership>> {
         if self.etcd.is_empty() {

@@ -396,10 +396,8 @@ pub(crate) mod tests {
         }
     }
 
-    /// Every kernel variant this CPU can run agrees with the f64 reference, for decode (t < 4)
-    /// and prefill shapes, rows not a multiple of 4 and row lengths not a multiple of 16.
-    #[test]
-    fn every_kernel_level_matches_the_reference() {
+    /// Every kernel level this CPU can run.
+    fn runnable_levels() -> Vec<SimdLevel> {
         let mut levels = vec![SimdLevel::Portable];
         #[cfg(target_arch = "x86_64")]
         {
@@ -410,6 +408,14 @@ pub(crate) mod tests {
                 levels.push(SimdLevel::Avx512);
             }
         }
+        levels
+    }
+
+    /// Every kernel variant this CPU can run agrees with the f64 reference, for decode (t < 4)
+    /// and prefill shapes, rows not a multiple of 4 and row lengths not a multiple of 16.
+    #[test]
+    fn every_kernel_level_matches_the_reference() {
+        let levels = runnable_levels();
         let mut seed = 3;
         for &(t, rows, cols) in &[(1, 7, 40), (2, 9, 33), (6, 13, 70), (65, 6, 17)] {
             let x: Vec<f32> = (0..t * cols).map(|_| lcg(&mut seed)).collect();
@@ -435,16 +441,7 @@ pub(crate) mod tests {
     /// results then never depend on which other requests share the step.
     #[test]
     fn a_tokens_result_does_not_depend_on_its_batch() {
-        let mut levels = vec![SimdLevel::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if simd_level() != SimdLevel::Portable {
-                levels.push(SimdLevel::Avx2);
-            }
-            if simd_level() == SimdLevel::Avx512 {
-                levels.push(SimdLevel::Avx512);
-            }
-        }
+        let levels = runnable_levels();
         let mut seed = 11;
         for &(rows, cols) in &[(9, 70), (8, 64), (5, 100)] {
             let t = 9;
