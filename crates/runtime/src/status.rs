@@ -96,15 +96,11 @@ pub fn follow_registration(
                 reporter.set_service_status(*s, status).await;
             }
             let next = registration.changed().await;
-            if next == registered && !reporter_alive(&registration) {
+            // The keeper is gone once the worker has shut down: nothing will change any more.
+            if next == registered && !registration.has_sender() {
                 return;
             }
             registered = next;
         }
     });
-}
-
-/// The registration's sender is gone once the worker has shut down.
-fn reporter_alive(registration: &Registration) -> bool {
-    registration.has_sender()
 }

@@ -14,7 +14,7 @@ mod tcp;
 use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -286,9 +286,6 @@ impl CacheInbox {
     }
 }
 
-/// Shared so transports and services can hold it.
-pub type SharedInbox = Arc<CacheInbox>;
-
 fn kind_to_pb(kind: RegionKind) -> pb::RegionKind {
     match kind {
         RegionKind::Keys => pb::RegionKind::Keys,
@@ -380,6 +377,8 @@ pub fn header_from_pb(h: &pb::CacheHeader) -> Result<TransferHeader> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     fn layout(tokens: usize) -> CacheLayout {
