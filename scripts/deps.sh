@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Installs the system packages the build needs when they are missing: protoc (etcd-client
-# compiles etcd's protos with it at build time; Sluice's own protos use protox). With --test,
+# compiles etcd's protos with it at build time, and needs the well-known types such as
+# google/protobuf/descriptor.proto, which Debian ships in libprotobuf-dev; Sluice's own protos
+# use protox). With --test,
 # also etcd (the cluster tests start a throw-away etcd server). Debian/Ubuntu, via apt-get.
 set -euo pipefail
 
 need=()
 command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)" >&2; exit 1; }
 command -v protoc >/dev/null || need+=(protobuf-compiler)
+# protoc finds the well-known types next to itself or in /usr/include.
+[ -f /usr/include/google/protobuf/descriptor.proto ] || [ -n "${PROTOC_INCLUDE:-}" ] ||
+    need+=(libprotobuf-dev)
 if [ "${1:-}" = "--test" ]; then
     command -v etcd >/dev/null || [ -x /usr/bin/etcd ] || need+=(etcd-server)
 fi

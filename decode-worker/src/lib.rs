@@ -1,15 +1,15 @@
-//! The decode worker: adopts caches pushed by prefill workers and runs one continuous decode
-//! loop over all its sequences — every step advances each live sequence by one token — and
-//! streams each sequence's tokens to its `Decode` call. A call that goes away (client
-//! cancellation, `Abort`) frees its sequence before the next step.
+//! The decode worker: adopts caches pushed by prefill workers (or prefills short prompts
+//! itself) and runs one continuous batch over all its sequences within a paged KV budget
+//! ([`scheduler`]), streaming each sequence's tokens to its `Decode` call. A call that goes
+//! away (client cancellation, `Abort`) frees its sequence before the next step.
+
+mod metrics;
+pub mod scheduler;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_engine::{
-    CacheConfig, LogitsMode, Model, ModelCache, Sampler, SamplingParams, SeqChunk, SeqId,
-};
-use sluice_proto::v1::FinishReason;
+use sluice_engine::{CacheConfig, Model, Sampler, SamplingParams};
 use sluice_proto::worker::v1 as pb;
 use sluice_proto::worker::v1::cache_transfer_server::CacheTransferServer;
 use sluice_proto::worker::v1::decode_server::{Decode, DecodeServer};
@@ -19,7 +19,7 @@ use sluice_runtime::serve::{advertised_address, serve, standard_routes};
 use sluice_runtime::status::{
     LoadCounters, WorkerStatusService, ensure_registered, follow_registration,
 };
-use sluice_runtime::transport::{Arrival, CacheTransferService, InProcessHub};
+use sluice_runtime::transport::{CacheTransferService, InProcessHub};
 use sluice_runtime::{
     CacheInbox, Membership, Registration, Result, Role, RuntimeError, TransportKind, WorkerId,
     WorkerInfo, sampling,
@@ -30,17 +30,55 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::metrics::DecodeMetrics;
+use crate::scheduler::{ChunkSender, Command, NewSequence, Scheduler, SchedulerLimits};
+
 #[derive(Debug, Clone)]
 pub struct DecodeConfig {
     pub worker_id: WorkerId,
     pub advertise: Option<String>,
     pub model_name: String,
-    /// Sequences decoded at once.
+    /// Sequences running at once (state slots).
     pub max_sequences: usize,
     /// Longest sequence (prompt + output), in tokens.
     pub max_context: usize,
+    /// KV blocks (of [`KV_BLOCK_TOKENS`] tokens) shared by all sequences; `None` sizes the pool
+    /// for `max_sequences` sequences of `max_context` tokens (no preemption ever needed).
+    pub kv_blocks: Option<usize>,
+    /// Tokens per step: decode tokens plus prompt chunks prefilled here.
+    pub max_batch_tokens: usize,
+    pub prefill_chunk: usize,
     /// How long a `Decode` call waits for its cache.
     pub transfer_timeout: Duration,
+}
+
+/// Tokens per KV block.
+pub const KV_BLOCK_TOKENS: usize = 16;
+
+/// The decode worker's batching flags (its binary and `sluice up` share them).
+#[derive(clap::Args, Debug, Clone)]
+pub struct DecodeArgs {
+    /// Sequences running at once; more wait (and preempted ones wait to be recomputed).
+    #[arg(long, env = "SLUICE_MAX_SEQUENCES", default_value_t = 32)]
+    pub max_sequences: usize,
+    /// KV cache budget in blocks of 16 tokens, shared by all sequences. Unset: room for
+    /// max-sequences sequences of max-context tokens, so nothing is ever preempted. Smaller
+    /// budgets admit more than they could hold at full length and preempt the newest
+    /// sequence when blocks run out.
+    #[arg(long, env = "SLUICE_KV_BLOCKS")]
+    pub kv_blocks: Option<usize>,
+    /// Tokens computed per step: one per decoding sequence, plus prompt chunks of sequences
+    /// prefilled (or recomputed) here while room is left.
+    #[arg(long, env = "SLUICE_DECODE_MAX_BATCH_TOKENS", default_value_t = 2048)]
+    pub max_batch_tokens: usize,
+}
+
+impl DecodeArgs {
+    pub fn apply(&self, config: &mut DecodeConfig) {
+        config.max_sequences = self.max_sequences;
+        config.kv_blocks = self.kv_blocks;
+        config.max_batch_tokens = self.max_batch_tokens;
+    }
 }
 
 impl DecodeConfig {
@@ -51,29 +89,22 @@ impl DecodeConfig {
             model_name,
             max_sequences: 32,
             max_context: 8192,
+            kv_blocks: None,
+            max_batch_tokens: 2048,
+            prefill_chunk: sluice_engine::DEFAULT_PREFILL_CHUNK,
             transfer_timeout: Duration::from_secs(60),
         }
     }
-}
 
-type ChunkSender = mpsc::UnboundedSender<Result<pb::TokenChunk, Status>>;
-
-struct Adopt {
-    request_id: String,
-    arrival: Arrival,
-    prompt: Vec<u32>,
-    params: SamplingParams,
-    max_new_tokens: usize,
-    eos: Vec<u32>,
-    tx: ChunkSender,
-}
-
-enum Command {
-    Adopt(Box<Adopt>),
-    Abort {
-        request_id: String,
-        reply: oneshot::Sender<bool>,
-    },
+    fn cache_config(&self) -> CacheConfig {
+        let sequences = self.max_sequences.max(1);
+        let full = self.max_context.div_ceil(KV_BLOCK_TOKENS).max(1) * sequences;
+        CacheConfig {
+            block_size: KV_BLOCK_TOKENS,
+            num_blocks: self.kv_blocks.unwrap_or(full).max(1),
+            max_sequences: sequences,
+        }
+    }
 }
 
 /// Serves `Decode`, `CacheTransfer` and `WorkerStatus` on `listener` until `shutdown`. With a
@@ -126,6 +157,7 @@ pub async fn run(
         commands,
         registration,
         transfer_timeout: config.transfer_timeout,
+        max_context: config.max_context,
     };
     let routes = routes
         .add_service(DecodeServer::new(service))
@@ -143,179 +175,17 @@ fn start_engine(
     counters: Arc<LoadCounters>,
 ) -> Result<mpsc::UnboundedSender<Command>> {
     let (tx, rx) = mpsc::unbounded_channel();
-    let cache_config = CacheConfig::for_sequences(config.max_sequences.max(1), config.max_context);
-    LoadCounters::set(&counters.kv_blocks_total, cache_config.num_blocks);
-    let mut engine = DecodeEngine {
-        cache: model.new_cache(cache_config)?,
-        model,
-        active: Vec::new(),
-        counters,
-        total_blocks: cache_config.num_blocks,
+    let cache = model.new_cache(config.cache_config())?;
+    let metrics = Arc::new(DecodeMetrics::new(config.worker_id.as_str()));
+    let limits = SchedulerLimits {
+        max_batch_tokens: config.max_batch_tokens,
+        prefill_chunk: config.prefill_chunk,
     };
+    let mut scheduler = Scheduler::new(model, cache, limits, counters, metrics);
     std::thread::Builder::new()
         .name("sluice-decode-engine".into())
-        .spawn(move || engine.run(rx))?;
+        .spawn(move || scheduler.run(rx))?;
     Ok(tx)
-}
-
-struct Sequence {
-    request_id: String,
-    seq: SeqId,
-    sampler: Sampler,
-    last: u32,
-    remaining: usize,
-    eos: Vec<u32>,
-    tx: ChunkSender,
-}
-
-struct DecodeEngine {
-    model: Arc<Model>,
-    cache: ModelCache,
-    active: Vec<Sequence>,
-    counters: Arc<LoadCounters>,
-    total_blocks: usize,
-}
-
-impl DecodeEngine {
-    fn run(&mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
-        loop {
-            if self.active.is_empty() {
-                match rx.blocking_recv() {
-                    Some(cmd) => self.handle(cmd),
-                    None => return,
-                }
-            }
-            while let Ok(cmd) = rx.try_recv() {
-                self.handle(cmd);
-            }
-            // Sequences whose caller went away are freed before the step.
-            let (gone, live): (Vec<_>, Vec<_>) = std::mem::take(&mut self.active)
-                .into_iter()
-                .partition(|s| s.tx.is_closed());
-            self.active = live;
-            for s in gone {
-                tracing::debug!(request = %s.request_id, "caller went away; sequence freed");
-                self.cache.release(s.seq);
-            }
-            self.publish_load();
-            if !self.active.is_empty() {
-                self.step();
-                self.publish_load();
-            }
-        }
-    }
-
-    fn publish_load(&self) {
-        LoadCounters::set(&self.counters.running, self.active.len());
-        LoadCounters::set(
-            &self.counters.kv_blocks_used,
-            self.total_blocks - self.cache.free_blocks(),
-        );
-    }
-
-    fn handle(&mut self, cmd: Command) {
-        match cmd {
-            Command::Adopt(a) => self.adopt(*a),
-            Command::Abort { request_id, reply } => {
-                let found = self.active.iter().position(|s| s.request_id == request_id);
-                if let Some(i) = found {
-                    let s = self.active.remove(i);
-                    let _ = s.tx.send(Ok(pb::TokenChunk {
-                        token_ids: Vec::new(),
-                        finish_reason: FinishReason::Cancelled as i32,
-                    }));
-                    self.cache.release(s.seq);
-                }
-                let _ = reply.send(found.is_some());
-            }
-        }
-    }
-
-    fn adopt(&mut self, a: Adopt) {
-        let handoff = a.arrival.handoff;
-        let sampler = match Sampler::resume(
-            a.params,
-            &a.prompt,
-            &[handoff.first_token],
-            handoff.rng_state,
-        ) {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = a.tx.send(Err(engine_status(&e)));
-                return;
-            }
-        };
-        let seq = match self.cache.import(&a.arrival.snapshot) {
-            Ok(seq) => seq,
-            Err(e) => {
-                let _ = a.tx.send(Err(engine_status(&e)));
-                return;
-            }
-        };
-        self.active.push(Sequence {
-            request_id: a.request_id,
-            seq,
-            sampler,
-            last: handoff.first_token,
-            remaining: a.max_new_tokens,
-            eos: a.eos,
-            tx: a.tx,
-        });
-    }
-
-    /// One token for every live sequence.
-    fn step(&mut self) {
-        let last: Vec<[u32; 1]> = self.active.iter().map(|s| [s.last]).collect();
-        let batch: Vec<SeqChunk> = self
-            .active
-            .iter()
-            .zip(&last)
-            .map(|(s, t)| SeqChunk {
-                seq: s.seq,
-                tokens: t,
-            })
-            .collect();
-        let logits = match self
-            .model
-            .forward(&mut self.cache, &batch, LogitsMode::LastPerSequence)
-        {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!("decode step of {} sequences failed: {e}", self.active.len());
-                let status = engine_status(&e);
-                for s in std::mem::take(&mut self.active) {
-                    let _ = s.tx.send(Err(status.clone()));
-                    self.cache.release(s.seq);
-                }
-                return;
-            }
-        };
-        let vocab = self.model.spec().vocab;
-        let mut finished = Vec::new();
-        for (i, s) in self.active.iter_mut().enumerate() {
-            let token = s.sampler.sample(&logits[i * vocab..(i + 1) * vocab]).token;
-            s.last = token;
-            s.remaining = s.remaining.saturating_sub(1);
-            let finish = if s.eos.contains(&token) {
-                FinishReason::Eos
-            } else if s.remaining == 0 {
-                FinishReason::Length
-            } else {
-                FinishReason::Unspecified
-            };
-            let _ = s.tx.send(Ok(pb::TokenChunk {
-                token_ids: vec![token],
-                finish_reason: finish as i32,
-            }));
-            if finish != FinishReason::Unspecified {
-                finished.push(i);
-            }
-        }
-        for i in finished.into_iter().rev() {
-            let s = self.active.remove(i);
-            self.cache.release(s.seq);
-        }
-    }
 }
 
 struct DecodeService {
@@ -324,17 +194,37 @@ struct DecodeService {
     commands: mpsc::UnboundedSender<Command>,
     registration: Registration,
     transfer_timeout: Duration,
+    max_context: usize,
 }
 
 impl DecodeService {
     fn validate(&self, req: &pb::DecodeRequest) -> Result<SamplingParams> {
-        if req.transfer_id.is_empty() {
-            return Err(RuntimeError::invalid("transfer_id", "must not be empty"));
+        if req.transfer_id.is_empty() && !req.prefill {
+            return Err(RuntimeError::invalid(
+                "transfer_id",
+                "must not be empty unless `prefill` is set",
+            ));
+        }
+        if req.prefill && req.prompt_token_ids.is_empty() {
+            return Err(RuntimeError::invalid(
+                "prompt_token_ids",
+                "the prompt is empty",
+            ));
         }
         if req.max_new_tokens == 0 {
             return Err(RuntimeError::invalid(
                 "max_new_tokens",
                 "must be at least 1",
+            ));
+        }
+        let total = req.prompt_token_ids.len() + req.max_new_tokens as usize;
+        if total > self.max_context {
+            return Err(RuntimeError::invalid(
+                "max_new_tokens",
+                format!(
+                    "prompt + max_new_tokens = {total} tokens is above this worker's limit of {}",
+                    self.max_context
+                ),
             ));
         }
         if let Some(id) = req
@@ -354,6 +244,66 @@ impl DecodeService {
     }
 }
 
+/// Waits for `req`'s cache (unless it prefills here) and hands the sequence to the engine.
+async fn start_sequence(
+    req: pb::DecodeRequest,
+    params: SamplingParams,
+    inbox: Arc<CacheInbox>,
+    commands: mpsc::UnboundedSender<Command>,
+    timeout: Duration,
+    tx: ChunkSender,
+) {
+    let logprobs = req.sampling.as_ref().is_some_and(|s| s.logprobs.is_some());
+    let prepared = if req.prefill {
+        Sampler::new(params, &req.prompt_token_ids).map(|s| (s, None))
+    } else {
+        let arrival = tokio::select! {
+            a = inbox.take(&req.transfer_id, timeout) => a,
+            // The caller gave up before the cache came: nothing to adopt.
+            () = tx.closed() => return,
+        };
+        let arrival = match arrival {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = tx.send(Err(e.into()));
+                return;
+            }
+        };
+        let handoff = arrival.handoff;
+        Sampler::resume(
+            params,
+            &req.prompt_token_ids,
+            &[handoff.first_token],
+            handoff.rng_state,
+        )
+        .map(|s| (s, Some((handoff.first_token, arrival.snapshot))))
+    };
+    let (sampler, adopted) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = tx.send(Err(engine_status(&e)));
+            return;
+        }
+    };
+    let new = NewSequence {
+        request_id: req.request_id,
+        prompt: req.prompt_token_ids,
+        sampler,
+        adopted,
+        max_new_tokens: req.max_new_tokens as usize,
+        stop_ids: req.eos_token_ids,
+        logprobs,
+        tx,
+    };
+    if let Err(mpsc::error::SendError(Command::Start(new))) =
+        commands.send(Command::Start(Box::new(new)))
+    {
+        let _ = new
+            .tx
+            .send(Err(Status::internal("the decode engine has stopped")));
+    }
+}
+
 #[tonic::async_trait]
 impl Decode for DecodeService {
     type DecodeStream = UnboundedReceiverStream<Result<pb::TokenChunk, Status>>;
@@ -366,38 +316,14 @@ impl Decode for DecodeService {
         let req = request.into_inner();
         let params = self.validate(&req)?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let inbox = self.inbox.clone();
-        let commands = self.commands.clone();
-        let timeout = self.transfer_timeout;
-        tokio::spawn(async move {
-            let arrival = tokio::select! {
-                a = inbox.take(&req.transfer_id, timeout) => a,
-                // The caller gave up before the cache came: nothing to adopt.
-                () = tx.closed() => return,
-            };
-            let arrival = match arrival {
-                Ok(a) => a,
-                Err(e) => {
-                    let _ = tx.send(Err(e.into()));
-                    return;
-                }
-            };
-            let adopt = Adopt {
-                request_id: req.request_id,
-                arrival,
-                prompt: req.prompt_token_ids,
-                params,
-                max_new_tokens: req.max_new_tokens as usize,
-                eos: req.eos_token_ids,
-                tx,
-            };
-            if let Err(mpsc::error::SendError(Command::Adopt(a))) =
-                commands.send(Command::Adopt(Box::new(adopt)))
-            {
-                let _ =
-                    a.tx.send(Err(Status::internal("the decode engine has stopped")));
-            }
-        });
+        tokio::spawn(start_sequence(
+            req,
+            params,
+            self.inbox.clone(),
+            self.commands.clone(),
+            self.transfer_timeout,
+            tx,
+        ));
         Ok(Response::new(UnboundedReceiverStream::new(rx)))
     }
 

@@ -13,9 +13,8 @@ struct Args {
     service: ServiceArgs,
     #[command(flatten)]
     model: ModelWorkerArgs,
-    /// Sequences decoded at once.
-    #[arg(long, env = "SLUICE_MAX_SEQUENCES", default_value_t = 32)]
-    max_sequences: usize,
+    #[command(flatten)]
+    decode: sluice_decode::DecodeArgs,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -30,7 +29,7 @@ fn main() -> anyhow::Result<()> {
         let mut config =
             sluice_decode::DecodeConfig::new(s.worker_id(Role::Decode)?, model_name(&s.model));
         config.advertise = s.advertise.clone();
-        config.max_sequences = args.max_sequences;
+        args.decode.apply(&mut config);
         config.max_context = args.model.max_context;
         sluice_decode::run(
             start.listener,

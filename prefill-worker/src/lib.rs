@@ -4,12 +4,15 @@
 //! The model runs on one engine thread fed by a queue; the gRPC side only validates, queues,
 //! and moves the cache with a [`CacheTransport`].
 
+mod metrics;
+
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use sluice_engine::{
-    CacheConfig, CacheSnapshot, EngineError, LogitsMode, Model, Sampler, SamplingParams, SeqChunk,
+    CacheConfig, CacheSnapshot, EngineError, LogitsMode, Model, Sampled, Sampler, SamplingParams,
+    SeqChunk,
 };
 use sluice_proto::worker::v1 as pb;
 use sluice_proto::worker::v1::prefill_server::{Prefill, PrefillServer};
@@ -28,6 +31,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+
+use crate::metrics::PrefillMetrics;
 
 #[derive(Debug, Clone)]
 pub struct PrefillConfig {
@@ -60,7 +65,7 @@ impl PrefillConfig {
 
 /// A prompt run to its first token.
 struct Prefilled {
-    first_token: u32,
+    first: Sampled,
     rng_state: u64,
     snapshot: CacheSnapshot,
 }
@@ -83,7 +88,8 @@ pub async fn run(
 ) -> Result<()> {
     let address = advertised_address(listener.local_addr()?, config.advertise.as_deref());
     let counters = Arc::new(LoadCounters::default());
-    let jobs = start_engine(model.clone(), &config, counters.clone())?;
+    let metrics = Arc::new(PrefillMetrics::new(config.worker_id.as_str()));
+    let jobs = start_engine(model.clone(), &config, counters.clone(), metrics.clone())?;
     let info = WorkerInfo {
         worker_id: config.worker_id.clone(),
         role: Role::Prefill,
@@ -108,6 +114,7 @@ pub async fn run(
         transports,
         registration: registration.clone(),
         counters: counters.clone(),
+        metrics,
         max_context: config.max_context,
     };
     let routes =
@@ -125,6 +132,7 @@ fn start_engine(
     model: Arc<Model>,
     config: &PrefillConfig,
     counters: Arc<LoadCounters>,
+    metrics: Arc<PrefillMetrics>,
 ) -> Result<mpsc::UnboundedSender<Job>> {
     let (tx, rx) = mpsc::unbounded_channel();
     let capacity = config.max_batch_tokens.max(config.max_context);
@@ -137,9 +145,10 @@ fn start_engine(
         cache: model.new_cache(cache_config)?,
         model,
         chunk: config.prefill_chunk.max(1),
-        max_batch_tokens: capacity,
+        max_batch_tokens: config.max_batch_tokens.max(1),
         max_batch_prompts: config.max_batch_prompts.max(1),
         counters,
+        metrics,
     };
     std::thread::Builder::new()
         .name("sluice-prefill-engine".into())
@@ -154,6 +163,7 @@ struct PrefillEngine {
     max_batch_tokens: usize,
     max_batch_prompts: usize,
     counters: Arc<LoadCounters>,
+    metrics: Arc<PrefillMetrics>,
 }
 
 impl PrefillEngine {
@@ -188,14 +198,17 @@ impl PrefillEngine {
                 continue;
             }
             LoadCounters::set(&self.counters.running, batch.len());
+            self.metrics.load.running.set(batch.len() as f64);
             let results = self.prefill(&batch);
             for (job, result) in batch.into_iter().zip(results) {
                 let _ = job.reply.send(result);
             }
             LoadCounters::set(&self.counters.running, 0);
+            self.metrics.load.running.set(0.0);
             self.counters
                 .waiting
                 .store(rx.len() as u32, Ordering::Relaxed);
+            self.metrics.load.waiting.set(rx.len() as f64);
         }
     }
 
@@ -228,7 +241,7 @@ impl PrefillEngine {
             samplers.push(Sampler::new(job.params.clone(), &job.prompt)?);
         }
         let mut done = vec![0usize; batch.len()];
-        let mut first: Vec<Option<u32>> = vec![None; batch.len()];
+        let mut first: Vec<Option<Sampled>> = vec![None; batch.len()];
         let vocab = self.model.spec().vocab;
         loop {
             let active: Vec<usize> = (0..batch.len())
@@ -237,34 +250,47 @@ impl PrefillEngine {
             if active.is_empty() {
                 break;
             }
-            let chunks: Vec<SeqChunk> = active
-                .iter()
-                .map(|&i| {
-                    let p = &batch[i].prompt;
-                    SeqChunk {
-                        seq: seqs[i],
-                        tokens: &p[done[i]..(done[i] + self.chunk).min(p.len())],
-                    }
-                })
-                .collect();
+            // Each prompt's next chunk, while the step has room (at least one per step).
+            let mut budget = self.max_batch_tokens;
+            let mut chunks: Vec<SeqChunk> = Vec::with_capacity(active.len());
+            let mut stepped = Vec::with_capacity(active.len());
+            for &i in &active {
+                let p = &batch[i].prompt;
+                let tokens = &p[done[i]..(done[i] + self.chunk).min(p.len())];
+                if !chunks.is_empty() && tokens.len() > budget {
+                    continue;
+                }
+                budget = budget.saturating_sub(tokens.len());
+                chunks.push(SeqChunk {
+                    seq: seqs[i],
+                    tokens,
+                });
+                stepped.push(i);
+            }
+            let active = stepped;
+            let fed: usize = chunks.iter().map(|c| c.tokens.len()).sum();
+            let started = std::time::Instant::now();
             let logits =
                 self.model
                     .forward(&mut self.cache, &chunks, LogitsMode::LastPerSequence)?;
+            self.metrics.step(fed, started.elapsed().as_secs_f64());
             for (row, (&i, c)) in active.iter().zip(&chunks).enumerate() {
                 done[i] += c.tokens.len();
                 if done[i] == batch[i].prompt.len() {
-                    let sampled = samplers[i].sample(&logits[row * vocab..(row + 1) * vocab]);
-                    first[i] = Some(sampled.token);
+                    first[i] = Some(samplers[i].sample(&logits[row * vocab..(row + 1) * vocab]));
                 }
             }
         }
         let mut out = Vec::with_capacity(batch.len());
-        for i in 0..batch.len() {
-            let snapshot = self.cache.export(seqs[i])?;
+        for ((seq, sampler), first) in seqs.iter().zip(&samplers).zip(first) {
+            let first = first.ok_or_else(|| EngineError::InvalidArgument {
+                field: "prompt",
+                message: "a prompt in the batch was never completed".into(),
+            })?;
             out.push(Prefilled {
-                first_token: first[i].unwrap_or_default(),
-                rng_state: samplers[i].rng_state(),
-                snapshot,
+                first,
+                rng_state: sampler.rng_state(),
+                snapshot: self.cache.export(*seq)?,
             });
         }
         Ok(out)
@@ -277,6 +303,7 @@ struct PrefillService {
     transports: Vec<Arc<dyn CacheTransport>>,
     registration: Registration,
     counters: Arc<LoadCounters>,
+    metrics: Arc<PrefillMetrics>,
     max_context: usize,
 }
 
@@ -357,11 +384,18 @@ impl PrefillService {
         let prefilled = prefilled
             .map_err(|_| RuntimeError::Internal("the prefill engine dropped the request".into()))?
             .map_err(|e| engine_status(&e))?;
+        let first_logprobs = req
+            .sampling
+            .as_ref()
+            .is_some_and(|s| s.logprobs.is_some())
+            .then(|| sampling::token_logprobs(&prefilled.first));
+        let first_token = prefilled.first.token;
         let Some(transport) = transport else {
             return Ok(pb::PrefillResponse {
-                first_token: prefilled.first_token,
+                first_token,
                 transfer_id: String::new(),
                 transferred_bytes: 0,
+                first_logprobs,
             });
         };
         let header = TransferHeader {
@@ -370,10 +404,11 @@ impl PrefillService {
             layout: prefilled.snapshot.layout.clone(),
             handoff: Handoff {
                 request_id: req.request_id.clone(),
-                first_token: prefilled.first_token,
+                first_token,
                 rng_state: prefilled.rng_state,
             },
         };
+        let started = std::time::Instant::now();
         let bytes = tokio::time::timeout(
             Duration::from_secs(120),
             transport.push(&dest, header, prefilled.snapshot),
@@ -383,11 +418,14 @@ impl PrefillService {
             worker: dest.worker_id.clone(),
             message: "cache push timed out".into(),
         })??;
+        self.metrics
+            .transferred(bytes, started.elapsed().as_secs_f64());
         tracing::debug!(request = %req.request_id, bytes, "cache pushed");
         Ok(pb::PrefillResponse {
-            first_token: prefilled.first_token,
+            first_token,
             transfer_id: req.transfer_id,
             transferred_bytes: bytes,
+            first_logprobs,
         })
     }
 }

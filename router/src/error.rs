@@ -1,7 +1,7 @@
 //! The router's one error type, mapped to `tonic::Status` here.
 
 use sluice_runtime::RuntimeError;
-use tonic::Status;
+use tonic::{Code, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
@@ -24,11 +24,45 @@ pub enum RouterError {
     DeadlineExceeded(String),
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    #[error("the caller went away")]
+    Cancelled,
     #[error("internal: {0}")]
     Internal(String),
 }
 
 impl RouterError {
+    /// The `outcome` label of `sluice_requests_total` for a request that ended in this error.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            RouterError::InvalidArgument { .. } => "invalid",
+            RouterError::Overloaded(_) => "overloaded",
+            RouterError::NoWorker(_) | RouterError::WorkerFailed { .. } => "unavailable",
+            RouterError::DeadlineExceeded(_) => "deadline",
+            RouterError::Cancelled => "cancelled",
+            RouterError::Runtime(e) => match e.code() {
+                Code::InvalidArgument => "invalid",
+                Code::ResourceExhausted => "overloaded",
+                Code::Unavailable => "unavailable",
+                Code::DeadlineExceeded => "deadline",
+                _ => "error",
+            },
+            RouterError::Internal(_) => "error",
+        }
+    }
+
+    /// The status code this error is reported with.
+    pub fn code(&self) -> Code {
+        match self {
+            RouterError::InvalidArgument { .. } => Code::InvalidArgument,
+            RouterError::Overloaded(_) => Code::ResourceExhausted,
+            RouterError::NoWorker(_) | RouterError::WorkerFailed { .. } => Code::Unavailable,
+            RouterError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            RouterError::Cancelled => Code::Cancelled,
+            RouterError::Runtime(e) => e.code(),
+            RouterError::Internal(_) => Code::Internal,
+        }
+    }
+
     pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
         RouterError::InvalidArgument {
             field,
@@ -39,16 +73,9 @@ impl RouterError {
 
 impl From<RouterError> for Status {
     fn from(e: RouterError) -> Status {
-        let message = e.to_string();
         match e {
-            RouterError::InvalidArgument { .. } => Status::invalid_argument(message),
-            RouterError::Overloaded(_) => Status::resource_exhausted(message),
-            RouterError::NoWorker(_) | RouterError::WorkerFailed { .. } => {
-                Status::unavailable(message)
-            }
-            RouterError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
             RouterError::Runtime(r) => r.into(),
-            RouterError::Internal(_) => Status::internal(message),
+            e => Status::new(e.code(), e.to_string()),
         }
     }
 }

@@ -3,8 +3,12 @@
 //! [`pool::SchedulingPolicy`]), and streams each request's tokens back.
 
 pub mod admission;
+pub mod args;
 pub mod error;
 pub mod generation;
+pub mod http;
+pub mod metrics;
+pub mod openai;
 pub mod pool;
 pub mod service;
 pub mod stop;
@@ -25,8 +29,10 @@ use tonic_health::ServingStatus;
 pub use error::RouterError;
 
 use crate::admission::Admission;
+use crate::generation::Relay;
+use crate::metrics::RouterMetrics;
 use crate::pool::{LeastLoaded, WorkerPool};
-use crate::service::{InferenceService, RouterStatusService};
+use crate::service::{Frontend, InferenceService, RouterStatusService};
 use crate::validate::ModelContext;
 
 #[derive(Debug, Clone)]
@@ -40,6 +46,9 @@ pub struct RouterConfig {
     /// Deadline of requests whose caller sets none.
     pub default_deadline: Duration,
     pub transfer_timeout: Duration,
+    /// Prompts shorter than this many tokens are prefilled on the decode worker; 0 sends
+    /// every prompt to a prefill worker.
+    pub disagg_min_tokens: usize,
 }
 
 impl RouterConfig {
@@ -52,13 +61,16 @@ impl RouterConfig {
             max_tokens_limit: 4096,
             default_deadline: Duration::from_secs(600),
             transfer_timeout: Duration::from_secs(60),
+            disagg_min_tokens: 0,
         }
     }
 }
 
-/// Serves the public API on `listener` until `shutdown`.
+/// Serves the public gRPC API on `listener`, and the OpenAI-compatible HTTP API with
+/// `/health` and `/metrics` on `http` when given, until `shutdown`.
 pub async fn run(
     listener: TcpListener,
+    http: Option<TcpListener>,
     membership: Arc<dyn Membership>,
     config: RouterConfig,
     shutdown: CancellationToken,
@@ -96,17 +108,38 @@ pub async fn run(
             }
         }
     });
-    let service = InferenceService {
-        pool: pool.clone(),
-        model,
+    let frontend = Arc::new(Frontend {
+        relay: Arc::new(Relay {
+            pool: pool.clone(),
+            model,
+            transfer_timeout: config.transfer_timeout,
+            disagg_min_tokens: config.disagg_min_tokens,
+            metrics: Arc::new(RouterMetrics::new()),
+        }),
         admission: Arc::new(Admission::new(config.max_in_flight, config.max_queue)),
         default_deadline: config.default_deadline,
-        transfer_timeout: config.transfer_timeout,
+    });
+    let mut http_server = None;
+    if let Some(http) = http {
+        let address = http
+            .local_addr()
+            .map_err(sluice_runtime::RuntimeError::from)?;
+        tracing::info!(%address, "router HTTP (OpenAI-compatible) serving");
+        let app = http::app(frontend.clone(), directory.clone());
+        http_server = Some(tokio::spawn(http::serve(http, app, shutdown.clone())));
+    }
+    let service = InferenceService {
+        frontend: frontend.clone(),
     };
     let routes = routes
         .add_service(InferenceServer::new(service))
         .add_service(RouterStatusServer::new(RouterStatusService { pool }));
     tracing::info!(address = %listener.local_addr().map_err(sluice_runtime::RuntimeError::from)?, "router serving");
     serve(listener, routes, shutdown).await?;
+    if let Some(server) = http_server {
+        server
+            .await
+            .map_err(|e| RouterError::Internal(format!("HTTP server task: {e}")))??;
+    }
     Ok(())
 }

@@ -142,8 +142,12 @@ impl WorkerPool {
             .collect()
     }
 
-    /// Chooses a decode worker, then a prefill worker of the same model sharing a transport.
-    pub fn pick_pair(&self) -> Result<Pair, RouterError> {
+    /// Chooses a decode worker alone (for prompts it prefills itself).
+    pub fn pick_decode(&self) -> Result<Assignment, RouterError> {
+        self.choose_decode().map(Assignment::new)
+    }
+
+    fn choose_decode(&self) -> Result<Arc<WorkerState>, RouterError> {
         let decodes: Vec<_> = self
             .workers(Role::Decode)
             .into_iter()
@@ -153,7 +157,12 @@ impl WorkerPool {
             .policy
             .pick(Role::Decode, &decodes)
             .ok_or(RouterError::NoWorker("decode"))?;
-        let decode = decodes[d].clone();
+        Ok(decodes[d].clone())
+    }
+
+    /// Chooses a decode worker, then a prefill worker of the same model sharing a transport.
+    pub fn pick_pair(&self) -> Result<Pair, RouterError> {
+        let decode = self.choose_decode()?;
         let prefills: Vec<_> = self
             .workers(Role::Prefill)
             .into_iter()

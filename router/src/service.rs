@@ -2,7 +2,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::Stream;
 use sluice_proto::v1::inference_server::Inference;
@@ -13,54 +13,128 @@ use sluice_runtime::serve::grpc_timeout;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::admission::Admission;
 use crate::error::RouterError;
-use crate::generation;
+use crate::generation::Relay;
+use crate::metrics::RouterMetrics;
 use crate::pool::WorkerPool;
-use crate::validate::ModelContext;
+use crate::validate::{ModelContext, ValidRequest};
 
-pub struct InferenceService {
-    pub pool: Arc<WorkerPool>,
-    pub model: Arc<ModelContext>,
+/// The router's core, shared by the gRPC and HTTP front ends: admission, then the relay of
+/// each admitted request on its own task.
+pub struct Frontend {
+    pub relay: Arc<Relay>,
     pub admission: Arc<Admission>,
     /// Deadline of requests whose caller sets none.
     pub default_deadline: Duration,
-    pub transfer_timeout: Duration,
 }
+
+pub type ChunkRx = mpsc::Receiver<Result<pb::GenerateChunk, Status>>;
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateChunk, Status>> + Send>>;
 
-impl InferenceService {
-    /// Validates and admits `request`, then runs it on a task; the chunks come on the receiver.
-    /// Refusals (invalid, overloaded) are returned at once, before any chunk.
-    async fn start(
+impl Frontend {
+    pub fn model(&self) -> &ModelContext {
+        &self.relay.model
+    }
+
+    pub fn metrics(&self) -> &RouterMetrics {
+        &self.relay.metrics
+    }
+
+    /// Counts a request refused before admission.
+    pub fn refused(&self, e: &RouterError) {
+        self.metrics().outcome(e.outcome());
+    }
+
+    /// Admits `request` and runs it on a task; the chunks come on the receiver. Refusals
+    /// (overloaded, deadline in the queue) are returned at once, before any chunk.
+    pub async fn start(
         &self,
-        request: Request<pb::GenerateRequest>,
-    ) -> Result<mpsc::Receiver<Result<pb::GenerateChunk, Status>>, Status> {
-        let deadline = grpc_timeout(request.metadata()).unwrap_or(self.default_deadline);
-        let valid = self.model.validate(request.into_inner())?;
-        let admitted = self.admission.admit(deadline).await?;
-        let (tx, rx) = mpsc::channel(64);
-        let pool = self.pool.clone();
-        let model = self.model.clone();
-        let transfer_timeout = self.transfer_timeout;
-        let request_id = valid.request_id.clone();
-        tokio::spawn(async move {
-            let _admitted = admitted;
-            let run = generation::run(pool, model, valid, transfer_timeout, tx.clone());
-            let outcome = match tokio::time::timeout(deadline, run).await {
-                Ok(r) => r,
-                Err(_) => Err(RouterError::DeadlineExceeded(format!("after {deadline:?}"))),
-            };
-            if let Err(e) = outcome
-                && !tx.is_closed()
-            {
-                tracing::warn!(request = %request_id, "request failed: {e}");
-                let _ = tx.send(Err(e.into())).await;
+        request: ValidRequest,
+        deadline: Option<Duration>,
+    ) -> Result<ChunkRx, RouterError> {
+        let arrived = Instant::now();
+        let deadline = deadline.unwrap_or(self.default_deadline);
+        let metrics = self.relay.metrics.clone();
+        let admission = self.admission.clone();
+        let admitted = {
+            let queued = admission.admit(deadline);
+            metrics.queue_depth.set(admission.queued() as f64);
+            let admitted = queued.await;
+            metrics.queue_depth.set(admission.queued() as f64);
+            admitted
+        };
+        let admitted = match admitted {
+            Ok(a) => a,
+            Err(e) => {
+                self.refused(&e);
+                return Err(e);
             }
-        });
+        };
+        metrics.in_flight.set(admission.in_flight() as f64);
+        metrics.prompt_tokens.add(request.prompt.len() as f64);
+        let (tx, rx) = mpsc::channel(64);
+        let relay = self.relay.clone();
+        let request_id = request.request_id.clone();
+        let span = tracing::info_span!("request", id = %request_id);
+        let remaining = deadline.saturating_sub(arrived.elapsed());
+        tokio::spawn(
+            async move {
+                let run = relay.run(request, arrived, tx.clone());
+                let outcome = match tokio::time::timeout(remaining, run).await {
+                    Ok(r) => r,
+                    Err(_) => Err(RouterError::DeadlineExceeded(format!("after {deadline:?}"))),
+                };
+                drop(admitted);
+                metrics.in_flight.set(admission.in_flight() as f64);
+                match outcome {
+                    Ok(reason) => {
+                        metrics.e2e.observe(arrived.elapsed().as_secs_f64());
+                        metrics.outcome(finish_label(reason));
+                    }
+                    Err(e) => {
+                        metrics.outcome(e.outcome());
+                        if !tx.is_closed() {
+                            tracing::warn!("request failed: {e}");
+                            let _ = tx.send(Err(e.into())).await;
+                        }
+                    }
+                }
+            }
+            .instrument(span),
+        );
         Ok(rx)
+    }
+}
+
+/// The `outcome` label of a request that finished normally.
+fn finish_label(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+        FinishReason::Eos => "eos",
+        FinishReason::Cancelled => "cancelled",
+        FinishReason::Error | FinishReason::Unspecified => "error",
+    }
+}
+
+/// `sluice.v1.Inference` over the [`Frontend`].
+pub struct InferenceService {
+    pub frontend: Arc<Frontend>,
+}
+
+impl InferenceService {
+    async fn start(&self, request: Request<pb::GenerateRequest>) -> Result<ChunkRx, Status> {
+        let deadline = grpc_timeout(request.metadata());
+        let valid = self
+            .frontend
+            .model()
+            .validate(request.into_inner())
+            .inspect_err(|e| self.frontend.refused(e))?;
+        Ok(self.frontend.start(valid, deadline).await?)
     }
 }
 
@@ -77,6 +151,7 @@ impl Inference for InferenceService {
             out.request_id = chunk.request_id;
             out.token_ids.extend(chunk.token_ids);
             out.text.push_str(&chunk.text);
+            out.logprobs.extend(chunk.logprobs);
             if chunk.finish_reason != FinishReason::Unspecified as i32 {
                 out.finish_reason = chunk.finish_reason;
                 out.usage = chunk.usage;
@@ -103,7 +178,7 @@ impl Inference for InferenceService {
         request: Request<pb::TokenizeRequest>,
     ) -> Result<Response<pb::TokenizeResponse>, Status> {
         let r = request.into_inner();
-        let token_ids = self.model.tokenize(&r.text, r.chat)?;
+        let token_ids = self.frontend.model().tokenize(&r.text, r.chat)?;
         Ok(Response::new(pb::TokenizeResponse { token_ids }))
     }
 
@@ -111,12 +186,13 @@ impl Inference for InferenceService {
         &self,
         _: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        let model = self.frontend.model();
         Ok(Response::new(pb::ListModelsResponse {
             models: vec![pb::ModelInfo {
-                id: self.model.name.clone(),
-                model_type: self.model.model_type.clone(),
-                vocab_size: self.model.vocab as u32,
-                max_context: self.model.max_context as u32,
+                id: model.name.clone(),
+                model_type: model.model_type.clone(),
+                vocab_size: model.vocab as u32,
+                max_context: model.max_context as u32,
             }],
         }))
     }

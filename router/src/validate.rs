@@ -18,6 +18,17 @@ pub struct ValidRequest {
     pub eos: Vec<u32>,
 }
 
+impl ValidRequest {
+    /// The ids a worker stops at: end-of-sequence (unless ignored) and stop token ids.
+    pub fn worker_stop_ids(&self) -> Vec<u32> {
+        let mut ids = self.eos.clone();
+        ids.extend(&self.sampling.stop_token_ids);
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+}
+
 /// What the router knows of the model it fronts: enough to tokenise and validate.
 pub struct ModelContext {
     pub name: String,
@@ -112,6 +123,19 @@ impl ModelContext {
             }
         };
         let sampling = sampling::from_pb(req.sampling.as_ref(), self.max_tokens_limit)?;
+        if let Some(id) = sampling
+            .stop_token_ids
+            .iter()
+            .find(|&&t| t as usize >= self.vocab)
+        {
+            return Err(RouterError::invalid(
+                "stop_token_ids",
+                format!(
+                    "token id {id} is not below the vocabulary size {}",
+                    self.vocab
+                ),
+            ));
+        }
         if prompt.len() + sampling.max_tokens > self.max_context {
             return Err(RouterError::invalid(
                 "max_tokens",

@@ -3,101 +3,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use sluice_client::{Client, ClientError, FinishReason, GenerateRequest, SamplingParams};
-use sluice_harness::{Etcd, Proc, eventually, free_port, local_greedy, service, synth};
+use sluice_client::{ClientError, FinishReason, GenerateRequest, SamplingParams};
+use sluice_harness::{ClusterSpec, eventually, load_of, local_greedy, synth};
 use sluice_proto::worker::v1 as wpb;
 use sluice_proto::worker::v1::cache_transfer_client::CacheTransferClient;
-use sluice_proto::worker::v1::router_status_client::RouterStatusClient;
-use sluice_proto::worker::v1::worker_status_client::WorkerStatusClient;
 use tonic::Code;
-
-struct Cluster {
-    router: String,
-    procs: Vec<Proc>,
-}
-
-/// etcd must outlive the processes; `_etcd` is declared last so it drops last.
-struct Running {
-    cluster: Cluster,
-    _logs: tempfile::TempDir,
-    _etcd: Etcd,
-}
-
-fn start(model: &Path, prefill: usize, decode: usize, experts: usize, ttl: u64) -> Running {
-    let logs = tempfile::tempdir().unwrap();
-    let etcd = Etcd::start(logs.path());
-    let mut procs = Vec::new();
-    let remote = if experts > 0 { "remote" } else { "local" };
-    for i in 0..experts {
-        let mut cmd = service("sluice-expert", &etcd.url, model, free_port(), ttl);
-        cmd.arg("--shard")
-            .arg(format!("{i}/{experts}"))
-            .arg("--threads")
-            .arg("1");
-        procs.push(Proc::spawn(&format!("expert{i}"), &mut cmd, logs.path()));
-    }
-    for i in 0..prefill {
-        let mut cmd = service("sluice-prefill", &etcd.url, model, free_port(), ttl);
-        cmd.args(["--experts", remote, "--threads", "1"]);
-        procs.push(Proc::spawn(&format!("prefill{i}"), &mut cmd, logs.path()));
-    }
-    for i in 0..decode {
-        let mut cmd = service("sluice-decode", &etcd.url, model, free_port(), ttl);
-        cmd.args(["--experts", remote, "--threads", "1"]);
-        procs.push(Proc::spawn(&format!("decode{i}"), &mut cmd, logs.path()));
-    }
-    let port = free_port();
-    let mut cmd = service("sluice-router", &etcd.url, model, port, ttl);
-    procs.push(Proc::spawn("router", &mut cmd, logs.path()));
-    Running {
-        cluster: Cluster {
-            router: format!("http://127.0.0.1:{port}"),
-            procs,
-        },
-        _logs: logs,
-        _etcd: etcd,
-    }
-}
-
-impl Cluster {
-    async fn workers(&self) -> Option<Vec<wpb::WorkerView>> {
-        let mut c = RouterStatusClient::connect(self.router.clone())
-            .await
-            .ok()?;
-        Some(
-            c.workers(wpb::WorkersRequest {})
-                .await
-                .ok()?
-                .into_inner()
-                .workers,
-        )
-    }
-
-    /// Waits until the router sees `n` workers, each with a load report where it has one.
-    async fn wait_ready(&self, n: usize) -> Vec<wpb::WorkerView> {
-        eventually(
-            Duration::from_secs(60),
-            "every worker registered",
-            || async {
-                let w = self.workers().await?;
-                let reported = w
-                    .iter()
-                    .filter(|v| v.role == "expert" || v.load.is_some())
-                    .count();
-                (w.len() == n && reported == n).then_some(w)
-            },
-        )
-        .await
-    }
-
-    async fn client(&self) -> Client {
-        Client::connect(&self.router).await.unwrap()
-    }
-}
 
 fn greedy(tokens: &[u32], max_tokens: u32, ignore_eos: bool) -> GenerateRequest {
     GenerateRequest {
@@ -119,19 +32,12 @@ fn status(e: ClientError) -> tonic::Status {
     }
 }
 
-async fn load_of(address: &str) -> wpb::LoadReport {
-    let mut c = WorkerStatusClient::connect(address.to_string())
-        .await
-        .unwrap();
-    c.load(wpb::LoadRequest {}).await.unwrap().into_inner()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_disaggregated_cluster_matches_local_generation() {
     let model_dir = tempfile::tempdir().unwrap();
     let model = model_dir.path();
     synth("tiny", model);
-    let running = start(model, 1, 1, 2, 10);
+    let running = ClusterSpec::new(1, 1).experts(2).start(model);
     let cluster = &running.cluster;
     let workers = cluster.wait_ready(4).await;
     let decode_addr = workers
@@ -318,7 +224,7 @@ async fn a_killed_worker_leaves_the_cluster_and_its_request_fails_cleanly() {
     let model = model_dir.path();
     synth("tiny", model);
     let ttl = 3;
-    let mut running = start(model, 1, 2, 0, ttl);
+    let mut running = ClusterSpec::new(1, 2).ttl(ttl).start(model);
     running.cluster.wait_ready(3).await;
     let cluster = &running.cluster;
 

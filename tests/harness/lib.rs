@@ -14,6 +14,11 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+pub mod cluster;
+pub mod http;
+
+pub use cluster::{Cluster, ClusterSpec, Running, load_of};
+
 /// Path of a binary of this workspace built alongside the running test.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();

@@ -26,8 +26,8 @@ fn request(args: &GenerateArgs) -> GenerateRequest {
             presence_penalty: s.presence_penalty,
             frequency_penalty: s.frequency_penalty,
             max_tokens: Some(args.max_tokens.min(u32::MAX as usize) as u32),
-            stop: Vec::new(),
             ignore_eos: args.ignore_eos,
+            ..Default::default()
         }),
     }
 }

@@ -34,6 +34,16 @@ pub struct UpArgs {
     /// Address of the public gRPC API.
     #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Address of the OpenAI-compatible HTTP API, /health and /metrics.
+    #[arg(long, env = "SLUICE_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+    pub http_listen: SocketAddr,
+    /// Serve gRPC only.
+    #[arg(long, env = "SLUICE_NO_HTTP")]
+    pub no_http: bool,
+    #[command(flatten)]
+    pub router: sluice_router::args::RouterArgs,
+    #[command(flatten)]
+    pub decode_batching: sluice_decode::DecodeArgs,
     #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }
@@ -82,13 +92,16 @@ pub fn run(args: UpArgs) -> Result<()> {
         // One copy of the weights serves every prefill and decode worker of the process.
         let model = load_model(&dir, mode, Some(directory.clone())).await?;
         for _ in 0..args.decode {
-            let config = sluice_decode::DecodeConfig::new(WorkerId::generate(Role::Decode), name.clone());
+            let mut config = sluice_decode::DecodeConfig::new(WorkerId::generate(Role::Decode), name.clone());
+            args.decode_batching.apply(&mut config);
+            config.max_context = args.router.max_context;
             let listener = sluice_runtime::serve::bind(SocketAddr::from(LOOPBACK)).await?;
             let (m, s, h, md) = (membership.clone(), shutdown.clone(), hub.clone(), model.clone());
             tasks.spawn(async move { Ok(sluice_decode::run(listener, md, m, Some(h), config, s).await?) });
         }
         for _ in 0..args.prefill {
-            let config = sluice_prefill::PrefillConfig::new(WorkerId::generate(Role::Prefill), name.clone());
+            let mut config = sluice_prefill::PrefillConfig::new(WorkerId::generate(Role::Prefill), name.clone());
+            config.max_context = args.router.max_context;
             let listener = sluice_runtime::serve::bind(SocketAddr::from(LOOPBACK)).await?;
             let transports: Vec<Arc<dyn CacheTransport>> = vec![
                 Arc::new(InProcessTransport::new(hub.clone())),
@@ -99,14 +112,20 @@ pub fn run(args: UpArgs) -> Result<()> {
         }
         let listener = sluice_runtime::serve::bind(args.listen).await?;
         let endpoint = format!("http://{}", listener.local_addr()?);
-        let router_config = sluice_router::RouterConfig::new(dir.clone());
+        let http = if args.no_http { None } else { Some(sluice_runtime::serve::bind(args.http_listen).await?) };
+        let http_endpoint = match &http {
+            Some(l) => format!(", OpenAI-compatible HTTP at http://{}/v1", l.local_addr()?),
+            None => String::new(),
+        };
+        let mut router_config = sluice_router::RouterConfig::new(dir.clone());
+        args.router.apply(&mut router_config);
         {
             let (m, s) = (membership.clone(), shutdown.clone());
-            tasks.spawn(async move { Ok(sluice_router::run(listener, m, router_config, s).await?) });
+            tasks.spawn(async move { Ok(sluice_router::run(listener, http, m, router_config, s).await?) });
         }
         wait_for_workers(&directory, &args, &mut tasks).await?;
         println!(
-            "sluice up: serving {name} at {endpoint} ({} prefill, {} decode, {} expert workers); Ctrl-C to stop",
+            "sluice up: serving {name} at {endpoint} (gRPC{http_endpoint}; {} prefill, {} decode, {} expert workers); Ctrl-C to stop",
             args.prefill, args.decode, args.experts
         );
         loop {

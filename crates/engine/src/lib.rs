@@ -15,7 +15,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use backend::Device;
-pub use cache::{CacheConfig, CacheLayout, CacheSnapshot, ModelCache, SeqId};
+pub use cache::{CacheConfig, CacheLayout, CacheSnapshot, ModelCache, SeqId, SeqLease};
 pub use config::{ModelFamily, ModelSpec};
 pub use error::{EngineError, Result};
 pub use generation::{

@@ -73,25 +73,34 @@ pub fn engine_status(e: &EngineError) -> Status {
     Status::new(engine_code(e), e.to_string())
 }
 
-impl From<RuntimeError> for Status {
-    fn from(e: RuntimeError) -> Status {
-        let message = e.to_string();
-        match e {
-            RuntimeError::Rpc(status) => status,
-            RuntimeError::Engine(ref inner) => Status::new(engine_code(inner), message),
+impl RuntimeError {
+    /// The status code this error is reported with.
+    pub fn code(&self) -> Code {
+        match self {
+            RuntimeError::Rpc(status) => status.code(),
+            RuntimeError::Engine(inner) => engine_code(inner),
             RuntimeError::InvalidArgument { .. }
             | RuntimeError::MalformedKey { .. }
-            | RuntimeError::MalformedRecord { .. } => Status::invalid_argument(message),
-            RuntimeError::TransferRefused(_) => Status::failed_precondition(message),
-            RuntimeError::TransferCorrupted(_) => Status::data_loss(message),
-            RuntimeError::TransferTimeout(_) => Status::deadline_exceeded(message),
+            | RuntimeError::MalformedRecord { .. } => Code::InvalidArgument,
+            RuntimeError::TransferRefused(_) => Code::FailedPrecondition,
+            RuntimeError::TransferCorrupted(_) => Code::DataLoss,
+            RuntimeError::TransferTimeout(_) => Code::DeadlineExceeded,
             RuntimeError::Unavailable { .. }
             | RuntimeError::NotRegistered
             | RuntimeError::Connect { .. }
             | RuntimeError::Etcd(_)
-            | RuntimeError::Membership(_) => Status::unavailable(message),
-            RuntimeError::Overloaded(_) => Status::resource_exhausted(message),
-            RuntimeError::Io(_) | RuntimeError::Internal(_) => Status::internal(message),
+            | RuntimeError::Membership(_) => Code::Unavailable,
+            RuntimeError::Overloaded(_) => Code::ResourceExhausted,
+            RuntimeError::Io(_) | RuntimeError::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<RuntimeError> for Status {
+    fn from(e: RuntimeError) -> Status {
+        match e {
+            RuntimeError::Rpc(status) => status,
+            e => Status::new(e.code(), e.to_string()),
         }
     }
 }

@@ -36,6 +36,20 @@ pub struct RemoteExperts {
     fingerprint: u64,
     runtime: tokio::runtime::Handle,
     streams: Mutex<HashMap<WorkerId, StreamSlot>>,
+    round_trip: Arc<crate::metrics::Histogram>,
+}
+
+/// `sluice_expert_dispatch_seconds`: one MoE layer's dispatch to every expert worker involved
+/// and back, as the model worker waits for it.
+pub fn dispatch_histogram() -> Arc<crate::metrics::Histogram> {
+    crate::metrics::registry()
+        .histogram(
+            "sluice_expert_dispatch_seconds",
+            "Round trip of one MoE layer's dispatch to the expert workers, seen by a model worker.",
+            &[],
+            crate::metrics::LATENCY_BUCKETS,
+        )
+        .with(&[])
 }
 
 impl RemoteExperts {
@@ -50,6 +64,7 @@ impl RemoteExperts {
             fingerprint,
             runtime,
             streams: Mutex::new(HashMap::new()),
+            round_trip: dispatch_histogram(),
         }
     }
 
@@ -174,7 +189,9 @@ impl RemoteExperts {
             };
             self.exchange(worker, batch)
         });
+        let started = std::time::Instant::now();
         let results = self.runtime.block_on(futures::future::join_all(calls));
+        self.round_trip.observe(started.elapsed().as_secs_f64());
         let mut outputs: Vec<Vec<f32>> = vec![Vec::new(); groups.len()];
         for ((_, members), result) in plan.values().zip(results) {
             let result = result?;

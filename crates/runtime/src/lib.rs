@@ -10,6 +10,7 @@ pub mod error;
 pub mod experts;
 pub mod keys;
 pub mod membership;
+pub mod metrics;
 pub mod model_host;
 pub mod sampling;
 pub mod serve;

@@ -2,7 +2,7 @@
 //! stop rules. Unset optional fields take documented defaults; set ones are range-checked and
 //! refused naming the field.
 
-use sluice_engine::SamplingParams;
+use sluice_engine::{Sampled, SamplingParams};
 use sluice_proto::v1 as pb;
 
 use crate::error::{Result, RuntimeError};
@@ -18,7 +18,16 @@ pub struct RequestSampling {
     pub max_tokens: usize,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
+    /// Tokens that end the sequence like a stop string (`finish_reason = stop`).
+    pub stop_token_ids: Vec<u32>,
+    /// `Some(n)`: report each token's log-probability and the top `n` of its step.
+    pub logprobs: Option<usize>,
+    /// Prepend the prompt's text to the output.
+    pub echo: bool,
 }
+
+/// Most alternatives a request may ask log-probabilities for (OpenAI's limit).
+pub const MAX_LOGPROBS: u32 = 20;
 
 /// The engine parameters of `p` (absent = all defaults), validated.
 pub fn params_from_pb(p: Option<&pb::SamplingParams>) -> Result<SamplingParams> {
@@ -33,10 +42,31 @@ pub fn params_from_pb(p: Option<&pb::SamplingParams>) -> Result<SamplingParams> 
         presence_penalty: p.presence_penalty,
         frequency_penalty: p.frequency_penalty,
         seed: p.seed,
-        top_logprobs: 0,
+        top_logprobs: p.logprobs.unwrap_or(0) as usize,
     };
+    if let Some(n) = p.logprobs
+        && n > MAX_LOGPROBS
+    {
+        return Err(RuntimeError::invalid(
+            "logprobs",
+            format!("{n} is above the limit of {MAX_LOGPROBS}"),
+        ));
+    }
     params.validate()?;
     Ok(params)
+}
+
+/// The wire form of a sampled token's log-probabilities.
+pub fn token_logprobs(sampled: &Sampled) -> pb::TokenLogprobs {
+    pb::TokenLogprobs {
+        token_id: sampled.token,
+        logprob: sampled.logprob,
+        top: sampled
+            .top
+            .iter()
+            .map(|&(token_id, logprob)| pb::TopLogprob { token_id, logprob })
+            .collect(),
+    }
 }
 
 /// Everything a request asks of sampling, with `max_tokens` checked against `max_tokens_limit`.
@@ -67,6 +97,9 @@ pub fn from_pb(p: Option<&pb::SamplingParams>, max_tokens_limit: usize) -> Resul
         max_tokens,
         stop,
         ignore_eos: p.is_some_and(|p| p.ignore_eos),
+        stop_token_ids: p.map(|p| p.stop_token_ids.clone()).unwrap_or_default(),
+        logprobs: p.and_then(|p| p.logprobs).map(|n| n as usize),
+        echo: p.is_some_and(|p| p.echo),
     })
 }
 
@@ -110,5 +143,19 @@ mod tests {
             });
             assert!(msg.contains("max_tokens"), "{msg}");
         }
+        let msg = field_of(pb::SamplingParams {
+            logprobs: Some(21),
+            ..Default::default()
+        });
+        assert!(msg.contains("logprobs"), "{msg}");
+        let s = from_pb(
+            Some(&pb::SamplingParams {
+                logprobs: Some(3),
+                ..Default::default()
+            }),
+            100,
+        )
+        .unwrap();
+        assert_eq!((s.logprobs, s.params.top_logprobs), (Some(3), 3));
     }
 }

@@ -39,6 +39,9 @@ pub struct ServiceArgs {
     pub worker_id: Option<String>,
     #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Serve Prometheus metrics over HTTP at this address (`GET /metrics`); off when unset.
+    #[arg(long, env = "SLUICE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 pub const NO_ETCD: &str = "no etcd endpoints: pass --etcd http://HOST:2379 (or SLUICE_ETCD). \
@@ -64,6 +67,16 @@ impl ServiceArgs {
             .listen
             .unwrap_or(SocketAddr::from(([0, 0, 0, 0], default_port)));
         let listener = crate::serve::bind(listen).await?;
+        if let Some(address) = self.metrics_listen {
+            let metrics = crate::serve::bind(address).await?;
+            tracing::info!(address = %metrics.local_addr()?, "metrics at /metrics");
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                if let Err(e) = crate::metrics::serve(metrics, shutdown).await {
+                    tracing::warn!("metrics endpoint stopped: {e}");
+                }
+            });
+        }
         Ok(ServiceStart {
             membership,
             shutdown,

@@ -4,6 +4,7 @@
 mod snapshot;
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 pub use snapshot::{CacheLayout, CacheSnapshot, RegionKind, RegionLayout};
 
@@ -72,6 +73,31 @@ pub struct ModelCache {
     free_slots: Vec<usize>,
     seqs: HashMap<SeqId, SeqState>,
     next_id: SeqId,
+    /// Sequences whose [`SeqLease`] was dropped, freed at the next allocation.
+    returned: Arc<Mutex<Vec<SeqId>>>,
+}
+
+/// A sequence's hold on a [`ModelCache`]: dropping it hands the sequence back, and the cache
+/// frees its blocks and slot before its next allocation. Whoever owns a lease cannot leak the
+/// sequence on any path — finish, cancellation, error or preemption.
+#[derive(Debug)]
+pub struct SeqLease {
+    id: SeqId,
+    returned: Arc<Mutex<Vec<SeqId>>>,
+}
+
+impl SeqLease {
+    pub fn id(&self) -> SeqId {
+        self.id
+    }
+}
+
+impl Drop for SeqLease {
+    fn drop(&mut self) {
+        // A poisoned lock still holds a valid list: a panic elsewhere must not leak blocks.
+        let mut returned = self.returned.lock().unwrap_or_else(|e| e.into_inner());
+        returned.push(self.id);
+    }
 }
 
 impl ModelCache {
@@ -123,6 +149,7 @@ impl ModelCache {
             free_slots: (0..config.max_sequences).rev().collect(),
             seqs: HashMap::new(),
             next_id: 1,
+            returned: Arc::default(),
         })
     }
 
@@ -130,8 +157,51 @@ impl ModelCache {
         self.config
     }
 
+    /// Starts an empty sequence held by the returned lease.
+    pub fn lease(&mut self) -> Result<SeqLease> {
+        let id = self.add_sequence()?;
+        Ok(self.lease_of(id))
+    }
+
+    /// Imports `snapshot` as a new sequence held by the returned lease.
+    pub fn import_leased(&mut self, snapshot: &CacheSnapshot) -> Result<SeqLease> {
+        let id = self.import(snapshot)?;
+        Ok(self.lease_of(id))
+    }
+
+    fn lease_of(&self, id: SeqId) -> SeqLease {
+        SeqLease {
+            id,
+            returned: self.returned.clone(),
+        }
+    }
+
+    /// Frees the sequences whose leases were dropped.
+    pub fn reclaim(&mut self) {
+        let ids = std::mem::take(&mut *self.returned.lock().unwrap_or_else(|e| e.into_inner()));
+        for id in ids {
+            self.release(id);
+        }
+    }
+
+    /// Blocks a sequence of `tokens` tokens occupies.
+    pub fn blocks_for(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.config.block_size)
+    }
+
+    /// KV blocks held by `id`.
+    pub fn blocks_of(&self, id: SeqId) -> Result<usize> {
+        Ok(self.state(id)?.blocks.len())
+    }
+
+    /// Sequences that can still start (free state slots).
+    pub fn free_slots(&self) -> usize {
+        self.free_slots.len()
+    }
+
     /// Starts an empty sequence (zeroed linear state, no KV blocks yet).
     pub fn add_sequence(&mut self) -> Result<SeqId> {
+        self.reclaim();
         let slot = self
             .free_slots
             .pop()
@@ -180,6 +250,7 @@ impl ModelCache {
 
     /// Makes room for `id` to hold `tokens` tokens in total.
     pub fn reserve(&mut self, id: SeqId, tokens: usize) -> Result<()> {
+        self.reclaim();
         let have = self.state(id)?.blocks.len();
         let need = tokens.div_ceil(self.config.block_size).saturating_sub(have);
         if need > self.free_blocks.len() {
@@ -332,6 +403,30 @@ mod tests {
             cache.seq_len(a),
             Err(EngineError::UnknownSequence(_))
         ));
+    }
+
+    #[test]
+    fn a_dropped_lease_frees_its_sequence_at_the_next_allocation() {
+        let cfg = CacheConfig {
+            block_size: 4,
+            num_blocks: 4,
+            max_sequences: 2,
+        };
+        let mut cache = ModelCache::new(&tiny_spec(), cfg).unwrap();
+        let a = cache.lease().unwrap();
+        let b = cache.lease().unwrap();
+        cache.reserve(a.id(), 16).unwrap();
+        assert_eq!(cache.free_blocks(), 0);
+        assert!(matches!(cache.lease(), Err(EngineError::NoFreeSlot(2))));
+        drop(a);
+        // The next allocation reclaims a's blocks and slot first.
+        cache.reserve(b.id(), 8).unwrap();
+        assert_eq!(cache.free_blocks(), 2);
+        assert_eq!(cache.live_sequences(), 1);
+        let c = cache.lease().unwrap();
+        drop((b, c));
+        cache.reclaim();
+        assert_eq!((cache.free_blocks(), cache.live_sequences()), (4, 0));
     }
 
     #[test]

@@ -1,0 +1,416 @@
+//! The decode worker's engine loop: continuous batching over a paged KV budget.
+//!
+//! Every step runs one forward over all running sequences: one token for each decoding
+//! sequence and the next prompt chunk of each sequence prefilled here (conditional
+//! disaggregation, or recomputation after preemption). Blocks are reserved before the step;
+//! when they run out, the newest sequence is preempted — its cache lease dropped — and waits to
+//! be recomputed. Recomputation feeds the prompt in the same chunks as a prefill worker and
+//! the generated tokens one per step, as they were first computed, so a resumed sequence
+//! continues with exactly the tokens it would have produced without preemption.
+
+use std::sync::Arc;
+
+use sluice_engine::{
+    CacheSnapshot, EngineError, LogitsMode, Model, ModelCache, Sampled, Sampler, SeqChunk, SeqLease,
+};
+use sluice_proto::v1::FinishReason;
+use sluice_proto::worker::v1 as pb;
+use sluice_runtime::error::engine_status;
+use sluice_runtime::sampling::token_logprobs;
+use sluice_runtime::status::LoadCounters;
+use tokio::sync::{mpsc, oneshot};
+use tonic::Status;
+
+use crate::metrics::DecodeMetrics;
+
+pub type ChunkSender = mpsc::UnboundedSender<Result<pb::TokenChunk, Status>>;
+
+/// A sequence handed to the engine: adopted from a pushed cache, or to prefill here.
+pub struct NewSequence {
+    pub request_id: String,
+    pub prompt: Vec<u32>,
+    pub sampler: Sampler,
+    /// The prefill worker's first token and cache; `None` to prefill here.
+    pub adopted: Option<(u32, CacheSnapshot)>,
+    pub max_new_tokens: usize,
+    pub stop_ids: Vec<u32>,
+    pub logprobs: bool,
+    pub tx: ChunkSender,
+}
+
+pub enum Command {
+    Start(Box<NewSequence>),
+    Abort {
+        request_id: String,
+        reply: oneshot::Sender<bool>,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct SchedulerLimits {
+    /// Tokens fed to one forward (decode tokens always fit; prompt chunks fill the rest).
+    pub max_batch_tokens: usize,
+    /// Prompt chunk size; equal to the prefill workers' so both paths compute alike.
+    pub prefill_chunk: usize,
+}
+
+struct Sequence {
+    request_id: String,
+    /// Admission order: the newest (largest) is preempted first, the oldest resumed first.
+    order: u64,
+    /// Prompt, then every generated token.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    /// Leading tokens of `tokens` whose state is in the cache.
+    cached: usize,
+    /// `None` while waiting (not started, or preempted).
+    lease: Option<SeqLease>,
+    /// A pushed cache not imported yet (no room when it came).
+    pending: Option<CacheSnapshot>,
+    sampler: Sampler,
+    remaining: usize,
+    stop_ids: Vec<u32>,
+    logprobs: bool,
+    tx: ChunkSender,
+}
+
+impl Sequence {
+    /// Tokens this sequence feeds to the next step: the rest of its current prompt chunk, or
+    /// the one token after its cached ones.
+    fn feed(&self, chunk: usize) -> std::ops::Range<usize> {
+        let start = self.cached;
+        let end = if start < self.prompt_len {
+            ((start / chunk + 1) * chunk).min(self.prompt_len)
+        } else {
+            start + 1
+        };
+        start..end
+    }
+
+    /// Tokens the cache holds once this sequence is running again.
+    fn resume_tokens(&self) -> usize {
+        self.pending
+            .as_ref()
+            .map_or(self.tokens.len(), |s| s.layout.tokens + 1)
+    }
+}
+
+pub struct Scheduler {
+    model: Arc<Model>,
+    cache: ModelCache,
+    limits: SchedulerLimits,
+    /// Running sequences, oldest first.
+    running: Vec<Sequence>,
+    /// Waiting sequences, oldest first.
+    waiting: Vec<Sequence>,
+    next_order: u64,
+    counters: Arc<LoadCounters>,
+    metrics: Arc<DecodeMetrics>,
+}
+
+impl Scheduler {
+    pub fn new(
+        model: Arc<Model>,
+        cache: ModelCache,
+        limits: SchedulerLimits,
+        counters: Arc<LoadCounters>,
+        metrics: Arc<DecodeMetrics>,
+    ) -> Self {
+        LoadCounters::set(&counters.kv_blocks_total, cache.config().num_blocks);
+        Scheduler {
+            model,
+            cache,
+            limits: SchedulerLimits {
+                max_batch_tokens: limits.max_batch_tokens.max(1),
+                prefill_chunk: limits.prefill_chunk.max(1),
+            },
+            running: Vec::new(),
+            waiting: Vec::new(),
+            next_order: 0,
+            counters,
+            metrics,
+        }
+    }
+
+    pub fn run(&mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                match rx.blocking_recv() {
+                    Some(cmd) => self.handle(cmd),
+                    None => return,
+                }
+            }
+            while let Ok(cmd) = rx.try_recv() {
+                self.handle(cmd);
+            }
+            // Sequences whose caller went away are dropped (and so freed) before the step.
+            for list in [&mut self.running, &mut self.waiting] {
+                list.retain(|s| {
+                    let open = !s.tx.is_closed();
+                    if !open {
+                        tracing::debug!(request = %s.request_id, "caller went away; sequence freed");
+                    }
+                    open
+                });
+            }
+            self.cache.reclaim();
+            self.admit_waiting();
+            self.publish_load();
+            if !self.running.is_empty() {
+                self.step();
+                self.cache.reclaim();
+                self.publish_load();
+            }
+        }
+    }
+
+    fn publish_load(&self) {
+        let c = &self.counters;
+        LoadCounters::set(&c.running, self.running.len());
+        LoadCounters::set(&c.waiting, self.waiting.len());
+        let total = self.cache.config().num_blocks;
+        LoadCounters::set(&c.kv_blocks_used, total - self.cache.free_blocks());
+        self.metrics.publish(
+            self.running.len(),
+            self.waiting.len(),
+            total - self.cache.free_blocks(),
+            total,
+        );
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Start(s) => self.start(*s),
+            Command::Abort { request_id, reply } => {
+                let mut found = false;
+                for list in [&mut self.running, &mut self.waiting] {
+                    if let Some(i) = list.iter().position(|s| s.request_id == request_id) {
+                        let s = list.remove(i);
+                        let _ = s.tx.send(Ok(pb::TokenChunk {
+                            token_ids: Vec::new(),
+                            finish_reason: FinishReason::Cancelled as i32,
+                            logprobs: Vec::new(),
+                        }));
+                        found = true;
+                    }
+                }
+                let _ = reply.send(found);
+            }
+        }
+    }
+
+    fn start(&mut self, new: NewSequence) {
+        let mut tokens = new.prompt;
+        let prompt_len = tokens.len();
+        let pending = new.adopted.map(|(first, snapshot)| {
+            tokens.push(first);
+            snapshot
+        });
+        self.next_order += 1;
+        let seq = Sequence {
+            request_id: new.request_id,
+            order: self.next_order,
+            tokens,
+            prompt_len,
+            cached: 0,
+            lease: None,
+            pending,
+            sampler: new.sampler,
+            remaining: new.max_new_tokens,
+            stop_ids: new.stop_ids,
+            logprobs: new.logprobs,
+            tx: new.tx,
+        };
+        let total = self.cache.config().num_blocks;
+        let need = self.cache.blocks_for(seq.prompt_len + seq.remaining);
+        if need > total {
+            let _ = seq.tx.send(Err(Status::resource_exhausted(format!(
+                "{} prompt + {} new tokens need {need} KV blocks; this decode worker has {total}",
+                seq.prompt_len, seq.remaining
+            ))));
+            return;
+        }
+        self.waiting.push(seq);
+    }
+
+    /// Starts waiting sequences, oldest first, while state slots and blocks allow.
+    fn admit_waiting(&mut self) {
+        while let Some(next) = self.waiting.first() {
+            // Admitted when its cache fits now: sequences grow into the free blocks, and the
+            // newest is preempted if they run out (as in vLLM), which keeps the batch full.
+            let need = self.cache.blocks_for(next.resume_tokens() + 1);
+            let fits = self.cache.free_blocks() >= need;
+            // With nothing running, the oldest waiting sequence goes first regardless (it fits
+            // the whole pool: `start` checked).
+            if self.cache.free_slots() == 0 || !(fits || self.running.is_empty()) {
+                return;
+            }
+            let mut seq = self.waiting.remove(0);
+            let leased = match seq.pending.take() {
+                Some(snapshot) => {
+                    seq.cached = snapshot.layout.tokens;
+                    self.cache.import_leased(&snapshot)
+                }
+                None => {
+                    seq.cached = 0;
+                    self.cache.lease()
+                }
+            };
+            match leased {
+                Ok(lease) => {
+                    seq.lease = Some(lease);
+                    self.insert_running(seq);
+                }
+                Err(e) => {
+                    let _ = seq.tx.send(Err(engine_status(&e)));
+                }
+            }
+        }
+    }
+
+    fn insert_running(&mut self, seq: Sequence) {
+        let at = self.running.partition_point(|s| s.order < seq.order);
+        self.running.insert(at, seq);
+    }
+
+    /// Drops the newest running sequence's cache and puts it back in the waiting queue.
+    fn preempt_newest(&mut self) {
+        let Some(mut seq) = self.running.pop() else {
+            return;
+        };
+        tracing::debug!(request = %seq.request_id, tokens = seq.tokens.len(), "preempted");
+        self.metrics.preemptions.inc();
+        seq.lease = None;
+        seq.cached = 0;
+        let at = self.waiting.partition_point(|s| s.order < seq.order);
+        self.waiting.insert(at, seq);
+    }
+
+    /// Reserves blocks for every running sequence's next feed, preempting the newest when
+    /// they run out. Returns the feeds, aligned with `running`.
+    fn plan(&mut self) -> Vec<std::ops::Range<usize>> {
+        let chunk = self.limits.prefill_chunk;
+        let mut feeds = Vec::with_capacity(self.running.len());
+        let mut budget = self.limits.max_batch_tokens;
+        let mut i = 0;
+        while i < self.running.len() {
+            let s = &self.running[i];
+            let mut feed = s.feed(chunk);
+            if feed.len() > 1 {
+                // A prompt chunk waits when the step is full; decode tokens never do.
+                if feed.len() > budget
+                    && !feeds.iter().all(|f: &std::ops::Range<usize>| f.is_empty())
+                {
+                    feed = feed.start..feed.start;
+                }
+            }
+            let Some(lease) = &s.lease else {
+                i += 1;
+                feeds.push(feed.start..feed.start);
+                continue;
+            };
+            match self.cache.reserve(lease.id(), feed.end) {
+                Ok(()) => {
+                    budget = budget.saturating_sub(feed.len());
+                    feeds.push(feed);
+                    i += 1;
+                }
+                Err(EngineError::CacheFull { .. }) if self.running.len() > 1 => {
+                    // The newest goes back to waiting (it may be this one); retry this one.
+                    self.preempt_newest();
+                    self.cache.reclaim();
+                }
+                Err(e) => {
+                    let s = self.running.remove(i);
+                    let _ = s.tx.send(Err(engine_status(&e)));
+                }
+            }
+        }
+        feeds
+    }
+
+    /// One forward over every running sequence, then sampling where a sequence is caught up.
+    fn step(&mut self) {
+        let feeds = self.plan();
+        let batch: Vec<SeqChunk> = self
+            .running
+            .iter()
+            .zip(&feeds)
+            .filter(|(_, f)| !f.is_empty())
+            .filter_map(|(s, f)| {
+                s.lease.as_ref().map(|l| SeqChunk {
+                    seq: l.id(),
+                    tokens: &s.tokens[f.clone()],
+                })
+            })
+            .collect();
+        if batch.is_empty() {
+            return;
+        }
+        let fed: usize = batch.iter().map(|c| c.tokens.len()).sum();
+        let started = std::time::Instant::now();
+        let logits = match self
+            .model
+            .forward(&mut self.cache, &batch, LogitsMode::LastPerSequence)
+        {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!("decode step of {} sequences failed: {e}", batch.len());
+                let status = engine_status(&e);
+                for s in std::mem::take(&mut self.running) {
+                    let _ = s.tx.send(Err(status.clone()));
+                }
+                return;
+            }
+        };
+        self.metrics.step(fed, started.elapsed().as_secs_f64());
+        let vocab = self.model.spec().vocab;
+        let mut row = 0;
+        let mut finished = Vec::new();
+        for (i, (s, f)) in self.running.iter_mut().zip(&feeds).enumerate() {
+            if f.is_empty() {
+                continue;
+            }
+            let logits = &logits[row * vocab..(row + 1) * vocab];
+            row += 1;
+            s.cached = f.end;
+            if s.cached < s.tokens.len() {
+                // Still prefilling or recomputing: these logits were computed before.
+                continue;
+            }
+            let sampled = s.sampler.sample(logits);
+            if emit(s, &sampled) {
+                finished.push(i);
+            }
+        }
+        for i in finished.into_iter().rev() {
+            // Dropping the sequence drops its lease: the blocks return before the next step.
+            self.running.remove(i);
+        }
+    }
+}
+
+/// Records and sends `sampled`; true when the sequence is over.
+fn emit(s: &mut Sequence, sampled: &Sampled) -> bool {
+    let token = sampled.token;
+    s.tokens.push(token);
+    s.remaining = s.remaining.saturating_sub(1);
+    let finish = if s.stop_ids.contains(&token) {
+        FinishReason::Eos
+    } else if s.remaining == 0 {
+        FinishReason::Length
+    } else {
+        FinishReason::Unspecified
+    };
+    let logprobs = if s.logprobs {
+        vec![token_logprobs(sampled)]
+    } else {
+        Vec::new()
+    };
+    let _ = s.tx.send(Ok(pb::TokenChunk {
+        token_ids: vec![token],
+        finish_reason: finish as i32,
+        logprobs,
+    }));
+    finish != FinishReason::Unspecified
+}

@@ -1,0 +1,52 @@
+//! The router's flags (its binary and `sluice up` share them), each also an env var.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::RouterConfig;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct RouterArgs {
+    /// Requests running at once; more wait in the admission queue.
+    #[arg(long, env = "SLUICE_MAX_IN_FLIGHT", default_value_t = 256)]
+    pub max_in_flight: usize,
+    /// Requests waiting for admission; beyond this they are refused at once
+    /// (gRPC RESOURCE_EXHAUSTED, HTTP 429 with Retry-After).
+    #[arg(long, env = "SLUICE_MAX_QUEUE", default_value_t = 1024)]
+    pub max_queue: usize,
+    /// Prompt + output tokens accepted.
+    #[arg(long, env = "SLUICE_MAX_CONTEXT", default_value_t = 8192)]
+    pub max_context: usize,
+    /// Most `max_tokens` a request may ask for.
+    #[arg(long, env = "SLUICE_MAX_TOKENS_LIMIT", default_value_t = 4096)]
+    pub max_tokens_limit: usize,
+    /// Deadline (seconds) for requests whose caller sets none; it covers queueing too.
+    #[arg(long, env = "SLUICE_DEFAULT_DEADLINE", default_value_t = 600)]
+    pub default_deadline: u64,
+    /// Prompts shorter than this many tokens are prefilled on the decode worker itself
+    /// (conditional disaggregation); 0 sends every prompt to a prefill worker.
+    #[arg(long, env = "SLUICE_DISAGG_MIN_TOKENS", default_value_t = 0)]
+    pub disagg_min_tokens: usize,
+}
+
+impl RouterArgs {
+    pub fn apply(&self, config: &mut RouterConfig) {
+        config.max_in_flight = self.max_in_flight;
+        config.max_queue = self.max_queue;
+        config.max_context = self.max_context;
+        config.max_tokens_limit = self.max_tokens_limit;
+        config.default_deadline = Duration::from_secs(self.default_deadline);
+        config.disagg_min_tokens = self.disagg_min_tokens;
+    }
+}
+
+/// Where the OpenAI-compatible HTTP API, `/health` and `/metrics` are served.
+#[derive(clap::Args, Debug, Clone)]
+pub struct HttpArgs {
+    /// Address of the HTTP API (OpenAI-compatible, /health, /metrics).
+    #[arg(long, env = "SLUICE_HTTP_LISTEN", default_value = "0.0.0.0:8080")]
+    pub http_listen: SocketAddr,
+    /// Serve gRPC only.
+    #[arg(long, env = "SLUICE_NO_HTTP")]
+    pub no_http: bool,
+}

@@ -1,0 +1,384 @@
+//! The router's HTTP side (axum): OpenAI-compatible `/v1/completions`,
+//! `/v1/chat/completions` (SSE with `stream: true`) and `/v1/models`, plus `/health` and
+//! `/metrics`. Requests go through the same [`Frontend`] as gRPC: same validation, admission
+//! and relay; errors come in OpenAI's JSON shape with the matching HTTP status.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::{Stream, StreamExt};
+use serde_json::{Value, json};
+use sluice_proto::v1 as pb;
+use sluice_runtime::{Role, WorkerDirectory};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+
+use crate::error::RouterError;
+use crate::openai::{self, ChatRequest, CompletionRequest, ErrorBody, ErrorDetail};
+use crate::service::{ChunkRx, Frontend};
+
+#[derive(Clone)]
+struct AppState {
+    frontend: Arc<Frontend>,
+    directory: Arc<WorkerDirectory>,
+}
+
+/// The HTTP routes over `frontend`.
+pub fn app(frontend: Arc<Frontend>, directory: Arc<WorkerDirectory>) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/metrics", get(sluice_runtime::metrics::metrics_response))
+        .with_state(AppState {
+            frontend,
+            directory,
+        })
+}
+
+/// Serves `app` on `listener` until `shutdown`, letting responses in flight finish.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    shutdown: CancellationToken,
+) -> Result<(), RouterError> {
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+        .map_err(|e| RouterError::Internal(format!("HTTP server: {e}")))
+}
+
+/// An error as OpenAI clients expect it.
+pub struct ApiError {
+    status: StatusCode,
+    body: ErrorBody,
+}
+
+impl From<RouterError> for ApiError {
+    fn from(e: RouterError) -> Self {
+        let (status, kind, code) = match e.code() {
+            Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
+                (StatusCode::BAD_REQUEST, "invalid_request_error", None)
+            }
+            Code::NotFound => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("model_not_found"),
+            ),
+            Code::ResourceExhausted => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                Some("overloaded"),
+            ),
+            Code::Unavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                Some("no_workers"),
+            ),
+            Code::DeadlineExceeded => (StatusCode::GATEWAY_TIMEOUT, "timeout", None),
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error", None),
+        };
+        let param = match &e {
+            RouterError::InvalidArgument { field, .. } => Some(field.to_string()),
+            RouterError::Runtime(sluice_runtime::RuntimeError::InvalidArgument {
+                field, ..
+            }) => Some(field.clone()),
+            RouterError::Runtime(sluice_runtime::RuntimeError::Engine(
+                sluice_engine::EngineError::InvalidSampling { field, .. },
+            )) => Some(field.to_string()),
+            _ => None,
+        };
+        ApiError {
+            status,
+            body: ErrorBody {
+                error: ErrorDetail {
+                    message: e.to_string(),
+                    kind,
+                    param,
+                    code,
+                },
+            },
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            body: ErrorBody {
+                error: ErrorDetail {
+                    message: format!("invalid JSON body: {}", e.body_text()),
+                    kind: "invalid_request_error",
+                    param: None,
+                    code: None,
+                },
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let retry = matches!(
+            self.status,
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+        );
+        let mut response = (self.status, Json(self.body)).into_response();
+        if retry {
+            // Overload and missing workers are transient: clients back off and retry.
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+/// `Json` whose rejections are OpenAI-shaped errors.
+struct Body<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let Json(value) = Json::<T>::from_request(req, state).await?;
+        Ok(Body(value))
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Checks the request's `model` against the one served.
+fn check_model(frontend: &Frontend, model: Option<&str>) -> Result<String, ApiError> {
+    let served = &frontend.model().name;
+    match model {
+        None | Some("") => Ok(served.clone()),
+        Some(m) if m == served => Ok(served.clone()),
+        Some(m) => Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            body: ErrorBody {
+                error: ErrorDetail {
+                    message: format!(
+                        "the model `{m}` does not exist; this server serves `{served}`"
+                    ),
+                    kind: "invalid_request_error",
+                    param: Some("model".into()),
+                    code: Some("model_not_found"),
+                },
+            },
+        }),
+    }
+}
+
+/// Validates and admits `request`.
+async fn start(
+    frontend: &Frontend,
+    request: pb::GenerateRequest,
+) -> Result<(String, ChunkRx), ApiError> {
+    let valid = frontend
+        .model()
+        .validate(request)
+        .inspect_err(|e| frontend.refused(e))?;
+    let id = valid.request_id.clone();
+    Ok((id, frontend.start(valid, None).await?))
+}
+
+/// Collects a whole generation.
+async fn collect(mut rx: ChunkRx) -> Result<pb::GenerateResponse, ApiError> {
+    let mut out = pb::GenerateResponse::default();
+    while let Some(chunk) = rx.recv().await {
+        let chunk =
+            chunk.map_err(|s| RouterError::Runtime(sluice_runtime::RuntimeError::Rpc(s)))?;
+        out.token_ids.extend(chunk.token_ids);
+        out.text.push_str(&chunk.text);
+        out.logprobs.extend(chunk.logprobs);
+        if chunk.finish_reason != pb::FinishReason::Unspecified as i32 {
+            out.finish_reason = chunk.finish_reason;
+            out.usage = chunk.usage;
+            return Ok(out);
+        }
+    }
+    Err(RouterError::Internal("the generation ended without a finish reason".into()).into())
+}
+
+/// `data: {json}` events from chunks, then `data: [DONE]`. An error after the stream began
+/// becomes an `{"error": ...}` event.
+fn sse(
+    rx: ChunkRx,
+    mut event: impl FnMut(pb::GenerateChunk) -> Vec<Value> + Send + 'static,
+    first: Option<Value>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let head = futures::stream::iter(first.map(|v| Event::default().data(v.to_string())));
+    let body = ReceiverStream::new(rx).flat_map(move |chunk| {
+        let events: Vec<Event> = match chunk {
+            Ok(c) => event(c)
+                .into_iter()
+                .map(|v| Event::default().data(v.to_string()))
+                .collect(),
+            Err(s) => {
+                let e = ApiError::from(RouterError::Runtime(sluice_runtime::RuntimeError::Rpc(s)));
+                vec![Event::default().data(json!(e.body).to_string())]
+            }
+        };
+        futures::stream::iter(events)
+    });
+    let done = futures::stream::iter([Event::default().data("[DONE]")]);
+    Sse::new(head.chain(body).chain(done).map(Ok))
+}
+
+async fn completions(
+    State(app): State<AppState>,
+    Body(request): Body<CompletionRequest>,
+) -> Result<Response, ApiError> {
+    let frontend = &app.frontend;
+    let model = check_model(frontend, request.sampling.model.as_deref())?;
+    let stream = request.sampling.stream;
+    let include_usage = request.sampling.include_usage();
+    let logprobs = request.logprobs.is_some();
+    let wire = request.to_pb().inspect_err(|e| frontend.refused(e))?;
+    let (id, rx) = start(frontend, wire).await?;
+    let id = format!("cmpl-{id}");
+    let created = unix_now();
+    let f = frontend.clone();
+    if stream {
+        let mut offset = 0;
+        let event = move |c: pb::GenerateChunk| {
+            let tokenizer = &f.model().tokenizer;
+            let lp = logprobs.then(|| openai::completion_logprobs(tokenizer, &c.logprobs, offset));
+            offset += c.text.len();
+            let mut events = vec![json!({
+                "id": id, "object": "text_completion", "created": created, "model": model,
+                "choices": [{
+                    "index": 0, "text": c.text, "logprobs": lp,
+                    "finish_reason": openai::finish_reason(c.finish_reason),
+                }],
+            })];
+            if include_usage && c.usage.is_some() {
+                events.push(json!({
+                    "id": id, "object": "text_completion", "created": created, "model": model,
+                    "choices": [], "usage": openai::usage(c.usage.as_ref()),
+                }));
+            }
+            events
+        };
+        return Ok(sse(rx, event, None).into_response());
+    }
+    let out = collect(rx).await?;
+    let tokenizer = &frontend.model().tokenizer;
+    let lp = logprobs.then(|| openai::completion_logprobs(tokenizer, &out.logprobs, 0));
+    Ok(Json(json!({
+        "id": id, "object": "text_completion", "created": created, "model": model,
+        "choices": [{
+            "index": 0, "text": out.text, "logprobs": lp,
+            "finish_reason": openai::finish_reason(out.finish_reason),
+        }],
+        "usage": openai::usage(out.usage.as_ref()),
+    }))
+    .into_response())
+}
+
+async fn chat_completions(
+    State(app): State<AppState>,
+    Body(request): Body<ChatRequest>,
+) -> Result<Response, ApiError> {
+    let frontend = &app.frontend;
+    let model = check_model(frontend, request.sampling.model.as_deref())?;
+    let stream = request.sampling.stream;
+    let include_usage = request.sampling.include_usage();
+    let logprobs = request.logprobs;
+    let wire = request
+        .to_pb(&frontend.model().tokenizer)
+        .inspect_err(|e| frontend.refused(e))?;
+    let (id, rx) = start(frontend, wire).await?;
+    let id = format!("chatcmpl-{id}");
+    let created = unix_now();
+    let f = frontend.clone();
+    if stream {
+        let chunk = move |choices: Value| {
+            json!({
+                "id": id, "object": "chat.completion.chunk", "created": created,
+                "model": model, "choices": choices,
+            })
+        };
+        // The first chunk names the role, as OpenAI's does.
+        let first = chunk(json!([{
+            "index": 0, "delta": {"role": "assistant", "content": ""},
+            "logprobs": null, "finish_reason": null,
+        }]));
+        let event = move |c: pb::GenerateChunk| {
+            let tokenizer = &f.model().tokenizer;
+            let lp = logprobs.then(|| openai::chat_logprobs(tokenizer, &c.logprobs));
+            let finish = openai::finish_reason(c.finish_reason);
+            let delta = if c.text.is_empty() && finish.is_some() {
+                json!({})
+            } else {
+                json!({"content": c.text})
+            };
+            let mut events = vec![chunk(json!([{
+                "index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish,
+            }]))];
+            if include_usage && c.usage.is_some() {
+                let mut last = chunk(json!([]));
+                last["usage"] = openai::usage(c.usage.as_ref());
+                events.push(last);
+            }
+            events
+        };
+        return Ok(sse(rx, event, Some(first)).into_response());
+    }
+    let out = collect(rx).await?;
+    let lp = logprobs.then(|| openai::chat_logprobs(&frontend.model().tokenizer, &out.logprobs));
+    Ok(Json(json!({
+        "id": id, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": out.text},
+            "logprobs": lp,
+            "finish_reason": openai::finish_reason(out.finish_reason),
+        }],
+        "usage": openai::usage(out.usage.as_ref()),
+    }))
+    .into_response())
+}
+
+async fn models(State(app): State<AppState>) -> Json<Value> {
+    let m = app.frontend.model();
+    Json(json!({
+        "object": "list",
+        "data": [{
+            "id": m.name, "object": "model", "created": 0, "owned_by": "sluice",
+            "max_model_len": m.max_context,
+        }],
+    }))
+}
+
+/// Ready only while at least one prefill and one decode worker are registered.
+async fn health(State(app): State<AppState>) -> Response {
+    let prefill = app.directory.workers(Role::Prefill).len();
+    let decode = app.directory.workers(Role::Decode).len();
+    let body = json!({"prefill_workers": prefill, "decode_workers": decode});
+    if prefill > 0 && decode > 0 {
+        (StatusCode::OK, Json(body)).into_response()
+    } else {
+        let mut r = (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        r
+    }
+}

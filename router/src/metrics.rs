@@ -1,0 +1,86 @@
+//! The router's Prometheus series: request latencies as clients see them, outcomes, and the
+//! admission queue.
+
+use std::sync::Arc;
+
+use sluice_runtime::metrics::{
+    Counter, CounterFamily, Gauge, Histogram, LATENCY_BUCKETS, registry,
+};
+
+pub struct RouterMetrics {
+    pub ttft: Arc<Histogram>,
+    pub itl: Arc<Histogram>,
+    pub e2e: Arc<Histogram>,
+    requests: CounterFamily,
+    pub queue_depth: Arc<Gauge>,
+    pub in_flight: Arc<Gauge>,
+    pub prompt_tokens: Arc<Counter>,
+    pub generated_tokens: Arc<Counter>,
+}
+
+impl RouterMetrics {
+    pub fn new() -> Self {
+        let r = registry();
+        RouterMetrics {
+            ttft: r
+                .histogram(
+                    "sluice_time_to_first_token_seconds",
+                    "From the request's arrival at the router to its first token.",
+                    &[],
+                    LATENCY_BUCKETS,
+                )
+                .with(&[]),
+            itl: r
+                .histogram(
+                    "sluice_inter_token_latency_seconds",
+                    "Between consecutive tokens of one request.",
+                    &[],
+                    LATENCY_BUCKETS,
+                )
+                .with(&[]),
+            e2e: r
+                .histogram(
+                    "sluice_request_duration_seconds",
+                    "From a request's arrival to its last token (admitted requests).",
+                    &[],
+                    LATENCY_BUCKETS,
+                )
+                .with(&[]),
+            requests: r.counter(
+                "sluice_requests_total",
+                "Requests by outcome: stop, length, eos, cancelled, invalid, overloaded, unavailable, deadline, error.",
+                &["outcome"],
+            ),
+            queue_depth: r
+                .gauge(
+                    "sluice_queue_depth",
+                    "Requests waiting in the router's admission queue.",
+                    &[],
+                )
+                .with(&[]),
+            in_flight: r
+                .gauge(
+                    "sluice_requests_in_flight",
+                    "Requests admitted and running.",
+                    &[],
+                )
+                .with(&[]),
+            prompt_tokens: r
+                .counter("sluice_prompt_tokens_total", "Prompt tokens of admitted requests.", &[])
+                .with(&[]),
+            generated_tokens: r
+                .counter("sluice_generated_tokens_total", "Tokens sent to clients.", &[])
+                .with(&[]),
+        }
+    }
+
+    pub fn outcome(&self, outcome: &str) {
+        self.requests.with(&[outcome]).inc();
+    }
+}
+
+impl Default for RouterMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

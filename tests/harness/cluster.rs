@@ -1,0 +1,203 @@
+//! A whole cluster as separate processes against a real etcd: expert, prefill and decode
+//! workers, and a router with its gRPC and HTTP ports.
+
+use std::path::Path;
+use std::time::Duration;
+
+use sluice_client::Client;
+use sluice_proto::worker::v1 as wpb;
+use sluice_proto::worker::v1::router_status_client::RouterStatusClient;
+use sluice_proto::worker::v1::worker_status_client::WorkerStatusClient;
+
+use crate::{Etcd, Proc, eventually, free_port, service};
+
+/// What to start; every flag list is appended to that role's command line.
+#[derive(Debug, Clone)]
+pub struct ClusterSpec {
+    pub prefill: usize,
+    pub decode: usize,
+    pub experts: usize,
+    pub ttl: u64,
+    pub router_args: Vec<String>,
+    pub decode_args: Vec<String>,
+    pub prefill_args: Vec<String>,
+}
+
+impl ClusterSpec {
+    pub fn new(prefill: usize, decode: usize) -> Self {
+        ClusterSpec {
+            prefill,
+            decode,
+            experts: 0,
+            ttl: 10,
+            router_args: Vec::new(),
+            decode_args: Vec::new(),
+            prefill_args: Vec::new(),
+        }
+    }
+
+    pub fn experts(mut self, n: usize) -> Self {
+        self.experts = n;
+        self
+    }
+
+    pub fn ttl(mut self, ttl: u64) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    pub fn router_args(mut self, args: &[&str]) -> Self {
+        self.router_args.extend(args.iter().map(|s| s.to_string()));
+        self
+    }
+
+    pub fn decode_args(mut self, args: &[&str]) -> Self {
+        self.decode_args.extend(args.iter().map(|s| s.to_string()));
+        self
+    }
+
+    /// Starts the processes (they register on their own; see [`Cluster::wait_ready`]).
+    pub fn start(&self, model: &Path) -> Running {
+        let logs = tempfile::tempdir().unwrap();
+        let etcd = Etcd::start(logs.path());
+        let mut procs = Vec::new();
+        let mut metrics = Vec::new();
+        let remote = if self.experts > 0 { "remote" } else { "local" };
+        let mut spawn = |name: String, binary: &str, extra: &[String]| {
+            let metrics_port = free_port();
+            let mut cmd = service(binary, &etcd.url, model, free_port(), self.ttl);
+            cmd.arg("--metrics-listen")
+                .arg(format!("127.0.0.1:{metrics_port}"))
+                .args(extra);
+            metrics.push((name.clone(), format!("http://127.0.0.1:{metrics_port}")));
+            procs.push(Proc::spawn(&name, &mut cmd, logs.path()));
+        };
+        for i in 0..self.experts {
+            let args = vec![
+                "--shard".to_string(),
+                format!("{i}/{}", self.experts),
+                "--threads".into(),
+                "1".into(),
+            ];
+            spawn(format!("expert{i}"), "sluice-expert", &args);
+        }
+        let model_args = |extra: &[String]| {
+            let mut a: Vec<String> = ["--experts", remote, "--threads", "1"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            a.extend(extra.iter().cloned());
+            a
+        };
+        for i in 0..self.prefill {
+            spawn(
+                format!("prefill{i}"),
+                "sluice-prefill",
+                &model_args(&self.prefill_args),
+            );
+        }
+        for i in 0..self.decode {
+            spawn(
+                format!("decode{i}"),
+                "sluice-decode",
+                &model_args(&self.decode_args),
+            );
+        }
+        let port = free_port();
+        let http_port = free_port();
+        let mut cmd = service("sluice-router", &etcd.url, model, port, self.ttl);
+        cmd.arg("--http-listen")
+            .arg(format!("127.0.0.1:{http_port}"))
+            .args(&self.router_args);
+        procs.push(Proc::spawn("router", &mut cmd, logs.path()));
+        Running {
+            cluster: Cluster {
+                router: format!("http://127.0.0.1:{port}"),
+                http: format!("127.0.0.1:{http_port}"),
+                metrics,
+                procs,
+            },
+            _logs: logs,
+            _etcd: etcd,
+        }
+    }
+}
+
+pub struct Cluster {
+    /// The router's gRPC endpoint.
+    pub router: String,
+    /// The router's HTTP address (host:port).
+    pub http: String,
+    /// Each worker's `/metrics` base URL, by process name.
+    pub metrics: Vec<(String, String)>,
+    pub procs: Vec<Proc>,
+}
+
+/// etcd must outlive the processes; `_etcd` is declared last so it drops last.
+pub struct Running {
+    pub cluster: Cluster,
+    _logs: tempfile::TempDir,
+    _etcd: Etcd,
+}
+
+impl Cluster {
+    pub async fn workers(&self) -> Option<Vec<wpb::WorkerView>> {
+        let mut c = RouterStatusClient::connect(self.router.clone())
+            .await
+            .ok()?;
+        Some(
+            c.workers(wpb::WorkersRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .workers,
+        )
+    }
+
+    /// Waits until the router sees `n` workers, each with a load report where it has one.
+    pub async fn wait_ready(&self, n: usize) -> Vec<wpb::WorkerView> {
+        eventually(
+            Duration::from_secs(60),
+            "every worker registered",
+            || async {
+                let w = self.workers().await?;
+                let reported = w
+                    .iter()
+                    .filter(|v| v.role == "expert" || v.load.is_some())
+                    .count();
+                (w.len() == n && reported == n).then_some(w)
+            },
+        )
+        .await
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.router).await.unwrap()
+    }
+
+    /// Waits until every prefill and decode worker reports no sequence and no KV block held.
+    pub async fn wait_idle(&self) {
+        eventually(
+            Duration::from_secs(20),
+            "every worker to report no sequence and no KV block",
+            || async {
+                let workers = self.workers().await?;
+                for w in workers.iter().filter(|w| w.role != "expert") {
+                    let l = load_of(&w.address).await;
+                    if l.running + l.waiting + l.kv_blocks_used > 0 {
+                        return None;
+                    }
+                }
+                Some(())
+            },
+        )
+        .await
+    }
+}
+
+pub async fn load_of(address: &str) -> wpb::LoadReport {
+    let mut c = WorkerStatusClient::connect(address.to_string())
+        .await
+        .unwrap();
+    c.load(wpb::LoadRequest {}).await.unwrap().into_inner()
+}
