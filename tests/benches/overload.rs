@@ -7,7 +7,9 @@
 //!    their latency within 2× of step 1; refusals should come back at once.
 //!
 //! `cargo build --release --workspace --bins && cargo bench -p sluice-tests --bench overload`
-//! (the binaries next to the bench executable are the ones started).
+//! (the binaries next to the bench executable are the ones started). With
+//! `SLUICE_ENDPOINT=http://HOST:PORT` it measures a running router instead (e.g. `sluice up
+//! --preset small --max-in-flight 8 --max-queue 2`), whose limits should match the ones here.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -56,18 +58,26 @@ fn summary(name: &str, mut v: Vec<f64>) {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let model_dir = tempfile::tempdir().unwrap();
-    synth("tiny", model_dir.path());
-    let running = ClusterSpec::new(1, 1)
-        .router_args(&[
-            "--max-in-flight",
-            &IN_FLIGHT.to_string(),
-            "--max-queue",
-            &QUEUE.to_string(),
-        ])
-        .start(model_dir.path());
-    let cluster = &running.cluster;
-    cluster.wait_ready(2).await;
-    let client = cluster.client().await;
+    let external = std::env::var("SLUICE_ENDPOINT").ok();
+    let running = external.is_none().then(|| {
+        synth("tiny", model_dir.path());
+        ClusterSpec::new(1, 1)
+            .router_args(&[
+                "--max-in-flight",
+                &IN_FLIGHT.to_string(),
+                "--max-queue",
+                &QUEUE.to_string(),
+            ])
+            .start(model_dir.path())
+    });
+    if let Some(r) = &running {
+        r.cluster.wait_ready(2).await;
+    }
+    let endpoint = external
+        .clone()
+        .or_else(|| running.as_ref().map(|r| r.cluster.router.clone()))
+        .unwrap();
+    let client = sluice_client::Client::connect(&endpoint).await.unwrap();
 
     // Warm-up, then the sustainable load: IN_FLIGHT closed loops.
     for _ in 0..4 {
@@ -93,7 +103,10 @@ async fn main() {
         .flatten()
         .collect();
     let rate = unloaded.len() as f64 / started.elapsed().as_secs_f64();
-    println!("sustainable: {rate:.1} requests/s at {IN_FLIGHT} in flight");
+    println!(
+        "sustainable: {rate:.1} requests/s ({:.0} output tokens/s) at {IN_FLIGHT} in flight",
+        rate * 16.0
+    );
     summary("  latency", unloaded);
 
     // Overload: arrivals at 4× the sustainable rate, evenly spaced.
@@ -136,6 +149,8 @@ async fn main() {
     );
     summary("  admitted latency", admitted);
     summary("  refusal latency", refused);
-    cluster.wait_idle().await;
-    println!("after: every worker idle, no KV block held");
+    if let Some(r) = &running {
+        r.cluster.wait_idle().await;
+        println!("after: every worker idle, no KV block held");
+    }
 }

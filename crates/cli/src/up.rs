@@ -114,8 +114,8 @@ pub fn run(args: UpArgs) -> Result<()> {
         let endpoint = format!("http://{}", listener.local_addr()?);
         let http = if args.no_http { None } else { Some(sluice_runtime::serve::bind(args.http_listen).await?) };
         let http_endpoint = match &http {
-            Some(l) => format!(", OpenAI-compatible HTTP at http://{}/v1", l.local_addr()?),
-            None => String::new(),
+            Some(l) => Some(format!("http://{}/v1", l.local_addr()?)),
+            None => None,
         };
         let mut router_config = sluice_router::RouterConfig::new(dir.clone());
         args.router.apply(&mut router_config);
@@ -125,9 +125,12 @@ pub fn run(args: UpArgs) -> Result<()> {
         }
         wait_for_workers(&directory, &args, &mut tasks).await?;
         println!(
-            "sluice up: serving {name} at {endpoint} (gRPC{http_endpoint}; {} prefill, {} decode, {} expert workers); Ctrl-C to stop",
+            "sluice up: serving {name} at {endpoint} (gRPC; {} prefill, {} decode, {} expert workers); Ctrl-C to stop",
             args.prefill, args.decode, args.experts
         );
+        if let Some(http) = http_endpoint {
+            println!("sluice up: OpenAI-compatible HTTP at {http} (/health and /metrics beside it)");
+        }
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
