@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::metrics::DecodeMetrics;
 use crate::scheduler::{ChunkSender, Command, NewSequence, Scheduler, SchedulerLimits};
@@ -316,14 +317,18 @@ impl Decode for DecodeService {
         let req = request.into_inner();
         let params = self.validate(&req)?;
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(start_sequence(
-            req,
-            params,
-            self.inbox.clone(),
-            self.commands.clone(),
-            self.transfer_timeout,
-            tx,
-        ));
+        let span = tracing::info_span!("request", id = %req.request_id);
+        tokio::spawn(
+            start_sequence(
+                req,
+                params,
+                self.inbox.clone(),
+                self.commands.clone(),
+                self.transfer_timeout,
+                tx,
+            )
+            .instrument(span),
+        );
         Ok(Response::new(UnboundedReceiverStream::new(rx)))
     }
 

@@ -31,6 +31,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::metrics::PrefillMetrics;
 
@@ -437,8 +438,10 @@ impl Prefill for PrefillService {
         request: Request<pb::PrefillRequest>,
     ) -> Result<Response<pb::PrefillResponse>, Status> {
         ensure_registered(&self.registration)?;
+        let req = request.into_inner();
+        let span = tracing::info_span!("request", id = %req.request_id);
         Ok(Response::new(
-            PrefillService::prefill(self, request.into_inner()).await?,
+            PrefillService::prefill(self, req).instrument(span).await?,
         ))
     }
 }
