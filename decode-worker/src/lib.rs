@@ -228,19 +228,7 @@ impl DecodeService {
                 ),
             ));
         }
-        if let Some(id) = req
-            .prompt_token_ids
-            .iter()
-            .find(|&&t| t as usize >= self.vocab)
-        {
-            return Err(RuntimeError::invalid(
-                "prompt_token_ids",
-                format!(
-                    "token id {id} is not below the vocabulary size {}",
-                    self.vocab
-                ),
-            ));
-        }
+        sampling::check_token_ids("prompt_token_ids", &req.prompt_token_ids, self.vocab)?;
         sampling::params_from_pb(req.sampling.as_ref())
     }
 }

@@ -327,12 +327,7 @@ impl PrefillService {
                 ),
             ));
         }
-        if let Some(id) = req.prompt_token_ids.iter().find(|&&t| t as usize >= vocab) {
-            return Err(RuntimeError::invalid(
-                "prompt_token_ids",
-                format!("token id {id} is not below the vocabulary size {vocab}"),
-            ));
-        }
+        sampling::check_token_ids("prompt_token_ids", &req.prompt_token_ids, vocab)?;
         // No destination: only the first token is wanted (max_tokens = 1).
         let push = !req.decode_address.is_empty();
         if push && req.transfer_id.is_empty() {

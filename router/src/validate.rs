@@ -106,36 +106,12 @@ impl ModelContext {
                 if req.chat {
                     return Err(RouterError::invalid("chat", "`chat` needs a text `prompt`"));
                 }
-                if let Some(id) = req
-                    .prompt_token_ids
-                    .iter()
-                    .find(|&&t| t as usize >= self.vocab)
-                {
-                    return Err(RouterError::invalid(
-                        "prompt_token_ids",
-                        format!(
-                            "token id {id} is not below the vocabulary size {}",
-                            self.vocab
-                        ),
-                    ));
-                }
+                sampling::check_token_ids("prompt_token_ids", &req.prompt_token_ids, self.vocab)?;
                 req.prompt_token_ids
             }
         };
         let sampling = sampling::from_pb(req.sampling.as_ref(), self.max_tokens_limit)?;
-        if let Some(id) = sampling
-            .stop_token_ids
-            .iter()
-            .find(|&&t| t as usize >= self.vocab)
-        {
-            return Err(RouterError::invalid(
-                "stop_token_ids",
-                format!(
-                    "token id {id} is not below the vocabulary size {}",
-                    self.vocab
-                ),
-            ));
-        }
+        sampling::check_token_ids("stop_token_ids", &sampling.stop_token_ids, self.vocab)?;
         if prompt.len() + sampling.max_tokens > self.max_context {
             return Err(RouterError::invalid(
                 "max_tokens",

@@ -56,6 +56,17 @@ pub fn params_from_pb(p: Option<&pb::SamplingParams>) -> Result<SamplingParams> 
     Ok(params)
 }
 
+/// Refuses `ids` (the request field `field`) when one is not below `vocab`.
+pub fn check_token_ids(field: &str, ids: &[u32], vocab: usize) -> Result<()> {
+    match ids.iter().find(|&&t| t as usize >= vocab) {
+        Some(id) => Err(RuntimeError::invalid(
+            field,
+            format!("token id {id} is not below the vocabulary size {vocab}"),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// The wire form of a sampled token's log-probabilities.
 pub fn token_logprobs(sampled: &Sampled) -> pb::TokenLogprobs {
     pb::TokenLogprobs {
