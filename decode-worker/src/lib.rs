@@ -302,10 +302,12 @@ impl Decode for DecodeService {
         request: Request<pb::DecodeRequest>,
     ) -> Result<Response<Self::DecodeStream>, Status> {
         ensure_registered(&self.registration)?;
+        let metadata = request.metadata().clone();
         let req = request.into_inner();
         let params = self.validate(&req)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let span = tracing::info_span!("request", id = %req.request_id);
+        sluice_runtime::telemetry::continue_trace(&span, &metadata);
         tokio::spawn(
             start_sequence(
                 req,

@@ -20,7 +20,7 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let s = &args.service;
-    run_service(s.log_format, args.model.threads, async {
+    run_service("sluice-decode", &s.telemetry, args.model.threads, async {
         let start = s.start(50071).await?;
         let model = args
             .model

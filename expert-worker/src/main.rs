@@ -27,7 +27,7 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let s = &args.service;
-    run_service(s.log_format, args.threads, async {
+    run_service("sluice-expert", &s.telemetry, args.threads, async {
         let start = s.start(50081).await?;
         let worker_id = s.worker_id(Role::Expert)?;
         let shard = match args.shard {

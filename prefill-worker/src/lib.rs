@@ -433,8 +433,10 @@ impl Prefill for PrefillService {
         request: Request<pb::PrefillRequest>,
     ) -> Result<Response<pb::PrefillResponse>, Status> {
         ensure_registered(&self.registration)?;
+        let metadata = request.metadata().clone();
         let req = request.into_inner();
         let span = tracing::info_span!("request", id = %req.request_id);
+        sluice_runtime::telemetry::continue_trace(&span, &metadata);
         Ok(Response::new(
             PrefillService::prefill(self, req).instrument(span).await?,
         ))

@@ -24,7 +24,7 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let s = &args.service;
-    run_service(s.log_format, args.model.threads, async {
+    run_service("sluice-prefill", &s.telemetry, args.model.threads, async {
         let start = s.start(50061).await?;
         let model = args
             .model

@@ -13,6 +13,7 @@ use sluice_proto::v1::{self as pb, FinishReason};
 use sluice_proto::worker::v1 as wpb;
 use sluice_proto::worker::v1::decode_client::DecodeClient;
 use sluice_proto::worker::v1::prefill_client::PrefillClient;
+use sluice_runtime::telemetry::traced;
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
@@ -232,7 +233,7 @@ impl Relay {
         // The decode worker waits for the cache (or prefills) from now on.
         let mut decode_stream = if local || max_tokens > 1 {
             let mut client = DecodeClient::new(decode.worker().channel.clone());
-            let call = client.decode(wpb::DecodeRequest {
+            let call = client.decode(traced(wpb::DecodeRequest {
                 request_id: request.request_id.clone(),
                 transfer_id: if local {
                     String::new()
@@ -244,7 +245,7 @@ impl Relay {
                 max_new_tokens: if local { max_tokens } else { max_tokens - 1 } as u32,
                 eos_token_ids: request.worker_stop_ids(),
                 prefill: local,
-            });
+            }));
             let stream = call.await.map_err(|s| worker_error("decode", decode, s))?;
             Some(stream.into_inner())
         } else {
@@ -259,7 +260,7 @@ impl Relay {
                 None => (String::new(), String::new()),
             };
             let first = prefill
-                .prefill(wpb::PrefillRequest {
+                .prefill(traced(wpb::PrefillRequest {
                     request_id: request.request_id.clone(),
                     prompt_token_ids: request.prompt.clone(),
                     sampling,
@@ -267,7 +268,7 @@ impl Relay {
                     decode_address,
                     transfer_id,
                     transport: pair.transport.to_string(),
-                })
+                }))
                 .await
                 .map_err(|s| worker_error("prefill", &pair.prefill, s))?
                 .into_inner();

@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
+use tonic::metadata::MetadataMap;
 
 use crate::error::RouterError;
 use crate::openai::{self, ChatRequest, CompletionRequest, ErrorBody, ErrorDetail};
@@ -190,13 +191,15 @@ fn check_model(frontend: &Frontend, model: Option<&str>) -> Result<String, ApiEr
 async fn start(
     frontend: &Frontend,
     request: pb::GenerateRequest,
+    headers: HeaderMap,
 ) -> Result<(String, ChunkRx), ApiError> {
     let valid = frontend
         .model()
         .validate(request)
         .inspect_err(|e| frontend.refused(e))?;
     let id = valid.request_id.clone();
-    Ok((id, frontend.start(valid, None).await?))
+    let metadata = MetadataMap::from_headers(headers);
+    Ok((id, frontend.start(valid, None, &metadata).await?))
 }
 
 /// Collects a whole generation.
@@ -244,6 +247,7 @@ fn sse(
 
 async fn completions(
     State(app): State<AppState>,
+    headers: HeaderMap,
     Body(request): Body<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let frontend = &app.frontend;
@@ -252,7 +256,7 @@ async fn completions(
     let include_usage = request.sampling.include_usage();
     let logprobs = request.logprobs.is_some();
     let wire = request.to_pb().inspect_err(|e| frontend.refused(e))?;
-    let (id, rx) = start(frontend, wire).await?;
+    let (id, rx) = start(frontend, wire, headers).await?;
     let id = format!("cmpl-{id}");
     let created = unix_now();
     let f = frontend.clone();
@@ -295,6 +299,7 @@ async fn completions(
 
 async fn chat_completions(
     State(app): State<AppState>,
+    headers: HeaderMap,
     Body(request): Body<ChatRequest>,
 ) -> Result<Response, ApiError> {
     let frontend = &app.frontend;
@@ -305,7 +310,7 @@ async fn chat_completions(
     let wire = request
         .to_pb(&frontend.model().tokenizer)
         .inspect_err(|e| frontend.refused(e))?;
-    let (id, rx) = start(frontend, wire).await?;
+    let (id, rx) = start(frontend, wire, headers).await?;
     let id = format!("chatcmpl-{id}");
     let created = unix_now();
     let f = frontend.clone();

@@ -24,7 +24,7 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let s = &args.service;
-    run_service(s.log_format, None, async {
+    run_service("sluice-router", &s.telemetry, None, async {
         let start = s.start(50051).await?;
         let mut config = RouterConfig::new(s.model.clone());
         args.router.apply(&mut config);

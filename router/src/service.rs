@@ -12,6 +12,7 @@ use sluice_proto::worker::v1::router_status_server::RouterStatus;
 use sluice_runtime::serve::grpc_timeout;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
@@ -50,11 +51,13 @@ impl Frontend {
     }
 
     /// Admits `request` and runs it on a task; the chunks come on the receiver. Refusals
-    /// (overloaded, deadline in the queue) are returned at once, before any chunk.
+    /// (overloaded, deadline in the queue) are returned at once, before any chunk. The
+    /// request's span continues the trace in the caller's `metadata` (`traceparent`), if any.
     pub async fn start(
         &self,
         request: ValidRequest,
         deadline: Option<Duration>,
+        metadata: &MetadataMap,
     ) -> Result<ChunkRx, RouterError> {
         let arrived = Instant::now();
         let deadline = deadline.unwrap_or(self.default_deadline);
@@ -80,6 +83,7 @@ impl Frontend {
         let relay = self.relay.clone();
         let request_id = request.request_id.clone();
         let span = tracing::info_span!("request", id = %request_id);
+        sluice_runtime::telemetry::continue_trace(&span, metadata);
         let remaining = deadline.saturating_sub(arrived.elapsed());
         tokio::spawn(
             async move {
@@ -129,12 +133,13 @@ pub struct InferenceService {
 impl InferenceService {
     async fn start(&self, request: Request<pb::GenerateRequest>) -> Result<ChunkRx, Status> {
         let deadline = grpc_timeout(request.metadata());
+        let metadata = request.metadata().clone();
         let valid = self
             .frontend
             .model()
             .validate(request.into_inner())
             .inspect_err(|e| self.frontend.refused(e))?;
-        Ok(self.frontend.start(valid, deadline).await?)
+        Ok(self.frontend.start(valid, deadline, &metadata).await?)
     }
 }
 

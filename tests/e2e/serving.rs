@@ -8,6 +8,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use futures::StreamExt;
+use opentelemetry_proto::tonic as otlp;
+use otlp::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+use otlp::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use serde_json::{Value, json};
 use sluice_client::{ClientError, FinishReason, GenerateChunk, GenerateRequest, SamplingParams};
 use sluice_harness::http::{metric, request};
@@ -597,4 +600,124 @@ async fn overload_is_refused_at_once_and_nothing_leaks() {
             .unwrap()
             .contains("decode")
     );
+}
+
+/// An OTLP/gRPC collector that keeps every span it receives with its `service.name`.
+#[derive(Clone, Default)]
+struct Collector {
+    spans: std::sync::Arc<std::sync::Mutex<Vec<(String, otlp::trace::v1::Span)>>>,
+}
+
+fn string_attribute(attributes: &[otlp::common::v1::KeyValue], key: &str) -> Option<String> {
+    let value = attributes.iter().find(|a| a.key == key)?.value.as_ref()?;
+    match value.value.as_ref()? {
+        otlp::common::v1::any_value::Value::StringValue(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.spans.lock().unwrap();
+        for resource_spans in request.into_inner().resource_spans {
+            let service = resource_spans
+                .resource
+                .as_ref()
+                .and_then(|r| string_attribute(&r.attributes, "service.name"))
+                .unwrap_or_default();
+            for scope in resource_spans.scope_spans {
+                spans.extend(scope.spans.into_iter().map(|s| (service.clone(), s)));
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn spans_of_one_request_form_one_trace_across_processes() {
+    let model_dir = tempfile::tempdir().unwrap();
+    let model = model_dir.path();
+    synth("tiny", model);
+    let collector = Collector::default();
+    let port = sluice_harness::free_port();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(collector.clone()))
+            .serve(([127, 0, 0, 1], port).into()),
+    );
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let running = ClusterSpec::new(1, 1)
+        .all_args(&["--otlp-endpoint", &endpoint])
+        .start(model);
+    let cluster = &running.cluster;
+    cluster.wait_ready(2).await;
+
+    // The caller's own trace: the router's span must continue it.
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let mut request = tonic::Request::new(GenerateRequest {
+        request_id: "traced-1".into(),
+        ..greedy(&[1, 2, 3, 4, 5], 4)
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-{caller_span}-01").parse().unwrap(),
+    );
+    let mut raw =
+        sluice_proto::v1::inference_client::InferenceClient::connect(cluster.router.clone())
+            .await
+            .unwrap();
+    let answer = raw.generate(request).await.unwrap().into_inner();
+    assert_eq!(answer.token_ids.len(), 4);
+
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    // Batches leave each process within the SDK's 5 s schedule.
+    let spans = sluice_harness::eventually(
+        Duration::from_secs(30),
+        "the request's spans from the router, the prefill and the decode worker",
+        || {
+            let collector = collector.clone();
+            async move {
+                let spans: Vec<_> = collector
+                    .spans
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|(_, s)| hex(&s.trace_id) == trace_id)
+                    .cloned()
+                    .collect();
+                let services: std::collections::BTreeSet<_> =
+                    spans.iter().map(|(service, _)| service.as_str()).collect();
+                let all = ["sluice-decode", "sluice-prefill", "sluice-router"];
+                (services.into_iter().collect::<Vec<_>>() == all).then_some(spans)
+            }
+        },
+    )
+    .await;
+    let of = |service: &str| {
+        spans
+            .iter()
+            .find(|(s, _)| s == service)
+            .map(|(_, span)| span.clone())
+            .unwrap()
+    };
+    let router = of("sluice-router");
+    assert_eq!(hex(&router.parent_span_id), caller_span);
+    for worker in ["sluice-prefill", "sluice-decode"] {
+        let span = of(worker);
+        assert_eq!(span.parent_span_id, router.span_id, "{worker}'s parent");
+    }
+    for (service, span) in &spans {
+        assert_eq!(span.name, "request", "{service}");
+        assert_eq!(
+            string_attribute(&span.attributes, "id").as_deref(),
+            Some("traced-1"),
+            "{service}"
+        );
+    }
+    server.abort();
 }

@@ -21,6 +21,8 @@ pub struct ClusterSpec {
     pub router_args: Vec<String>,
     pub decode_args: Vec<String>,
     pub prefill_args: Vec<String>,
+    /// Appended to every process's command line.
+    pub all_args: Vec<String>,
 }
 
 impl ClusterSpec {
@@ -33,6 +35,7 @@ impl ClusterSpec {
             router_args: Vec::new(),
             decode_args: Vec::new(),
             prefill_args: Vec::new(),
+            all_args: Vec::new(),
         }
     }
 
@@ -48,6 +51,11 @@ impl ClusterSpec {
 
     pub fn router_args(mut self, args: &[&str]) -> Self {
         self.router_args.extend(args.iter().map(|s| s.to_string()));
+        self
+    }
+
+    pub fn all_args(mut self, args: &[&str]) -> Self {
+        self.all_args.extend(args.iter().map(|s| s.to_string()));
         self
     }
 
@@ -68,7 +76,8 @@ impl ClusterSpec {
             let mut cmd = service(binary, &etcd.url, model, free_port(), self.ttl);
             cmd.arg("--metrics-listen")
                 .arg(format!("127.0.0.1:{metrics_port}"))
-                .args(extra);
+                .args(extra)
+                .args(&self.all_args);
             metrics.push((name.clone(), format!("http://127.0.0.1:{metrics_port}")));
             procs.push(Proc::spawn(&name, &mut cmd, logs.path()));
         };
@@ -108,7 +117,8 @@ impl ClusterSpec {
         let mut cmd = service("sluice-router", &etcd.url, model, port, self.ttl);
         cmd.arg("--http-listen")
             .arg(format!("127.0.0.1:{http_port}"))
-            .args(&self.router_args);
+            .args(&self.router_args)
+            .args(&self.all_args);
         procs.push(Proc::spawn("router", &mut cmd, logs.path()));
         Running {
             cluster: Cluster {

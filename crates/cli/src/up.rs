@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use sluice_engine::{ExpertShard, shard_range};
 use sluice_runtime::model_host::{ExpertsMode, load_model, model_name};
-use sluice_runtime::telemetry::{self, LogFormat};
+use sluice_runtime::telemetry::{self, TelemetryArgs};
 use sluice_runtime::transport::{InProcessHub, InProcessTransport, TcpTransport};
 use sluice_runtime::{
     CacheTransport, EmbeddedMembership, Membership, Role, WorkerDirectory, WorkerId,
@@ -44,14 +44,13 @@ pub struct UpArgs {
     pub router: sluice_router::args::RouterArgs,
     #[command(flatten)]
     pub decode_batching: sluice_decode::DecodeArgs,
-    #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
 }
 
 const LOOPBACK: ([u8; 4], u16) = ([127, 0, 0, 1], 0);
 
 pub fn run(args: UpArgs) -> Result<()> {
-    telemetry::init(args.log_format);
     if args.prefill == 0 || args.decode == 0 {
         bail!("--prefill and --decode must each be at least 1");
     }
@@ -61,7 +60,12 @@ pub fn run(args: UpArgs) -> Result<()> {
     }
     args.model.device.ensure_available()?;
     let dir = args.model.resolve()?;
-    tokio::runtime::Runtime::new()?.block_on(async move {
+    let runtime = tokio::runtime::Runtime::new()?;
+    let telemetry = {
+        let _context = runtime.enter();
+        telemetry::init(&args.telemetry, "sluice")?
+    };
+    let outcome = runtime.block_on(async move {
         let shutdown = CancellationToken::new();
         sluice_runtime::cli::cancel_on_signal(shutdown.clone());
         let membership: Arc<dyn Membership> = Arc::new(EmbeddedMembership::new("local"));
@@ -149,7 +153,9 @@ pub fn run(args: UpArgs) -> Result<()> {
         .await;
         eprintln!("sluice up: stopped");
         Ok(())
-    })
+    });
+    drop(telemetry);
+    outcome
 }
 
 async fn wait_for_workers(

@@ -5,21 +5,28 @@ use std::future::Future;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Result, RuntimeError};
-use crate::telemetry::{self, LogFormat};
+use crate::telemetry::{self, TelemetryArgs};
 
-/// A service binary's `main`: logging, the kernels' thread pool, then `service` on a
-/// multi-threaded runtime.
+/// A service binary's `main`: the kernels' thread pool, a multi-threaded runtime, logging and
+/// tracing (`name` is the OTLP service name), then `service`; spans are flushed at the end.
 pub fn run_service<T, E>(
-    log_format: LogFormat,
+    name: &str,
+    telemetry: &TelemetryArgs,
     threads: Option<usize>,
     service: impl Future<Output = std::result::Result<T, E>>,
 ) -> std::result::Result<T, E>
 where
     E: From<RuntimeError> + From<std::io::Error>,
 {
-    telemetry::init(log_format);
     configure_threads(threads)?;
-    tokio::runtime::Runtime::new()?.block_on(service)
+    let runtime = tokio::runtime::Runtime::new()?;
+    let telemetry = {
+        let _context = runtime.enter();
+        telemetry::init(telemetry, name)?
+    };
+    let outcome = runtime.block_on(service);
+    drop(telemetry);
+    outcome
 }
 
 /// Sizes the kernels' thread pool (default: one thread per core).

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{Result, RuntimeError};
 use crate::keys::{Role, WorkerId};
 use crate::membership::{EtcdMembership, Membership};
-use crate::telemetry::LogFormat;
+use crate::telemetry::TelemetryArgs;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServiceArgs {
@@ -37,8 +37,8 @@ pub struct ServiceArgs {
     /// Name in the cluster (default: role-host-pid).
     #[arg(long, env = "SLUICE_WORKER_ID")]
     pub worker_id: Option<String>,
-    #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
     /// Serve Prometheus metrics over HTTP at this address (`GET /metrics`); off when unset.
     #[arg(long, env = "SLUICE_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
