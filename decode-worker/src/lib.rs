@@ -9,7 +9,7 @@ pub mod scheduler;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_engine::{CacheConfig, Model, Sampler, SamplingParams};
+use sluice_engine::{CacheConfig, LanguageModel, Sampler, SamplingParams};
 use sluice_proto::worker::v1 as pb;
 use sluice_proto::worker::v1::cache_transfer_server::CacheTransferServer;
 use sluice_proto::worker::v1::decode_server::{Decode, DecodeServer};
@@ -112,7 +112,7 @@ impl DecodeConfig {
 /// `hub`, caches can also arrive in-process (`sluice up`).
 pub async fn run(
     listener: TcpListener,
-    model: Arc<Model>,
+    model: Arc<dyn LanguageModel>,
     membership: Arc<dyn Membership>,
     hub: Option<Arc<InProcessHub>>,
     config: DecodeConfig,
@@ -171,7 +171,7 @@ pub async fn run(
 }
 
 fn start_engine(
-    model: Arc<Model>,
+    model: Arc<dyn LanguageModel>,
     config: &DecodeConfig,
     counters: Arc<LoadCounters>,
 ) -> Result<mpsc::UnboundedSender<Command>> {

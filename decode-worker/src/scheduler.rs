@@ -11,7 +11,8 @@
 use std::sync::Arc;
 
 use sluice_engine::{
-    CacheSnapshot, EngineError, LogitsMode, Model, ModelCache, Sampled, Sampler, SeqChunk, SeqLease,
+    CacheSnapshot, EngineError, LanguageModel, LogitsMode, ModelCache, Sampled, Sampler, SeqChunk,
+    SeqLease,
 };
 use sluice_proto::v1::FinishReason;
 use sluice_proto::worker::v1 as pb;
@@ -96,7 +97,7 @@ impl Sequence {
 }
 
 pub struct Scheduler {
-    model: Arc<Model>,
+    model: Arc<dyn LanguageModel>,
     cache: ModelCache,
     limits: SchedulerLimits,
     /// Running sequences, oldest first.
@@ -110,7 +111,7 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub fn new(
-        model: Arc<Model>,
+        model: Arc<dyn LanguageModel>,
         cache: ModelCache,
         limits: SchedulerLimits,
         counters: Arc<LoadCounters>,

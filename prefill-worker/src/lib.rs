@@ -11,8 +11,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use sluice_engine::{
-    CacheConfig, CacheSnapshot, EngineError, LogitsMode, Model, Sampled, Sampler, SamplingParams,
-    SeqChunk,
+    CacheConfig, CacheSnapshot, EngineError, LanguageModel, LogitsMode, Sampled, Sampler,
+    SamplingParams, SeqChunk,
 };
 use sluice_proto::worker::v1 as pb;
 use sluice_proto::worker::v1::prefill_server::{Prefill, PrefillServer};
@@ -81,7 +81,7 @@ struct Job {
 /// Serves `Prefill` on `listener` and registers in `membership` until `shutdown`.
 pub async fn run(
     listener: TcpListener,
-    model: Arc<Model>,
+    model: Arc<dyn LanguageModel>,
     membership: Arc<dyn Membership>,
     transports: Vec<Arc<dyn CacheTransport>>,
     config: PrefillConfig,
@@ -130,7 +130,7 @@ pub async fn run(
 }
 
 fn start_engine(
-    model: Arc<Model>,
+    model: Arc<dyn LanguageModel>,
     config: &PrefillConfig,
     counters: Arc<LoadCounters>,
     metrics: Arc<PrefillMetrics>,
@@ -158,7 +158,7 @@ fn start_engine(
 }
 
 struct PrefillEngine {
-    model: Arc<Model>,
+    model: Arc<dyn LanguageModel>,
     cache: sluice_engine::ModelCache,
     chunk: usize,
     max_batch_tokens: usize,
@@ -299,7 +299,7 @@ impl PrefillEngine {
 }
 
 struct PrefillService {
-    model: Arc<Model>,
+    model: Arc<dyn LanguageModel>,
     jobs: mpsc::UnboundedSender<Job>,
     transports: Vec<Arc<dyn CacheTransport>>,
     registration: Registration,

@@ -13,6 +13,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use futures::{Stream, StreamExt};
 use serde_json::{Value, json};
@@ -54,6 +55,10 @@ pub async fn serve(
     app: Router,
     shutdown: CancellationToken,
 ) -> Result<(), RouterError> {
+    // Each SSE event leaves at once rather than waiting on Nagle's algorithm.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
@@ -368,7 +373,7 @@ async fn models(State(app): State<AppState>) -> Json<Value> {
         "object": "list",
         "data": [{
             "id": m.name, "object": "model", "created": 0, "owned_by": "sluice",
-            "max_model_len": m.max_context,
+            "max_model_len": m.max_context, "vocab_size": m.vocab,
         }],
     }))
 }

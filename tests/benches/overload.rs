@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use sluice_client::{ClientError, GenerateRequest, SamplingParams};
 use sluice_harness::{ClusterSpec, synth};
-use tonic::Code;
 
 const IN_FLIGHT: usize = 8;
 const QUEUE: usize = 2;
@@ -132,9 +131,7 @@ async fn main() {
     for t in tasks {
         match t.await.unwrap() {
             (Ok(_), s) => admitted.push(s),
-            (Err(ClientError::Status(st)), s) if st.code() == Code::ResourceExhausted => {
-                refused.push(s)
-            }
+            (Err(ClientError::Overloaded(_)), s) => refused.push(s),
             (Err(e), _) => {
                 other += 1;
                 eprintln!("unexpected: {e}");

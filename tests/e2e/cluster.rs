@@ -26,9 +26,9 @@ fn greedy(tokens: &[u32], max_tokens: u32, ignore_eos: bool) -> GenerateRequest 
 }
 
 fn status(e: ClientError) -> tonic::Status {
-    match e {
-        ClientError::Status(s) => s,
-        other => panic!("expected a status, got {other}"),
+    match e.code() {
+        Some(code) => tonic::Status::new(code, e.message()),
+        None => panic!("expected a status, got {e}"),
     }
 }
 

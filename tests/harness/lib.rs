@@ -16,8 +16,10 @@ use tempfile::TempDir;
 
 pub mod cluster;
 pub mod http;
+pub mod up;
 
 pub use cluster::{Cluster, ClusterSpec, Running, load_of};
+pub use up::Up;
 
 /// Path of a binary of this workspace built alongside the running test.
 pub fn bin(name: &str) -> PathBuf {

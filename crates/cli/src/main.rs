@@ -1,9 +1,10 @@
 //! `sluice`: the command-line front door. `up` runs a whole cluster in one process;
-//! `generate` runs the engine in-process or calls an endpoint; `logits`, `synth` and `bench`
-//! work on the engine directly.
+//! `generate` runs the engine in-process or calls an endpoint; `load` load-tests a router;
+//! `logits`, `synth` and `bench` work on the engine directly.
 
 mod bench;
 mod generate;
+mod load;
 mod logits;
 mod model_source;
 mod progress;
@@ -29,6 +30,8 @@ enum Command {
     Up(up::UpArgs),
     /// Generate tokens for one prompt (locally, or through --endpoint).
     Generate(generate::GenerateArgs),
+    /// Load-test a router: TTFT, inter-token latency, throughput, errors and goodput.
+    Load(load::LoadArgs),
     /// Print the logits of every position of one forward pass.
     Logits(logits::LogitsArgs),
     /// Write a deterministic synthetic checkpoint in the Hugging Face layout.
@@ -54,6 +57,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Up(args) => up::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Load(args) => load::run(args),
         Command::Logits(args) => logits::run(args),
         Command::Synth(args) => model_source::synth(args.preset, &args.out, args.seed),
         Command::Bench(args) => bench::run(args),

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use sluice_engine::{ExpertShard, shard_range};
-use sluice_runtime::model_host::{ExpertsMode, load_model, model_name};
+use sluice_engine::{ExpertShard, LanguageModel, shard_range};
+use sluice_runtime::model_host::{EngineArgs, EngineKind, ExpertsMode, load_model, model_name};
 use sluice_runtime::telemetry::{self, TelemetryArgs};
 use sluice_runtime::transport::{InProcessHub, InProcessTransport, TcpTransport};
 use sluice_runtime::{
@@ -41,6 +41,8 @@ pub struct UpArgs {
     #[arg(long, env = "SLUICE_NO_HTTP")]
     pub no_http: bool,
     #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
     pub router: sluice_router::args::RouterArgs,
     #[command(flatten)]
     pub decode_batching: sluice_decode::DecodeArgs,
@@ -53,6 +55,10 @@ const LOOPBACK: ([u8; 4], u16) = ([127, 0, 0, 1], 0);
 pub fn run(args: UpArgs) -> Result<()> {
     if args.prefill == 0 || args.decode == 0 {
         bail!("--prefill and --decode must each be at least 1");
+    }
+    let mock = args.engine.engine == EngineKind::Mock;
+    if mock && args.experts > 0 {
+        bail!("--engine mock has no experts to place: drop --experts");
     }
     if let Some(n) = args.model.threads {
         sluice_engine::backend::cpu::set_threads(n)
@@ -93,14 +99,21 @@ pub fn run(args: UpArgs) -> Result<()> {
         }
         let directory = WorkerDirectory::start(membership.clone(), shutdown.clone()).await?;
         let mode = if args.experts > 0 { ExpertsMode::Remote } else { ExpertsMode::Local };
-        // One copy of the weights serves every prefill and decode worker of the process.
-        let model = load_model(&dir, mode, Some(directory.clone())).await?;
+        // One copy of the weights serves every prefill and decode worker of the process; a
+        // mock per worker, since each keeps its own step cadence.
+        let real = if mock { None } else { Some(load_model(&dir, mode, Some(directory.clone())).await?) };
+        let model_for_worker = || -> Result<Arc<dyn LanguageModel>> {
+            Ok(match &real {
+                Some(m) => m.clone(),
+                None => args.engine.mock(&dir)?,
+            })
+        };
         for _ in 0..args.decode {
             let mut config = sluice_decode::DecodeConfig::new(WorkerId::generate(Role::Decode), name.clone());
             args.decode_batching.apply(&mut config);
             config.max_context = args.router.max_context;
             let listener = sluice_runtime::serve::bind(SocketAddr::from(LOOPBACK)).await?;
-            let (m, s, h, md) = (membership.clone(), shutdown.clone(), hub.clone(), model.clone());
+            let (m, s, h, md) = (membership.clone(), shutdown.clone(), hub.clone(), model_for_worker()?);
             tasks.spawn(async move { Ok(sluice_decode::run(listener, md, m, Some(h), config, s).await?) });
         }
         for _ in 0..args.prefill {
@@ -111,7 +124,7 @@ pub fn run(args: UpArgs) -> Result<()> {
                 Arc::new(InProcessTransport::new(hub.clone())),
                 Arc::new(TcpTransport::default()),
             ];
-            let (m, s, md) = (membership.clone(), shutdown.clone(), model.clone());
+            let (m, s, md) = (membership.clone(), shutdown.clone(), model_for_worker()?);
             tasks.spawn(async move { Ok(sluice_prefill::run(listener, md, m, transports, config, s).await?) });
         }
         let listener = sluice_runtime::serve::bind(args.listen).await?;
@@ -128,8 +141,9 @@ pub fn run(args: UpArgs) -> Result<()> {
             tasks.spawn(async move { Ok(sluice_router::run(listener, http, m, router_config, s).await?) });
         }
         wait_for_workers(&directory, &args, &mut tasks).await?;
+        let engine = if mock { ", mock engine" } else { "" };
         println!(
-            "sluice up: serving {name} at {endpoint} (gRPC; {} prefill, {} decode, {} expert workers); Ctrl-C to stop",
+            "sluice up: serving {name} at {endpoint} (gRPC; {} prefill, {} decode, {} expert workers{engine}); Ctrl-C to stop",
             args.prefill, args.decode, args.experts
         );
         if let Some(http) = http_endpoint {

@@ -22,8 +22,8 @@ pub use generation::{
     DEFAULT_PREFILL_CHUNK, FinishReason, GenerationOutput, GenerationRequest, generate,
 };
 pub use model::{
-    ExpertExecutor, ExpertGroup, ExpertResidency, ExpertShard, LogitsMode, Model, SeqChunk,
-    shard_range,
+    ExpertExecutor, ExpertGroup, ExpertResidency, ExpertShard, LanguageModel, LogitsMode,
+    MockModel, MockTiming, Model, SeqChunk, shard_range,
 };
 pub use sampler::{Sampled, Sampler, SamplingParams};
 pub use synth::Preset;

@@ -1,10 +1,11 @@
 //! Loading the model for a prefill or decode worker, with its routed experts here or on
-//! expert workers (`--experts local|remote`).
+//! expert workers (`--experts local|remote`), or the mock engine (`--engine mock`).
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
-use sluice_engine::{ExpertResidency, Model};
+use sluice_engine::{ExpertResidency, LanguageModel, MockModel, MockTiming, Model};
 
 use crate::directory::WorkerDirectory;
 use crate::error::Result;
@@ -19,9 +20,62 @@ pub enum ExpertsMode {
     Remote,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum EngineKind {
+    /// Run the checkpoint's weights.
+    #[default]
+    Model,
+    /// Compute nothing: steps take `--mock-step-ms` (+ prompt tokens at `--mock-prefill-tps`)
+    /// and emit a fixed sequence of tokens; only the checkpoint's config.json is read.
+    Mock,
+}
+
+/// Which engine a worker runs, and the mock's timing.
+#[derive(clap::Args, Debug, Clone)]
+pub struct EngineArgs {
+    #[arg(long, env = "SLUICE_ENGINE", value_enum, default_value_t = EngineKind::Model)]
+    pub engine: EngineKind,
+    /// With `--engine mock`: milliseconds one forward step takes, whatever its batch.
+    #[arg(long, env = "SLUICE_MOCK_STEP_MS", default_value_t = 20.0)]
+    pub mock_step_ms: f64,
+    /// With `--engine mock`: prompt tokens per second a step adds on top (0 = free).
+    #[arg(long, env = "SLUICE_MOCK_PREFILL_TPS", default_value_t = 50_000.0)]
+    pub mock_prefill_tps: f64,
+}
+
+impl EngineArgs {
+    /// The mock's timing, checked.
+    pub fn mock_timing(&self) -> Result<MockTiming> {
+        if !(self.mock_step_ms.is_finite() && self.mock_step_ms >= 0.0) {
+            return Err(crate::RuntimeError::invalid(
+                "mock-step-ms",
+                "must be a number of milliseconds, at least 0",
+            ));
+        }
+        if !(self.mock_prefill_tps.is_finite() && self.mock_prefill_tps >= 0.0) {
+            return Err(crate::RuntimeError::invalid(
+                "mock-prefill-tps",
+                "must be a rate, at least 0",
+            ));
+        }
+        Ok(MockTiming {
+            step: Duration::from_secs_f64(self.mock_step_ms / 1000.0),
+            prefill_tokens_per_s: self.mock_prefill_tps,
+        })
+    }
+
+    /// The mock for the checkpoint in `dir` (its config.json only).
+    pub fn mock(&self, dir: &Path) -> Result<Arc<dyn LanguageModel>> {
+        let spec = sluice_engine::config::load_spec(dir)?;
+        Ok(Arc::new(MockModel::new(&spec, self.mock_timing()?)))
+    }
+}
+
 /// Flags of the workers that run the model (prefill and decode).
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelWorkerArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
     /// Run the routed experts here (`local`) or on expert workers (`remote`).
     #[arg(long, env = "SLUICE_EXPERTS", value_enum, default_value_t = ExpertsMode::Local)]
     pub experts: ExpertsMode,
@@ -34,15 +88,19 @@ pub struct ModelWorkerArgs {
 }
 
 impl ModelWorkerArgs {
-    /// Follows the cluster's workers (for remote experts) and loads the model from `dir`.
+    /// Follows the cluster's workers (for remote experts) and loads the model from `dir`; or
+    /// makes the mock.
     pub async fn load(
         &self,
         dir: &Path,
         membership: Arc<dyn crate::Membership>,
         shutdown: tokio_util::sync::CancellationToken,
-    ) -> Result<Arc<Model>> {
+    ) -> Result<Arc<dyn LanguageModel>> {
+        if self.engine.engine == EngineKind::Mock {
+            return self.engine.mock(dir);
+        }
         let directory = WorkerDirectory::start(membership, shutdown).await?;
-        load_model(dir, self.experts, Some(directory)).await
+        Ok(load_model(dir, self.experts, Some(directory)).await?)
     }
 }
 

@@ -5,20 +5,19 @@
 //! `forward` runs a packed batch of sequences of different lengths: prefill chunks of some
 //! sequences and decode tokens of others in one call.
 
-use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::layers::Segment;
 use super::layers::attention::Attention;
 use super::layers::gated_delta::GatedDeltaNet;
 use super::layers::mlp::Mlp;
 use super::layers::moe::{ExpertExecutor, ExpertResidency, SparseMoe};
 use super::layers::norm::RmsNorm;
+use super::{LanguageModel, plan_batch};
 use crate::backend::cpu;
 use crate::cache::{CacheConfig, ModelCache, SeqId};
 use crate::config::{FfnKind, MixerKind, ModelSpec, load_spec};
-use crate::error::{EngineError, Result};
+use crate::error::Result;
 use crate::tensor::{DType, Weight};
 use crate::weights::WeightStore;
 
@@ -212,7 +211,7 @@ impl Model {
         batch: &[SeqChunk<'_>],
         mode: LogitsMode,
     ) -> Result<Vec<f32>> {
-        let segments = self.plan(cache, batch)?;
+        let segments = plan_batch(&self.spec, cache, batch)?;
         let hidden = self.spec.hidden;
         let t: usize = segments.iter().map(|s| s.len).sum();
 
@@ -266,45 +265,28 @@ impl Model {
         );
         Ok(logits)
     }
+}
 
-    /// Validates a batch and reserves cache room; returns the packed segments.
-    fn plan(&self, cache: &mut ModelCache, batch: &[SeqChunk<'_>]) -> Result<Vec<Segment>> {
-        let mut seen = HashSet::new();
-        let mut offset = 0;
-        let mut segments = Vec::with_capacity(batch.len());
-        for chunk in batch {
-            if chunk.tokens.is_empty() {
-                return Err(EngineError::EmptyPrompt);
-            }
-            if let Some(&id) = chunk
-                .tokens
-                .iter()
-                .find(|&&id| id as usize >= self.spec.vocab)
-            {
-                return Err(EngineError::TokenOutOfRange {
-                    id,
-                    vocab: self.spec.vocab,
-                });
-            }
-            if !seen.insert(chunk.seq) {
-                return Err(EngineError::InvalidArgument {
-                    field: "batch",
-                    message: format!("sequence {} appears twice in one step", chunk.seq),
-                });
-            }
-            let start_pos = cache.seq_len(chunk.seq)?;
-            segments.push(Segment {
-                seq: chunk.seq,
-                offset,
-                len: chunk.tokens.len(),
-                start_pos,
-            });
-            offset += chunk.tokens.len();
-        }
-        for seg in &segments {
-            cache.reserve(seg.seq, seg.start_pos + seg.len)?;
-        }
-        Ok(segments)
+impl LanguageModel for Model {
+    fn spec(&self) -> &ModelSpec {
+        Model::spec(self)
+    }
+
+    fn fingerprint(&self) -> u64 {
+        Model::fingerprint(self)
+    }
+
+    fn new_cache(&self, config: CacheConfig) -> Result<ModelCache> {
+        Model::new_cache(self, config)
+    }
+
+    fn forward(
+        &self,
+        cache: &mut ModelCache,
+        batch: &[SeqChunk<'_>],
+        mode: LogitsMode,
+    ) -> Result<Vec<f32>> {
+        Model::forward(self, cache, batch, mode)
     }
 }
 
