@@ -243,4 +243,13 @@ fn bad_input_fails_with_a_clear_message() {
     assert!(err.contains("tokenizer.json"), "{err}");
     let err = failure(&["generate", "--tokens", "1", "--device", "cuda:0"]);
     assert!(err.contains("cuda:0"), "{err}");
+    let err = failure(&["load", "--rps", "0"]);
+    assert!(err.contains("--rps"), "{err}");
+    let err = failure(&["load", "--output-tokens", "9..3"]);
+    assert!(err.contains("MIN ≤ MAX"), "{err}");
+    // Nothing listens on port 1: the error names the endpoint.
+    let err = failure(&["load", "--endpoint", "http://127.0.0.1:1", "-n", "1"]);
+    assert!(err.contains("127.0.0.1:1"), "{err}");
+    let err = failure(&["up", "--engine", "mock", "--experts", "2"]);
+    assert!(err.contains("--engine mock"), "{err}");
 }
