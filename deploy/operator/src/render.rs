@@ -406,23 +406,17 @@ impl<'a> Renderer<'a> {
         c
     }
 
-    fn pod_template(&self, component: Component, container: Value) -> Value {
-        let spec = &self.cluster.spec;
-        let mut volumes = vec![json!({"name": "tmp", "emptyDir": {}})];
-        if let Some(pvc) = &spec.model.pvc {
-            volumes.push(json!({"name": "model", "persistentVolumeClaim": {
-                "claimName": pvc.claim_name, "readOnly": true}}));
-        }
+    /// A pod spec: one container, non-root, and the cluster's scheduling constraints.
+    fn pod_spec(&self, container: Value, volumes: Vec<Value>) -> Value {
         let mut pod = json!({
             "containers": [container],
             "volumes": volumes,
-            "terminationGracePeriodSeconds": 30,
             "securityContext": {
                 "runAsNonRoot": true, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
                 "seccompProfile": {"type": "RuntimeDefault"},
             },
         });
-        if let Some(s) = &spec.scheduling {
+        if let Some(s) = &self.cluster.spec.scheduling {
             if !s.node_selector.is_empty() {
                 pod["nodeSelector"] = json!(s.node_selector);
             }
@@ -430,6 +424,18 @@ impl<'a> Renderer<'a> {
                 pod["tolerations"] = json!(s.tolerations);
             }
         }
+        pod
+    }
+
+    fn pod_template(&self, component: Component, container: Value) -> Value {
+        let spec = &self.cluster.spec;
+        let mut volumes = vec![json!({"name": "tmp", "emptyDir": {}})];
+        if let Some(pvc) = &spec.model.pvc {
+            volumes.push(json!({"name": "model", "persistentVolumeClaim": {
+                "claimName": pvc.claim_name, "readOnly": true}}));
+        }
+        let mut pod = self.pod_spec(container, volumes);
+        pod["terminationGracePeriodSeconds"] = json!(30);
         json!({
             "metadata": {
                 "labels": labels(&self.name, component),
@@ -521,23 +527,8 @@ impl<'a> Renderer<'a> {
                 "capabilities": {"drop": ["ALL"]},
             },
         });
-        let mut pod = json!({
-            "containers": [container],
-            // Membership is leases: nothing in it must survive a restart.
-            "volumes": [{"name": "data", "emptyDir": {}}],
-            "securityContext": {
-                "runAsNonRoot": true, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
-                "seccompProfile": {"type": "RuntimeDefault"},
-            },
-        });
-        if let Some(s) = &self.cluster.spec.scheduling {
-            if !s.node_selector.is_empty() {
-                pod["nodeSelector"] = json!(s.node_selector);
-            }
-            if !s.tolerations.is_empty() {
-                pod["tolerations"] = json!(s.tolerations);
-            }
-        }
+        // Membership is leases: nothing in it must survive a restart.
+        let pod = self.pod_spec(container, vec![json!({"name": "data", "emptyDir": {}})]);
         json!({
             "apiVersion": "apps/v1",
             "kind": "StatefulSet",
