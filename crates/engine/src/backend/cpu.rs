@@ -443,8 +443,8 @@ pub(crate) mod tests {
     fn a_tokens_result_does_not_depend_on_its_batch() {
         let levels = runnable_levels();
         let mut seed = 11;
-        for &(rows, cols) in &[(9, 70), (8, 64), (5, 100)] {
-            let t = 9;
+        // 9 tokens: one token block; 70: two blocks of the prefill kernel.
+        for &(rows, cols, t) in &[(9, 70, 9), (8, 64, 9), (5, 100, 9), (6, 40, 70)] {
             let x: Vec<f32> = (0..t * cols).map(|_| lcg(&mut seed)).collect();
             for (w, _) in random_weights(rows, cols, &mut seed) {
                 for &level in &levels {
