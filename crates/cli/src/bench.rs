@@ -119,6 +119,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let rss = peak_rss_bytes();
     let threads = rayon::current_num_threads();
     let kernel = sluice_engine::backend::cpu::kernel_name();
+    let precision = sluice_engine::backend::cpu::precision();
     if args.json {
         println!(
             "{}",
@@ -127,6 +128,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 "dtype": model.dtype().to_string(),
                 "threads": threads,
                 "kernel": kernel,
+                "precision": precision.to_string(),
                 "batch": b,
                 "prompt_len": args.prompt_len,
                 "gen_len": args.gen_len,
@@ -142,7 +144,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
     } else {
         println!(
-            "model        {} ({}, {threads} threads, {kernel} kernels)",
+            "model        {} ({}, {threads} threads, {kernel} kernels, {precision} precision)",
             dir.display(),
             model.dtype()
         );

@@ -26,6 +26,20 @@ pub struct ModelArgs {
     /// Worker threads (default: all cores).
     #[arg(long, env = "SLUICE_THREADS")]
     pub threads: Option<usize>,
+    /// `exact` (f32 activations) or `fast` (bf16 activations into bf16-weight products, f32
+    /// accumulation; needs AVX-512 BF16, else exact).
+    #[arg(long, env = "SLUICE_PRECISION", default_value = "exact")]
+    pub precision: sluice_engine::backend::cpu::Precision,
+}
+
+/// Applies `--precision`, saying so when fast is not available here.
+pub fn apply_precision(p: sluice_engine::backend::cpu::Precision) {
+    let effective = sluice_engine::backend::cpu::set_precision(p);
+    if effective != p {
+        eprintln!(
+            "note: --precision {p} needs AVX-512 BF16, which this CPU lacks; using {effective}"
+        );
+    }
 }
 
 impl ModelArgs {
@@ -45,6 +59,7 @@ impl ModelArgs {
             sluice_engine::backend::cpu::set_threads(n)
                 .map_err(|e| anyhow::anyhow!("setting up the thread pool: {e}"))?;
         }
+        apply_precision(self.precision);
         let dir = self.resolve()?;
         let mut bar = Progress::new("loading");
         let model = Model::load(&dir, |done, total| bar.update(done, total))

@@ -64,6 +64,7 @@ pub fn run(args: UpArgs) -> Result<()> {
         sluice_engine::backend::cpu::set_threads(n)
             .map_err(|e| anyhow::anyhow!("thread pool: {e}"))?;
     }
+    crate::model_source::apply_precision(args.model.precision);
     args.model.device.ensure_available()?;
     let dir = args.model.resolve()?;
     let runtime = tokio::runtime::Runtime::new()?;

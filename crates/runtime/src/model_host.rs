@@ -85,6 +85,10 @@ pub struct ModelWorkerArgs {
     /// Threads for the model's kernels (default: all cores).
     #[arg(long, env = "SLUICE_THREADS")]
     pub threads: Option<usize>,
+    /// `exact` (f32 activations) or `fast` (bf16 activations into bf16-weight products, f32
+    /// accumulation; needs AVX-512 BF16, else exact).
+    #[arg(long, env = "SLUICE_PRECISION", default_value = "exact")]
+    pub precision: sluice_engine::backend::cpu::Precision,
 }
 
 impl ModelWorkerArgs {
@@ -98,6 +102,10 @@ impl ModelWorkerArgs {
     ) -> Result<Arc<dyn LanguageModel>> {
         if self.engine.engine == EngineKind::Mock {
             return self.engine.mock(dir);
+        }
+        let effective = sluice_engine::backend::cpu::set_precision(self.precision);
+        if effective != self.precision {
+            tracing::warn!(requested = %self.precision, %effective, "fast precision needs AVX-512 BF16");
         }
         let directory = WorkerDirectory::start(membership, shutdown).await?;
         Ok(load_model(dir, self.experts, Some(directory)).await?)

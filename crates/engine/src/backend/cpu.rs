@@ -6,6 +6,7 @@
 //! with a portable fallback for other machines.
 
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rayon::prelude::*;
 
@@ -48,6 +49,69 @@ fn simd_level() -> SimdLevel {
     })
 }
 
+/// How matrix products treat activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// f32 activations and accumulation: results within the golden tolerances.
+    #[default]
+    Exact,
+    /// Activations rounded to bf16 for products with bf16 weights, f32 accumulation (as GPU
+    /// engines do), where the CPU has AVX-512 BF16; elsewhere, and for f32/f16 weights, exact.
+    Fast,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "exact" => Ok(Precision::Exact),
+            "fast" => Ok(Precision::Fast),
+            other => Err(format!("`{other}`: expected exact or fast")),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::Exact => "exact",
+            Precision::Fast => "fast",
+        })
+    }
+}
+
+static FAST: AtomicBool = AtomicBool::new(false);
+
+/// Sets the precision of every later product (process-wide, like the thread pool); returns
+/// the one in effect (fast falls back to exact on a CPU without AVX-512 BF16).
+pub fn set_precision(p: Precision) -> Precision {
+    let fast = p == Precision::Fast && fast_available();
+    FAST.store(fast, Ordering::Relaxed);
+    precision()
+}
+
+pub fn precision() -> Precision {
+    if FAST.load(Ordering::Relaxed) {
+        Precision::Fast
+    } else {
+        Precision::Exact
+    }
+}
+
+/// Whether fast precision has a kernel on this CPU.
+pub fn fast_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static BF16: OnceLock<bool> = OnceLock::new();
+        *BF16.get_or_init(|| {
+            simd_level() == SimdLevel::Avx512 && std::is_x86_feature_detected!("avx512bf16")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// Sizes the global thread pool the kernels use; call once, before the first product.
 pub fn set_threads(n: usize) -> Result<(), String> {
     rayon::ThreadPoolBuilder::new()
@@ -82,31 +146,99 @@ fn matmul_with(x: &[f32], w: &Weight, y: &mut [f32], parallel: bool) {
     let t = x.len() / w.cols;
     debug_assert_eq!(x.len(), t * w.cols);
     debug_assert_eq!(y.len(), t * w.rows);
-    let tiles = |out: &mut [f32], per_row: usize| {
-        let chunk = ROW_TILE * per_row;
-        if parallel {
-            out.par_chunks_mut(chunk)
-                .enumerate()
-                .for_each(|(i, o)| row_tile(x, per_row, w, i * ROW_TILE, o));
-        } else {
-            out.chunks_mut(chunk)
-                .enumerate()
-                .for_each(|(i, o)| row_tile(x, per_row, w, i * ROW_TILE, o));
-        }
-    };
-    if t == 1 {
-        // y is already [rows] = [rows, 1]: tiles write straight into it.
-        tiles(y, 1);
+    #[cfg(target_arch = "x86_64")]
+    if let (Precision::Fast, true, WeightData::BF16(d)) = (precision(), fast_available(), &w.data) {
+        matmul_fast(x, t, d, w.rows, w.cols, y, parallel);
         return;
     }
-    // Tiles produce yᵀ [rows, t]; one transpose puts it back to [t, rows].
-    let mut yt = vec![0.0f32; w.rows * t];
-    tiles(&mut yt, t);
-    for (r, col) in yt.chunks_exact(t).enumerate() {
-        for (tok, v) in col.iter().enumerate() {
-            y[tok * w.rows + r] = *v;
+    by_row_tiles(w.rows, t, y, parallel, |r0, out| row_tile(x, t, w, r0, out));
+}
+
+/// `y` `[t, rows]` from tiles of `ROW_TILE` rows, split over the pool when `parallel`:
+/// `tile(r0, out)` fills `out` `[rows_here, t]` (rows `r0..`, token-minor). With one token that
+/// is `y` itself; otherwise each task fills a buffer of its own and copies each token's
+/// `rows_here` values into place — contiguous runs, where transposing a whole `[rows, t]`
+/// result would scatter single floats `rows` apart.
+fn by_row_tiles(
+    rows: usize,
+    t: usize,
+    y: &mut [f32],
+    parallel: bool,
+    tile: impl Fn(usize, &mut [f32]) + Sync,
+) {
+    if t == 1 {
+        if parallel {
+            y.par_chunks_mut(ROW_TILE)
+                .enumerate()
+                .for_each(|(i, o)| tile(i * ROW_TILE, o));
+        } else {
+            y.chunks_mut(ROW_TILE)
+                .enumerate()
+                .for_each(|(i, o)| tile(i * ROW_TILE, o));
         }
+        return;
     }
+    let out = SharedRows(y.as_mut_ptr(), y.len());
+    let one = |buf: &mut Vec<f32>, i: usize| {
+        let r0 = i * ROW_TILE;
+        let here = (rows - r0).min(ROW_TILE);
+        buf.clear();
+        buf.resize(here * t, 0.0);
+        tile(r0, buf);
+        for tok in 0..t {
+            // SAFETY: tile i writes only rows r0..r0+here of each token, which no other tile
+            // writes; tok * rows + r0 + here <= t * rows = y.len().
+            let dst = unsafe { out.run(tok * rows + r0, here) };
+            for (k, d) in dst.iter_mut().enumerate() {
+                *d = buf[k * t + tok];
+            }
+        }
+    };
+    let tiles = rows.div_ceil(ROW_TILE);
+    if parallel {
+        (0..tiles).into_par_iter().for_each_init(Vec::new, one);
+    } else {
+        let mut buf = Vec::new();
+        (0..tiles).for_each(|i| one(&mut buf, i));
+    }
+}
+
+/// `y` shared by the tasks of `by_row_tiles`, each writing disjoint runs.
+struct SharedRows(*mut f32, usize);
+
+// SAFETY: tasks write disjoint runs (see `by_row_tiles`); nothing reads through it.
+unsafe impl Sync for SharedRows {}
+
+impl SharedRows {
+    /// The run `start..start + len`.
+    /// SAFETY: in bounds, and no other live reference overlaps it.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn run(&self, start: usize, len: usize) -> &mut [f32] {
+        assert!(start + len <= self.1);
+        // SAFETY: in bounds (asserted); exclusivity is the caller's promise.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
+    }
+}
+
+/// Fast precision (bf16 activations, `vdpbf16ps`): as `matmul_with`, for bf16 weights.
+#[cfg(target_arch = "x86_64")]
+fn matmul_fast(
+    x: &[f32],
+    t: usize,
+    w: &[u16],
+    rows: usize,
+    n: usize,
+    y: &mut [f32],
+    parallel: bool,
+) {
+    let n_pad = n.div_ceil(avx512::BF16_CHUNK) * avx512::BF16_CHUNK;
+    // SAFETY (both calls): `fast_available` detected AVX-512 F/BW/VL and BF16.
+    let xb = unsafe { avx512::to_bf16_rows(x, t, n, n_pad) };
+    by_row_tiles(rows, t, y, parallel, |r0, out| {
+        let here = out.len() / t;
+        // SAFETY: as above.
+        unsafe { avx512::row_tile_dpbf16(&xb, n_pad, t, &w[r0 * n..(r0 + here) * n], n, out) }
+    });
 }
 
 /// Copies columns `from..from + width` of each `[stride]` row of `src` into `dst` `[rows, width]`.
@@ -461,6 +593,62 @@ pub(crate) mod tests {
                             );
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// Fast precision (bf16 activations, `vdpbf16ps`) against f64 on the stored weights:
+    /// relative L2 error per output row ≤ 3e-3, and a token's result bit-identical alone or in
+    /// a batch. Runs only where the CPU has AVX-512 BF16.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn fast_precision_is_close_to_f64_and_batch_invariant() {
+        if !fast_available() {
+            eprintln!("this CPU has no AVX-512 BF16: the fast kernel was NOT tested here");
+            return;
+        }
+        let mut seed = 5;
+        for &(t, rows, cols) in &[
+            (1, 37, 50),
+            (3, 64, 16),
+            (9, 70, 33),
+            (17, 33, 100),
+            (70, 40, 1030),
+        ] {
+            let x: Vec<f32> = (0..t * cols).map(|_| lcg(&mut seed)).collect();
+            let [_, (w, wref)] = random_weights(rows, cols, &mut seed);
+            let WeightData::BF16(bits) = &w.data else {
+                unreachable!()
+            };
+            let mut y = vec![0.0; t * rows];
+            matmul_fast(&x, t, bits, rows, cols, &mut y, false);
+            let r = reference(&x, &wref, rows, cols);
+            for tok in 0..t {
+                let (mut err, mut norm) = (0.0f64, 0.0f64);
+                for row in 0..rows {
+                    let (a, b) = (y[tok * rows + row] as f64, r[tok * rows + row]);
+                    err += (a - b).powi(2);
+                    norm += b * b;
+                }
+                let rel = (err / norm).sqrt();
+                assert!(rel <= 3e-3, "t={t} {rows}x{cols} token {tok}: rel L2 {rel}");
+                let mut one = vec![0.0; rows];
+                matmul_fast(
+                    &x[tok * cols..(tok + 1) * cols],
+                    1,
+                    bits,
+                    rows,
+                    cols,
+                    &mut one,
+                    true,
+                );
+                for row in 0..rows {
+                    assert_eq!(
+                        one[row].to_bits(),
+                        y[tok * rows + row].to_bits(),
+                        "t={t} token {tok}"
+                    );
                 }
             }
         }

@@ -239,3 +239,119 @@ fn dot1(w: &[f32], x: &[f32], n: usize) -> f32 {
     }
     _mm512_reduce_add_ps(acc)
 }
+
+/// Elements per `vdpbf16ps`: 16 lanes of bf16 pairs.
+pub(super) const BF16_CHUNK: usize = 32;
+
+/// `x` `[t, n]` rounded to bf16 (nearest even), each row zero-padded to `n_pad` (a multiple of
+/// 32): the activations of the fast-precision product.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+pub(super) fn to_bf16_rows(x: &[f32], t: usize, n: usize, n_pad: usize) -> Vec<u16> {
+    let mut out = vec![0u16; t * n_pad];
+    for (row, dst) in x.chunks_exact(n).take(t).zip(out.chunks_exact_mut(n_pad)) {
+        let mut i = 0;
+        while i < n {
+            let lo_m = lane_mask(i, n);
+            let hi_m = if i + LANES < n {
+                lane_mask(i + LANES, n)
+            } else {
+                0
+            };
+            // SAFETY: masked-in lanes are below n in `row`; dst has n_pad ≥ i + 32 elements.
+            unsafe {
+                let lo = _mm512_maskz_loadu_ps(lo_m, row.as_ptr().add(i));
+                let hi = _mm512_maskz_loadu_ps(hi_m, row.as_ptr().add(i + LANES));
+                let b: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                _mm512_storeu_si512(dst.as_mut_ptr().add(i) as *mut __m512i, b);
+            }
+            i += BF16_CHUNK;
+        }
+    }
+    out
+}
+
+/// Fast precision: y[r, tok] = Σ bf16(x)·w with f32 accumulation by `vdpbf16ps`, 4 rows × up
+/// to 4 tokens per block, for any `t` (one accumulator per row and token, chunks in order, so a
+/// token's result does not depend on its batch). `xb` is `to_bf16_rows(x)`, `n_pad` its row
+/// length; `w` bf16 `[rows, n]`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+pub(super) fn row_tile_dpbf16(
+    xb: &[u16],
+    n_pad: usize,
+    t: usize,
+    w: &[u16],
+    n: usize,
+    out: &mut [f32],
+) {
+    let rows = w.len() / n;
+    assert!(xb.len() >= t * n_pad && out.len() >= rows * t && t > 0 && n_pad >= n);
+    let mut r = 0;
+    while r < rows {
+        let group = (rows - r).min(4);
+        let rp: [*const u16; 4] = std::array::from_fn(|g| w[(r + g.min(group - 1)) * n..].as_ptr());
+        let mut tok = 0;
+        while tok < t {
+            let tg = (t - tok).min(4);
+            let x0 = &xb[tok * n_pad..(tok + tg) * n_pad];
+            let acc: [[f32; 4]; 4] = match tg {
+                1 => dpbf16_block::<1>(rp, x0, n_pad, n),
+                2 => dpbf16_block::<2>(rp, x0, n_pad, n),
+                3 => dpbf16_block::<3>(rp, x0, n_pad, n),
+                _ => dpbf16_block::<4>(rp, x0, n_pad, n),
+            };
+            for (g, row) in acc.iter().enumerate().take(group) {
+                for (j, v) in row.iter().enumerate().take(tg) {
+                    out[(r + g) * t + tok + j] = *v;
+                }
+            }
+            tok += 4;
+        }
+        r += group;
+    }
+}
+
+/// 4 weight rows (`rp`, `n` bf16 each) against `T` bf16 activation rows of `x` (`n_pad` each).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+fn dpbf16_block<const T: usize>(
+    rp: [*const u16; 4],
+    x: &[u16],
+    n_pad: usize,
+    n: usize,
+) -> [[f32; 4]; 4] {
+    assert!(x.len() >= T * n_pad);
+    let mut acc = [[_mm512_setzero_ps(); T]; 4];
+    let mut i = 0;
+    while i < n {
+        let rem = n - i;
+        let m: __mmask32 = if rem >= BF16_CHUNK {
+            u32::MAX
+        } else {
+            (1u32 << rem) - 1
+        };
+        // SAFETY: the caller's weight rows have n elements (masked-in lanes are below n);
+        // activation rows have n_pad ≥ i + 32 elements (asserted).
+        unsafe {
+            let xv: [__m512bh; T] = std::array::from_fn(|j| {
+                std::mem::transmute(_mm512_loadu_si512(
+                    x.as_ptr().add(j * n_pad + i) as *const __m512i
+                ))
+            });
+            for (g, row_acc) in acc.iter_mut().enumerate() {
+                let wv: __m512bh =
+                    std::mem::transmute(_mm512_maskz_loadu_epi16(m, rp[g].add(i) as *const i16));
+                for (a, xj) in row_acc.iter_mut().zip(&xv) {
+                    *a = _mm512_dpbf16_ps(*a, wv, *xj);
+                }
+            }
+        }
+        i += BF16_CHUNK;
+    }
+    let mut out = [[0.0f32; 4]; 4];
+    for (o, a) in out.iter_mut().zip(&acc) {
+        for (v, lane) in o.iter_mut().zip(a) {
+            *v = _mm512_reduce_add_ps(*lane);
+        }
+    }
+    out
+}
