@@ -203,18 +203,8 @@ async fn observe(
         let n = child_name(&name, c);
         async move {
             let d = deployments.get_opt(&n).await?;
-            let want = d
-                .as_ref()
-                .and_then(|d| d.spec.as_ref()?.replicas)
-                .unwrap_or(0);
-            let ready = d
-                .as_ref()
-                .and_then(|d| d.status.as_ref()?.ready_replicas)
-                .unwrap_or(0);
-            Ok::<_, Error>(RoleStatus {
-                replicas: want,
-                ready_replicas: ready,
-            })
+            let spec = d.as_ref().and_then(|d| d.spec.as_ref()?.replicas);
+            Ok::<_, Error>(role_status(spec, d.and_then(|d| d.status?.ready_replicas)))
         }
     };
     let set = |c| {
@@ -222,18 +212,8 @@ async fn observe(
         let n = child_name(&name, c);
         async move {
             let s = sets.get_opt(&n).await?;
-            let want = s
-                .as_ref()
-                .and_then(|s| s.spec.as_ref()?.replicas)
-                .unwrap_or(0);
-            let ready = s
-                .as_ref()
-                .and_then(|s| s.status.as_ref()?.ready_replicas)
-                .unwrap_or(0);
-            Ok::<_, Error>(RoleStatus {
-                replicas: want,
-                ready_replicas: ready,
-            })
+            let spec = s.as_ref().and_then(|s| s.spec.as_ref()?.replicas);
+            Ok::<_, Error>(role_status(spec, s.and_then(|s| s.status?.ready_replicas)))
         }
     };
     let mut status = cluster.status.clone().unwrap_or_default();
@@ -290,6 +270,14 @@ async fn observe(
         generation,
     );
     Ok(status)
+}
+
+/// Replicas wanted and ready, as a workload reports them (absent: none).
+fn role_status(replicas: Option<i32>, ready: Option<i32>) -> RoleStatus {
+    RoleStatus {
+        replicas: replicas.unwrap_or(0),
+        ready_replicas: ready.unwrap_or(0),
+    }
 }
 
 /// Sets condition `kind`, keeping its transition time when its status does not change.
