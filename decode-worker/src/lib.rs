@@ -19,6 +19,7 @@ use sluice_runtime::serve::{advertised_address, serve, standard_routes};
 use sluice_runtime::status::{
     LoadCounters, WorkerStatusService, ensure_registered, follow_registration,
 };
+use sluice_runtime::transport::select::TransportPlan;
 use sluice_runtime::transport::{CacheTransferService, InProcessHub};
 use sluice_runtime::{
     CacheInbox, Membership, Registration, Result, Role, RuntimeError, TransportKind, WorkerId,
@@ -51,6 +52,10 @@ pub struct DecodeConfig {
     pub prefill_chunk: usize,
     /// How long a `Decode` call waits for its cache.
     pub transfer_timeout: Duration,
+    /// The transports it receives caches over (besides in-process with a hub).
+    pub transport: TransportPlan,
+    /// The host it runs on (same-node transports).
+    pub node: String,
 }
 
 /// Tokens per KV block.
@@ -94,6 +99,8 @@ impl DecodeConfig {
             max_batch_tokens: 2048,
             prefill_chunk: sluice_engine::DEFAULT_PREFILL_CHUNK,
             transfer_timeout: Duration::from_secs(60),
+            transport: TransportPlan::tcp(),
+            node: sluice_runtime::worker_info::this_host(),
         }
     }
 
@@ -123,7 +130,9 @@ pub async fn run(
     let inbox = Arc::new(CacheInbox::new(model.fingerprint(), move |t| {
         probe.layout(t)
     }));
-    let mut transports = vec![TransportKind::Tcp];
+    let receiver = CacheTransferService::new(inbox.clone())
+        .with_device(&config.transport.device, config.transport.communicators);
+    let mut transports = receiver.kinds();
     if let Some(hub) = &hub {
         hub.register(&address, inbox.clone());
         transports.push(TransportKind::InProcess);
@@ -138,6 +147,7 @@ pub async fn run(
         model: config.model_name.clone(),
         capacity: config.max_sequences,
         transports,
+        node: config.node.clone(),
         expert_shard: None,
     };
     let registration = membership.register(info, shutdown.clone()).await?;
@@ -162,10 +172,7 @@ pub async fn run(
     };
     let routes = routes
         .add_service(DecodeServer::new(service))
-        .add_service(
-            CacheTransferServer::new(CacheTransferService::new(inbox))
-                .max_decoding_message_size(usize::MAX),
-        )
+        .add_service(CacheTransferServer::new(receiver).max_decoding_message_size(usize::MAX))
         .add_service(WorkerStatusServer::new(status));
     serve(listener, routes, shutdown).await
 }

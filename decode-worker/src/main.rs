@@ -21,6 +21,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let s = &args.service;
     run_service("sluice-decode", &s.telemetry, args.model.threads, async {
+        let transport = args.model.transport_plan()?;
         let start = s.start(50071).await?;
         let model = args
             .model
@@ -29,8 +30,10 @@ fn main() -> anyhow::Result<()> {
         let mut config =
             sluice_decode::DecodeConfig::new(s.worker_id(Role::Decode)?, model_name(&s.model));
         config.advertise = s.advertise.clone();
+        config.node = s.node();
         args.decode.apply(&mut config);
         config.max_context = args.model.max_context;
+        config.transport = transport;
         sluice_decode::run(
             start.listener,
             model,

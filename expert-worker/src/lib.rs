@@ -100,6 +100,7 @@ pub async fn run(
         model: config.model_name.clone(),
         capacity: 0,
         transports: Vec::new(),
+        node: sluice_runtime::worker_info::this_host(),
         expert_shard: Some(ExpertShardInfo {
             index: config.shard.0,
             count: config.shard.1,

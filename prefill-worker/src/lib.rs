@@ -48,6 +48,8 @@ pub struct PrefillConfig {
     pub max_context: usize,
     /// Prompt tokens per forward pass of one sequence.
     pub prefill_chunk: usize,
+    /// The host it runs on (same-node transports).
+    pub node: String,
 }
 
 impl PrefillConfig {
@@ -60,6 +62,7 @@ impl PrefillConfig {
             max_batch_prompts: 8,
             max_context: 8192,
             prefill_chunk: sluice_engine::DEFAULT_PREFILL_CHUNK,
+            node: sluice_runtime::worker_info::this_host(),
         }
     }
 }
@@ -99,6 +102,7 @@ pub async fn run(
         model: config.model_name.clone(),
         capacity: config.max_batch_prompts,
         transports: transports.iter().map(|t| t.kind()).collect(),
+        node: config.node.clone(),
         expert_shard: None,
     };
     let registration = membership.register(info, shutdown.clone()).await?;

@@ -1,13 +1,10 @@
 //! `sluice-prefill`: a prefill worker process.
 
-use std::sync::Arc;
-
 use clap::Parser;
+use sluice_runtime::Role;
 use sluice_runtime::cli::run_service;
 use sluice_runtime::model_host::{ModelWorkerArgs, model_name};
 use sluice_runtime::service_args::ServiceArgs;
-use sluice_runtime::transport::TcpTransport;
-use sluice_runtime::{CacheTransport, Role};
 
 #[derive(Parser)]
 #[command(name = "sluice-prefill", version, about = "Sluice prefill worker")]
@@ -25,6 +22,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let s = &args.service;
     run_service("sluice-prefill", &s.telemetry, args.model.threads, async {
+        let plan = args.model.transport_plan()?;
         let start = s.start(50061).await?;
         let model = args
             .model
@@ -33,9 +31,10 @@ fn main() -> anyhow::Result<()> {
         let mut config =
             sluice_prefill::PrefillConfig::new(s.worker_id(Role::Prefill)?, model_name(&s.model));
         config.advertise = s.advertise.clone();
+        config.node = s.node();
         config.max_batch_tokens = args.max_batch_tokens;
         config.max_context = args.model.max_context;
-        let transports: Vec<Arc<dyn CacheTransport>> = vec![Arc::new(TcpTransport::default())];
+        let transports = plan.senders(config.worker_id.as_str());
         sluice_prefill::run(
             start.listener,
             model,

@@ -249,7 +249,5 @@ impl WorkerPool {
 }
 
 fn shared_transport(prefill: &WorkerInfo, decode: &WorkerInfo) -> Option<TransportKind> {
-    TRANSPORT_PREFERENCE
-        .into_iter()
-        .find(|t| prefill.transports.contains(t) && decode.transports.contains(t))
+    prefill.shared_transport(decode, &TRANSPORT_PREFERENCE)
 }

@@ -293,3 +293,27 @@ async fn a_killed_worker_leaves_the_cluster_and_its_request_fails_cleanly() {
     let got = c.generate(greedy(&[1, 2, 3, 4], 8, true)).await.unwrap();
     assert_eq!(got.token_ids, want);
 }
+
+/// A device transport asked of a worker that cannot run it stops the worker at start-up,
+/// before it registers, saying what it would need.
+#[test]
+fn device_transports_a_worker_cannot_run_are_refused_at_start() {
+    let model_dir = tempfile::tempdir().unwrap();
+    synth("tiny", model_dir.path());
+    for (binary, transport) in [("sluice-prefill", "nccl"), ("sluice-decode", "cuda-ipc")] {
+        let out = std::process::Command::new(sluice_harness::bin(binary))
+            .args(["--transport", transport, "--etcd", "http://127.0.0.1:9"])
+            .arg("--model")
+            .arg(model_dir.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{binary} started: {stderr}");
+        assert!(stderr.contains(&format!("`{transport}`")), "{stderr}");
+        // Without the `cuda` feature the build is missing; with it, the CUDA device.
+        assert!(
+            stderr.contains("--features cuda") || stderr.contains("--device cuda:N"),
+            "{stderr}"
+        );
+    }
+}

@@ -142,6 +142,7 @@ mod tests {
             model: "m".into(),
             capacity: 1,
             transports: vec![TransportKind::InProcess],
+            node: String::new(),
             expert_shard: None,
         }
     }

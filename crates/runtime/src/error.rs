@@ -37,6 +37,8 @@ pub enum RuntimeError {
     Connect { address: String, message: String },
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("device: {0}")]
+    Device(String),
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -91,7 +93,9 @@ impl RuntimeError {
             | RuntimeError::Etcd(_)
             | RuntimeError::Membership(_) => Code::Unavailable,
             RuntimeError::Overloaded(_) => Code::ResourceExhausted,
-            RuntimeError::Io(_) | RuntimeError::Internal(_) => Code::Internal,
+            RuntimeError::Io(_) | RuntimeError::Device(_) | RuntimeError::Internal(_) => {
+                Code::Internal
+            }
         }
     }
 }

@@ -89,6 +89,11 @@ pub struct ModelWorkerArgs {
     /// accumulation; needs AVX-512 BF16, else exact).
     #[arg(long, env = "SLUICE_PRECISION", default_value = "exact")]
     pub precision: sluice_engine::backend::cpu::Precision,
+    /// Compute device: cpu or cuda:N.
+    #[arg(long, env = "SLUICE_DEVICE", default_value = "cpu")]
+    pub device: sluice_engine::Device,
+    #[command(flatten)]
+    pub transport: crate::transport::select::TransportArgs,
 }
 
 impl ModelWorkerArgs {
@@ -100,15 +105,25 @@ impl ModelWorkerArgs {
         membership: Arc<dyn crate::Membership>,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Result<Arc<dyn LanguageModel>> {
+        // The mock computes nothing, so it runs "on" any device (the GPU transports can be
+        // exercised without the model's kernels).
         if self.engine.engine == EngineKind::Mock {
             return self.engine.mock(dir);
         }
+        self.device.ensure_available()?;
         let effective = sluice_engine::backend::cpu::set_precision(self.precision);
         if effective != self.precision {
             tracing::warn!(requested = %self.precision, %effective, "fast precision needs AVX-512 BF16");
         }
         let directory = WorkerDirectory::start(membership, shutdown).await?;
         Ok(load_model(dir, self.experts, Some(directory)).await?)
+    }
+}
+
+impl ModelWorkerArgs {
+    /// The cache transports this worker offers (`--transport` on `--device`).
+    pub fn transport_plan(&self) -> Result<crate::transport::select::TransportPlan> {
+        self.transport.plan(self.device)
     }
 }
 

@@ -37,6 +37,10 @@ pub struct ServiceArgs {
     /// Name in the cluster (default: role-host-pid).
     #[arg(long, env = "SLUICE_WORKER_ID")]
     pub worker_id: Option<String>,
+    /// The host this worker runs on, for same-node cache transports (cuda-ipc). Default: the
+    /// kernel's host name (on Kubernetes pass the node's name, e.g. from `spec.nodeName`).
+    #[arg(long, env = "SLUICE_NODE")]
+    pub node: Option<String>,
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
     /// Serve Prometheus metrics over HTTP at this address (`GET /metrics`); off when unset.
@@ -85,6 +89,12 @@ impl ServiceArgs {
     }
 
     /// `--worker-id`, or a generated one for `role`.
+    pub fn node(&self) -> String {
+        self.node
+            .clone()
+            .unwrap_or_else(crate::worker_info::this_host)
+    }
+
     pub fn worker_id(&self, role: Role) -> Result<WorkerId> {
         match &self.worker_id {
             Some(id) => WorkerId::new(id.clone()),

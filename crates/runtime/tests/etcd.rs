@@ -22,6 +22,7 @@ fn info(id: &str) -> WorkerInfo {
         model: "m".into(),
         capacity: 4,
         transports: vec![TransportKind::Tcp],
+        node: String::new(),
         expert_shard: None,
     }
 }

@@ -359,6 +359,8 @@ impl<'a> Renderer<'a> {
         let mut env = vec![
             json!({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}),
             json!({"name": "SLUICE_WORKER_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}),
+            // Same-node cache transports (cuda-ipc) compare nodes, not pod host names.
+            json!({"name": "SLUICE_NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}),
         ];
         if component == Component::Experts {
             env.push(json!({"name": "SHARD_INDEX", "valueFrom": {"fieldRef": {

@@ -147,6 +147,13 @@ fn the_example_renders_roles_shards_gpus_and_scheduling() {
         "{args:?}"
     );
     assert!(args.contains(&"--advertise=$(POD_IP):50071"), "{args:?}");
+    let node = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "SLUICE_NODE")
+        .expect("SLUICE_NODE is set");
+    assert_eq!(node["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
     assert_eq!(
         c["readinessProbe"]["grpc"]["service"],
         "sluice.worker.v1.Decode"

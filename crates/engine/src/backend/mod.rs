@@ -2,6 +2,8 @@
 //! the device is chosen once, at start-up, from a [`Device`] value.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use std::fmt;
 use std::str::FromStr;
@@ -48,10 +50,18 @@ impl Device {
     pub fn ensure_available(self) -> Result<()> {
         match self {
             Device::Cpu => Ok(()),
-            Device::Cuda(_) if cfg!(feature = "cuda") => Err(EngineError::DeviceUnavailable {
-                device: self.to_string(),
-                reason: "the CUDA backend is not implemented yet in this version".into(),
-            }),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => {
+                let found = cuda::probe(n)?;
+                Err(EngineError::DeviceUnavailable {
+                    device: self.to_string(),
+                    reason: format!(
+                        "{} found, but the model's CUDA kernels are not in this version (run the model with `--device cpu`)",
+                        found.name
+                    ),
+                })
+            }
+            #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => Err(EngineError::DeviceUnavailable {
                 device: self.to_string(),
                 reason: "this build has no CUDA support (rebuild with `--features cuda`)".into(),
@@ -73,5 +83,27 @@ mod tests {
         assert!(Device::Cpu.ensure_available().is_ok());
         let err = Device::Cuda(0).ensure_available().unwrap_err().to_string();
         assert!(err.contains("cuda:0"), "{err}");
+    }
+
+    /// A `cuda` build on a host without a driver says what is missing; with a GPU, it names
+    /// the device it found and why the model still cannot run there.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_builds_explain_what_is_missing() {
+        let err = Device::Cuda(0).ensure_available().unwrap_err().to_string();
+        // SAFETY: only probes whether the shared library can be loaded.
+        if unsafe { cudarc::driver::sys::is_culib_present() } {
+            assert!(
+                err.contains("found") || err.contains("CUDA device"),
+                "{err}"
+            );
+        } else {
+            assert!(err.contains("libcuda.so"), "{err}");
+        }
+        let err = Device::Cuda(4096)
+            .ensure_available()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cuda:4096"), "{err}");
     }
 }

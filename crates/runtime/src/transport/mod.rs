@@ -3,12 +3,22 @@
 //! A [`CacheTransport`] sends; the decode worker's [`CacheInbox`] receives, checks the model
 //! fingerprint and the [`CacheLayout`] before any byte is adopted, and hands the state to the
 //! `Decode` call that asked for it (which may start before or after the cache arrives).
-//! Implementations: `tcp` (gRPC `CacheTransfer.Push`, chunked, crc32c per chunk) and
-//! `in-process` (`sluice up`). A GPU transport (NCCL) uses `handshake` once per receiver to
-//! exchange its communicator id and then moves raw device buffers layer by layer; the header
-//! still travels over `CacheTransfer`.
+//! Implementations: `tcp` (gRPC `CacheTransfer.Push`, chunked, crc32c per chunk),
+//! `in-process` (`sluice up`), and the device transports: `cuda-ipc` (same node: the receiver
+//! maps the sender's exported buffer) and `nccl` (a communicator per pair, set up by
+//! `handshake`); their headers still travel over `CacheTransfer`. Which ones a worker offers
+//! is [`select`]ed once at start-up and advertised in its `WorkerInfo`.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
+mod cuda_ipc;
+pub mod device;
+#[cfg(test)]
+mod device_tests;
 mod in_process;
+mod nccl;
+pub mod select;
+mod service;
 mod tcp;
 
 use std::collections::HashMap;
@@ -24,8 +34,13 @@ use sluice_engine::{CacheLayout, CacheSnapshot};
 use sluice_proto::worker::v1 as pb;
 use tokio::sync::oneshot;
 
+pub use cuda_ipc::CudaIpcTransport;
+pub use device::DeviceTransports;
 pub use in_process::{InProcessHub, InProcessTransport};
-pub use tcp::{CacheTransferService, TcpTransport};
+pub use nccl::{CommunicatorPool, DEFAULT_COMMUNICATORS, NcclReceiver, NcclTransport};
+pub use select::TransportChoice;
+pub use service::CacheTransferService;
+pub use tcp::TcpTransport;
 
 use crate::error::{Result, RuntimeError};
 
@@ -39,6 +54,12 @@ pub enum TransportKind {
 }
 
 impl TransportKind {
+    /// Works only between processes of one host. (`in-process` is advertised only inside
+    /// one process, whose hub rejects anything else.)
+    pub fn same_node_only(self) -> bool {
+        self == TransportKind::CudaIpc
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             TransportKind::Tcp => "tcp",

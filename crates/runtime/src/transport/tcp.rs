@@ -8,9 +8,8 @@ use async_trait::async_trait;
 use sluice_engine::CacheSnapshot;
 use sluice_proto::worker::v1 as pb;
 use sluice_proto::worker::v1::cache_transfer_client::CacheTransferClient;
-use sluice_proto::worker::v1::cache_transfer_server::CacheTransfer;
 use tonic::transport::Channel;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Status, Streaming};
 
 use super::{
     CacheInbox, CacheTransport, Destination, TransferHeader, TransportKind, header_from_pb,
@@ -21,22 +20,47 @@ use crate::serve::connect_lazy;
 
 const CHUNK_BYTES: usize = 1 << 20;
 
-/// Sends caches over gRPC; one HTTP/2 connection per destination, reused.
+/// One HTTP/2 connection per destination, reused by every transport's `CacheTransfer` calls.
 #[derive(Default)]
-pub struct TcpTransport {
+pub(super) struct Channels {
     channels: Mutex<HashMap<String, Channel>>,
 }
 
-impl TcpTransport {
-    fn channel(&self, address: &str) -> Result<Channel> {
+impl Channels {
+    pub(super) fn client(&self, address: &str) -> Result<CacheTransferClient<Channel>> {
         let mut map = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(c) = map.get(address) {
-            return Ok(c.clone());
-        }
-        let c = connect_lazy(address)?;
-        map.insert(address.to_string(), c.clone());
-        Ok(c)
+        let channel = match map.get(address) {
+            Some(c) => c.clone(),
+            None => {
+                let c = connect_lazy(address)?;
+                map.insert(address.to_string(), c.clone());
+                c
+            }
+        };
+        Ok(CacheTransferClient::new(channel)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX))
     }
+}
+
+/// A failed push as the sender reports it: the receiver's refusals as they are, anything else
+/// as the destination being unavailable.
+pub(super) fn push_error(dest: &Destination, status: Status) -> RuntimeError {
+    match status.code() {
+        tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument | tonic::Code::DataLoss => {
+            RuntimeError::Rpc(status)
+        }
+        _ => RuntimeError::Unavailable {
+            worker: dest.worker_id.clone(),
+            message: format!("cache push failed: {}", status.message()),
+        },
+    }
+}
+
+/// Sends caches over gRPC.
+#[derive(Default)]
+pub struct TcpTransport {
+    channels: Channels,
 }
 
 /// Header, then every region in chunks, produced lazily from the snapshot.
@@ -79,129 +103,88 @@ impl CacheTransport for TcpTransport {
         snapshot: CacheSnapshot,
     ) -> Result<u64> {
         let total = snapshot.total_bytes() as u64;
-        let mut client = CacheTransferClient::new(self.channel(&dest.address)?)
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX);
+        let mut client = self.channels.client(&dest.address)?;
         let stream = tokio_stream::iter(chunks(header_to_pb(&header, total), snapshot));
         let ack = client
             .push(stream)
             .await
-            .map_err(|status| match status.code() {
-                tonic::Code::FailedPrecondition
-                | tonic::Code::InvalidArgument
-                | tonic::Code::DataLoss => RuntimeError::Rpc(status),
-                _ => RuntimeError::Unavailable {
-                    worker: dest.worker_id.clone(),
-                    message: format!("cache push failed: {}", status.message()),
-                },
-            })?;
+            .map_err(|status| push_error(dest, status))?;
         Ok(ack.into_inner().bytes)
     }
 }
 
-/// The receiving side, served by decode workers.
-pub struct CacheTransferService {
-    inbox: Arc<CacheInbox>,
-}
-
-impl CacheTransferService {
-    pub fn new(inbox: Arc<CacheInbox>) -> Self {
-        CacheTransferService { inbox }
-    }
-}
-
-#[tonic::async_trait]
-impl CacheTransfer for CacheTransferService {
-    async fn push(
-        &self,
-        request: Request<Streaming<pb::CacheChunk>>,
-    ) -> Result<Response<pb::PushAck>, Status> {
-        let mut stream = request.into_inner();
-        let header = match stream.message().await? {
-            Some(pb::CacheChunk {
-                kind: Some(pb::cache_chunk::Kind::Header(h)),
-            }) => h,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "the first message of a cache push must be its header",
-                ));
-            }
-        };
-        let header = header_from_pb(&header)?;
-        // Nothing is read or allocated for a cache this worker could not use.
-        self.inbox.check(&header)?;
-        let mut regions: Vec<Vec<u8>> = header
-            .layout
-            .regions
-            .iter()
-            .map(|r| vec![0u8; r.elements * 4])
-            .collect();
-        let mut received = 0u64;
-        while let Some(chunk) = stream.message().await? {
-            let Some(pb::cache_chunk::Kind::Data(d)) = chunk.kind else {
-                return Err(Status::invalid_argument(
-                    "a second header in one cache push",
-                ));
-            };
-            let region = regions.get_mut(d.region as usize).ok_or_else(|| {
-                Status::invalid_argument(format!(
-                    "chunk names region {}, the layout has fewer",
-                    d.region
-                ))
-            })?;
-            let start = d.offset as usize;
-            let end = start
-                .checked_add(d.data.len())
-                .filter(|&e| e <= region.len());
-            let Some(end) = end else {
-                return Err(Status::invalid_argument(format!(
-                    "chunk of region {} at offset {} overruns it",
-                    d.region, d.offset
-                )));
-            };
-            if crc32c::crc32c(&d.data) != d.crc32c {
-                return Err(RuntimeError::TransferCorrupted(format!(
-                    "crc32c mismatch in region {} at offset {}",
-                    d.region, d.offset
-                ))
-                .into());
-            }
-            region[start..end].copy_from_slice(&d.data);
-            received += d.data.len() as u64;
+/// Receives one `Push` stream into `inbox`.
+pub(super) async fn receive(
+    inbox: &CacheInbox,
+    mut stream: Streaming<pb::CacheChunk>,
+) -> Result<pb::PushAck, Status> {
+    let header = match stream.message().await? {
+        Some(pb::CacheChunk {
+            kind: Some(pb::cache_chunk::Kind::Header(h)),
+        }) => h,
+        _ => {
+            return Err(Status::invalid_argument(
+                "the first message of a cache push must be its header",
+            ));
         }
-        let expected: u64 = regions.iter().map(|r| r.len() as u64).sum();
-        if received != expected {
+    };
+    let header = header_from_pb(&header)?;
+    // Nothing is read or allocated for a cache this worker could not use.
+    inbox.check(&header)?;
+    let mut regions: Vec<Vec<u8>> = header
+        .layout
+        .regions
+        .iter()
+        .map(|r| vec![0u8; r.elements * 4])
+        .collect();
+    let mut received = 0u64;
+    while let Some(chunk) = stream.message().await? {
+        let Some(pb::cache_chunk::Kind::Data(d)) = chunk.kind else {
+            return Err(Status::invalid_argument(
+                "a second header in one cache push",
+            ));
+        };
+        let region = regions.get_mut(d.region as usize).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "chunk names region {}, the layout has fewer",
+                d.region
+            ))
+        })?;
+        let start = d.offset as usize;
+        let end = start
+            .checked_add(d.data.len())
+            .filter(|&e| e <= region.len());
+        let Some(end) = end else {
+            return Err(Status::invalid_argument(format!(
+                "chunk of region {} at offset {} overruns it",
+                d.region, d.offset
+            )));
+        };
+        if crc32c::crc32c(&d.data) != d.crc32c {
             return Err(RuntimeError::TransferCorrupted(format!(
-                "received {received} of {expected} bytes"
+                "crc32c mismatch in region {} at offset {}",
+                d.region, d.offset
             ))
             .into());
         }
-        let transfer_id = header.transfer_id.clone();
-        let snapshot = CacheSnapshot {
-            layout: header.layout.clone(),
-            regions,
-        };
-        self.inbox.deliver(header, snapshot)?;
-        Ok(Response::new(pb::PushAck {
-            transfer_id,
-            bytes: received,
-        }))
+        region[start..end].copy_from_slice(&d.data);
+        received += d.data.len() as u64;
     }
-
-    async fn handshake(
-        &self,
-        request: Request<pb::HandshakeRequest>,
-    ) -> Result<Response<pb::HandshakeResponse>, Status> {
-        let r = request.into_inner();
-        match r.transport.parse::<TransportKind>()? {
-            TransportKind::Tcp | TransportKind::InProcess => {
-                Ok(Response::new(pb::HandshakeResponse {
-                    payload: Vec::new(),
-                }))
-            }
-            other => Err(Status::unimplemented(format!(
-                "this worker was built without the `{other}` transport (it needs the `cuda` feature)"
-            ))),
-        }
+    let expected: u64 = regions.iter().map(|r| r.len() as u64).sum();
+    if received != expected {
+        return Err(RuntimeError::TransferCorrupted(format!(
+            "received {received} of {expected} bytes"
+        ))
+        .into());
     }
+    let transfer_id = header.transfer_id.clone();
+    let snapshot = CacheSnapshot {
+        layout: header.layout.clone(),
+        regions,
+    };
+    inbox.deliver(header, snapshot)?;
+    Ok(pb::PushAck {
+        transfer_id,
+        bytes: received,
+    })
 }
