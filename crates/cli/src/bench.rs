@@ -1,4 +1,5 @@
-//! `sluice bench`: prefill and decode speed on one model, batch 1 or more.
+//! `sluice bench`: prefill and decode speed on one model, batch 1 or more, against the
+//! machine's own read bandwidth measured in the same run (the decode roofline).
 
 use std::time::Instant;
 
@@ -25,6 +26,9 @@ pub struct BenchArgs {
     /// Sequences run together.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
+    /// Bytes the read-bandwidth measurement streams per pass (0: skip it).
+    #[arg(long, default_value_t = crate::read_bandwidth::DEFAULT_BYTES)]
+    pub bandwidth_bytes: usize,
     #[arg(long)]
     pub json: bool,
 }
@@ -111,11 +115,33 @@ pub fn run(args: BenchArgs) -> Result<()> {
         next = logits.chunks_exact(vocab).map(argmax).collect();
     }
     let decode_s = start.elapsed().as_secs_f64();
+    // What one decode step must read at least: the active weights once, plus each sequence's
+    // state (KV of its context, DeltaNet and conv states) — the roofline's numerator.
+    let state_bytes: usize = cache
+        .layout(args.decode_context + args.gen_len / 2)
+        .regions
+        .iter()
+        .map(|r| r.elements * 4)
+        .sum();
+    let step_bytes = model.active_weight_bytes() + b * state_bytes;
+    let bandwidth = (args.bandwidth_bytes > 0)
+        .then(|| crate::read_bandwidth::measure(args.bandwidth_bytes, 7))
+        .map(|m| {
+            std::hint::black_box(m.checksum);
+            m.bytes_per_s
+        });
 
     let prefill_tps = (b * args.prompt_len) as f64 / prefill_s;
     let decode_tps = (b * args.gen_len) as f64 / decode_s;
     let step_ms = decode_s * 1000.0 / args.gen_len as f64;
     let weight_gbs = model.active_weight_bytes() as f64 / (step_ms / 1000.0) / 1e9;
+    let read_gbs = step_bytes as f64 / (step_ms / 1000.0) / 1e9;
+    // Decode tok/s as a fraction of what the bandwidth allows for this batch.
+    let roofline = bandwidth.map(|bw| read_gbs * 1e9 / bw);
+    let roofline_tps = bandwidth.map(|bw| bw / step_bytes as f64 * b as f64);
+    // Two flops per active weight per token (attention's own flops aside).
+    let prefill_gflops =
+        2.0 * (model.active_weight_bytes() / model.dtype().size()) as f64 * prefill_tps / 1e9;
     let rss = peak_rss_bytes();
     let threads = rayon::current_num_threads();
     let kernel = sluice_engine::backend::cpu::kernel_name();
@@ -139,6 +165,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 "decode_step_ms": step_ms,
                 "active_weight_bytes": model.active_weight_bytes(),
                 "weight_read_gb_s": weight_gbs,
+                "step_read_bytes": step_bytes,
+                "step_read_gb_s": read_gbs,
+                "machine_read_gb_s": bandwidth.map(|bw| bw / 1e9),
+                "roofline_tok_s": roofline_tps,
+                "roofline_fraction": roofline,
+                "prefill_gflop_s": prefill_gflops,
                 "peak_rss_bytes": rss,
             })
         );
@@ -150,7 +182,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
         println!("load         {load_s:.2} s");
         println!(
-            "prefill      {prefill_tps:.1} tok/s ({b} × {} tokens)",
+            "prefill      {prefill_tps:.1} tok/s ({b} × {} tokens, {prefill_gflops:.1} GFLOP/s)",
             args.prompt_len
         );
         println!(
@@ -161,6 +193,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "weights read {weight_gbs:.1} GB/s per decode step (active weights {:.2} GB)",
             model.active_weight_bytes() as f64 / 1e9
         );
+        if let (Some(bw), Some(fraction), Some(tps)) = (bandwidth, roofline, roofline_tps) {
+            println!(
+                "roofline     {:.2} of it: {read_gbs:.1} of {:.1} GB/s measured here ({:.2} MB per step; {tps:.1} tok/s at the roofline)",
+                fraction,
+                bw / 1e9,
+                step_bytes as f64 / 1e6
+            );
+        }
         if let Some(rss) = rss {
             println!("peak RSS     {:.2} GiB", rss as f64 / (1u64 << 30) as f64);
         }

@@ -8,6 +8,7 @@ mod load;
 mod logits;
 mod model_source;
 mod progress;
+mod read_bandwidth;
 mod remote;
 mod up;
 

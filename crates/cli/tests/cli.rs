@@ -253,3 +253,59 @@ fn bad_input_fails_with_a_clear_message() {
     let err = failure(&["up", "--engine", "mock", "--experts", "2"]);
     assert!(err.contains("--engine mock"), "{err}");
 }
+
+#[test]
+fn bench_reports_decode_against_the_bandwidth_it_measured() {
+    let cache = tempfile::tempdir().unwrap();
+    let dir = cache.path().join("tiny");
+    let dir_arg = dir.to_str().unwrap();
+    let synth = sluice(
+        &["synth", "--preset", "tiny", "--out", dir_arg],
+        cache.path(),
+    );
+    assert!(synth.status.success());
+    let bench = |bandwidth: &str| {
+        stdout_json(&sluice(
+            &[
+                "bench",
+                "--model",
+                dir_arg,
+                "--prompt-len",
+                "8",
+                "--gen-len",
+                "2",
+                "--decode-context",
+                "4",
+                "--batch",
+                "2",
+                "--bandwidth-bytes",
+                bandwidth,
+                "--json",
+            ],
+            cache.path(),
+        ))
+    };
+    let r = bench("8388608");
+    let num = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k}: {r}"));
+    assert!(num("machine_read_gb_s") > 0.0, "{r}");
+    // A step reads the active weights once and each of the 2 sequences' state.
+    assert!(num("step_read_bytes") > num("active_weight_bytes"), "{r}");
+    let step_s = num("decode_step_ms") / 1000.0;
+    let fraction = num("step_read_bytes") / step_s / (num("machine_read_gb_s") * 1e9);
+    assert!(
+        (num("roofline_fraction") - fraction).abs() < 1e-9 * fraction.max(1.0),
+        "{r}"
+    );
+    let roofline_tps = num("machine_read_gb_s") * 1e9 / num("step_read_bytes") * 2.0;
+    assert!(
+        (num("roofline_tok_s") / roofline_tps - 1.0).abs() < 1e-9,
+        "{r}"
+    );
+    assert!(num("prefill_gflop_s") > 0.0);
+    // Skipped on request.
+    let r = bench("0");
+    assert!(
+        r["machine_read_gb_s"].is_null() && r["roofline_fraction"].is_null(),
+        "{r}"
+    );
+}

@@ -1,0 +1,76 @@
+//! The machine's memory read bandwidth, measured the way a decode step reads weights: every
+//! thread of the model's pool streams its share of a buffer far larger than the caches.
+
+use std::time::Instant;
+
+use rayon::prelude::*;
+
+/// Bytes read per pass; large enough that no cache level holds a meaningful part of it.
+pub const DEFAULT_BYTES: usize = 1 << 30;
+
+/// A measurement: the median of its passes (a shared machine has bursts both ways), and the
+/// sum of what was read (so the reads cannot be optimised away, and a test can check them).
+#[derive(Debug, Clone, Copy)]
+pub struct ReadBandwidth {
+    pub bytes_per_s: f64,
+    pub checksum: u64,
+}
+
+/// Sums a chunk with eight independent accumulators (no dependency chain between loads).
+fn sum_chunk(words: &[u64]) -> u64 {
+    let mut acc = [0u64; 8];
+    let mut lanes = words.chunks_exact(8);
+    for lane in &mut lanes {
+        for (a, w) in acc.iter_mut().zip(lane) {
+            *a = a.wrapping_add(*w);
+        }
+    }
+    let tail = lanes
+        .remainder()
+        .iter()
+        .fold(0u64, |s, w| s.wrapping_add(*w));
+    acc.iter().fold(tail, |s, a| s.wrapping_add(*a))
+}
+
+/// Reads a buffer of `bytes` (rounded down to 8-byte words) `passes` times on the current
+/// rayon pool.
+pub fn measure(bytes: usize, passes: usize) -> ReadBandwidth {
+    let words = (bytes / 8).max(8);
+    // Written once so every page is mapped before the timed passes.
+    let buffer: Vec<u64> = (0..words as u64)
+        .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        .collect();
+    let threads = rayon::current_num_threads().max(1);
+    let per_thread = words.div_ceil(threads);
+    let mut seconds = Vec::with_capacity(passes.max(1));
+    let mut checksum = 0;
+    for _ in 0..passes.max(1) {
+        let start = Instant::now();
+        checksum = buffer
+            .par_chunks(per_thread)
+            .map(sum_chunk)
+            .reduce(|| 0, u64::wrapping_add);
+        seconds.push(start.elapsed().as_secs_f64());
+    }
+    seconds.sort_by(f64::total_cmp);
+    ReadBandwidth {
+        bytes_per_s: (words * 8) as f64 / seconds[seconds.len() / 2],
+        checksum,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_every_word_of_the_buffer() {
+        let words: u64 = 100_003; // not a multiple of the lanes or the threads
+        let expected = (0..words).fold(0u64, |s, i| {
+            s.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        });
+        let m = measure(words as usize * 8, 2);
+        assert_eq!(m.checksum, expected);
+        assert!(m.bytes_per_s.is_finite() && m.bytes_per_s > 0.0);
+    }
+}
