@@ -22,6 +22,9 @@ struct Args {
     /// Threads for the experts' kernels (default: all cores).
     #[arg(long, env = "SLUICE_THREADS")]
     threads: Option<usize>,
+    /// `checkpoint` or `int8`: must match the prefill and decode workers' `--weights`.
+    #[arg(long, env = "SLUICE_WEIGHTS", default_value = "checkpoint")]
+    weights: sluice_engine::WeightFormat,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,7 +45,13 @@ fn main() -> anyhow::Result<()> {
                 anyhow::anyhow!("{} has no MoE layers: no experts to host", dir.display())
             })?;
         let range = shard_range(experts, shard.0, shard.1)?;
-        let loaded = tokio::task::spawn_blocking(move || ExpertShard::load(&dir, range)).await??;
+        let weights = args.weights;
+        let loaded = tokio::task::spawn_blocking(move || -> sluice_engine::Result<ExpertShard> {
+            let mut shard = ExpertShard::load(&dir, range)?;
+            shard.set_weight_format(weights);
+            Ok(shard)
+        })
+        .await??;
         let config = ExpertConfig {
             worker_id,
             advertise: s.advertise.clone(),

@@ -30,6 +30,10 @@ pub struct ModelArgs {
     /// accumulation; needs AVX-512 BF16, else exact).
     #[arg(long, env = "SLUICE_PRECISION", default_value = "exact")]
     pub precision: sluice_engine::backend::cpu::Precision,
+    /// `checkpoint` (as stored) or `int8` (per-row symmetric, quantized at load: half the
+    /// bytes per decode step).
+    #[arg(long, env = "SLUICE_WEIGHTS", default_value = "checkpoint")]
+    pub weights: sluice_engine::WeightFormat,
 }
 
 /// Applies `--precision`, saying so when fast is not available here.
@@ -62,8 +66,9 @@ impl ModelArgs {
         apply_precision(self.precision);
         let dir = self.resolve()?;
         let mut bar = Progress::new("loading");
-        let model = Model::load(&dir, |done, total| bar.update(done, total))
+        let mut model = Model::load(&dir, |done, total| bar.update(done, total))
             .with_context(|| format!("loading the model from {}", dir.display()))?;
+        model.set_weight_format(self.weights);
         Ok((dir, model))
     }
 }

@@ -86,7 +86,13 @@ pub fn run(args: UpArgs) -> Result<()> {
             for i in 0..args.experts {
                 let range = shard_range(total, i, args.experts)?;
                 let d = dir.clone();
-                let shard = tokio::task::spawn_blocking(move || ExpertShard::load(&d, range)).await??;
+                let weights = args.model.weights;
+                let shard = tokio::task::spawn_blocking(move || -> sluice_engine::Result<ExpertShard> {
+                    let mut shard = ExpertShard::load(&d, range)?;
+                    shard.set_weight_format(weights);
+                    Ok(shard)
+                })
+                .await??;
                 let config = sluice_expert::ExpertConfig {
                     worker_id: WorkerId::generate(Role::Expert),
                     advertise: None,
@@ -102,7 +108,7 @@ pub fn run(args: UpArgs) -> Result<()> {
         let mode = if args.experts > 0 { ExpertsMode::Remote } else { ExpertsMode::Local };
         // One copy of the weights serves every prefill and decode worker of the process; a
         // mock per worker, since each keeps its own step cadence.
-        let real = if mock { None } else { Some(load_model(&dir, mode, Some(directory.clone())).await?) };
+        let real = if mock { None } else { Some(load_model(&dir, mode, args.model.weights, Some(directory.clone())).await?) };
         let model_for_worker = || -> Result<Arc<dyn LanguageModel>> {
             Ok(match &real {
                 Some(m) => m.clone(),

@@ -309,3 +309,27 @@ fn bench_reports_decode_against_the_bandwidth_it_measured() {
         "{r}"
     );
 }
+
+#[test]
+fn int8_weights_generate_and_unknown_formats_are_refused() {
+    let cache = tempfile::tempdir().unwrap();
+    let gen_args = |weights: &'static str| {
+        [
+            "generate",
+            "--tokens",
+            "1,2,3",
+            "--max-tokens",
+            "4",
+            "--ignore-eos",
+            "--json",
+            "--weights",
+            weights,
+        ]
+    };
+    let out = stdout_json(&sluice(&gen_args("int8"), cache.path()));
+    assert_eq!(out["token_ids"].as_array().unwrap().len(), 4, "{out}");
+    let out = sluice(&gen_args("int4"), cache.path());
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("int4") && err.contains("int8"), "{err}");
+}

@@ -27,4 +27,5 @@ pub use model::{
 };
 pub use sampler::{Sampled, Sampler, SamplingParams};
 pub use synth::Preset;
+pub use tensor::WeightFormat;
 pub use tokenizer::{ChatMessage, IncrementalDecoder, Tokenizer};

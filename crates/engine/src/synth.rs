@@ -380,6 +380,8 @@ fn fill(t: &SynthTensor, seed: u64) -> Vec<u8> {
                     DType::F16 => {
                         chunk.copy_from_slice(&half::f16::from_f32(x).to_bits().to_le_bytes())
                     }
+                    // No preset stores int8 (it is made at load); raw steps of 1/127.
+                    DType::I8 => chunk[0] = (x * 127.0).round().clamp(-127.0, 127.0) as i8 as u8,
                 }
             }
         });

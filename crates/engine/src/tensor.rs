@@ -3,11 +3,15 @@
 
 use std::fmt;
 
+use rayon::prelude::*;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DType {
     F32,
     BF16,
     F16,
+    /// Symmetric int8 with one f32 scale per row (`--weights int8`), made at load.
+    I8,
 }
 
 impl DType {
@@ -15,6 +19,7 @@ impl DType {
         match self {
             DType::F32 => 4,
             DType::BF16 | DType::F16 => 2,
+            DType::I8 => 1,
         }
     }
 
@@ -23,9 +28,11 @@ impl DType {
             DType::F32 => "F32",
             DType::BF16 => "BF16",
             DType::F16 => "F16",
+            DType::I8 => "I8",
         }
     }
 
+    /// Checkpoint dtypes (int8 is made at load, never read from a file).
     pub fn from_safetensors(name: &str) -> Option<Self> {
         match name {
             "F32" => Some(DType::F32),
@@ -42,6 +49,40 @@ impl fmt::Display for DType {
     }
 }
 
+/// How a model keeps its large matrices in memory (`--weights`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightFormat {
+    /// As the checkpoint stores them (bf16, f16 or f32).
+    #[default]
+    Checkpoint,
+    /// Per-row symmetric int8, quantized at load: half the bytes of bf16 per decode step.
+    Int8,
+}
+
+impl std::str::FromStr for WeightFormat {
+    type Err = crate::error::EngineError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "checkpoint" => Ok(WeightFormat::Checkpoint),
+            "int8" => Ok(WeightFormat::Int8),
+            _ => Err(crate::error::EngineError::InvalidArgument {
+                field: "weights",
+                message: format!("`{s}` is not `checkpoint` or `int8`"),
+            }),
+        }
+    }
+}
+
+impl fmt::Display for WeightFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            WeightFormat::Checkpoint => "checkpoint",
+            WeightFormat::Int8 => "int8",
+        })
+    }
+}
+
 /// Element storage of a weight matrix, in the checkpoint's dtype.
 #[derive(Debug, Clone, PartialEq)]
 pub enum WeightData {
@@ -50,6 +91,11 @@ pub enum WeightData {
     BF16(Vec<u16>),
     /// Raw IEEE half bits.
     F16(Vec<u16>),
+    /// `w[r, c] = q[r, c] · scales[r]`.
+    I8 {
+        q: Vec<i8>,
+        scales: Vec<f32>,
+    },
 }
 
 /// A row-major `[rows, cols]` matrix, used as `y = x · Wᵀ` (rows are output features).
@@ -101,12 +147,46 @@ impl Weight {
             WeightData::F32(_) => DType::F32,
             WeightData::BF16(_) => DType::BF16,
             WeightData::F16(_) => DType::F16,
+            WeightData::I8 { .. } => DType::I8,
         }
     }
 
     /// Bytes the matrix occupies (what a matmul streams from memory).
     pub fn bytes(&self) -> usize {
-        self.rows * self.cols * self.dtype().size()
+        let scales = match &self.data {
+            WeightData::I8 { scales, .. } => scales.len() * 4,
+            _ => 0,
+        };
+        self.rows * self.cols * self.dtype().size() + scales
+    }
+
+    /// Per-row symmetric int8: each row's largest magnitude maps to ±127, values round to the
+    /// nearest step (so each is within half a step, `amax / 254`, of the original).
+    pub fn quantize_int8(&self) -> Weight {
+        let n = self.cols;
+        let mut q: Vec<i8> = weight_buffer(self.rows * n);
+        q.resize(self.rows * n, 0);
+        let mut scales = vec![0.0f32; self.rows];
+        q.par_chunks_mut(n.max(1))
+            .zip(scales.par_iter_mut())
+            .enumerate()
+            .for_each_init(
+                || vec![0.0f32; n],
+                |row, (r, (qr, scale))| {
+                    self.row_f32(r, row);
+                    let amax = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                    *scale = amax / 127.0;
+                    let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+                    for (o, v) in qr.iter_mut().zip(row.iter()) {
+                        *o = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                    }
+                },
+            );
+        Weight {
+            rows: self.rows,
+            cols: n,
+            data: WeightData::I8 { q, scales },
+        }
     }
 
     /// Widens row `r` into `out` (len = cols).
@@ -125,6 +205,12 @@ impl Weight {
                     *o = half::f16::from_bits(b).to_f32();
                 }
             }
+            WeightData::I8 { q, scales } => {
+                let s = scales[r];
+                for (o, &v) in out.iter_mut().zip(&q[range]) {
+                    *o = v as f32 * s;
+                }
+            }
         }
     }
 
@@ -135,6 +221,10 @@ impl Weight {
             WeightData::F32(d) => WeightData::F32(d[range].to_vec()),
             WeightData::BF16(d) => WeightData::BF16(d[range].to_vec()),
             WeightData::F16(d) => WeightData::F16(d[range].to_vec()),
+            WeightData::I8 { q, scales } => WeightData::I8 {
+                q: q[range].to_vec(),
+                scales: scales[start..end].to_vec(),
+            },
         };
         Weight {
             rows: end - start,
@@ -167,6 +257,10 @@ impl Weight {
             WeightData::F32(_) => WeightData::F32(stack(parts.iter().map(Weight::as_f32), len)),
             WeightData::BF16(_) => WeightData::BF16(stack(parts.iter().map(Weight::as_u16), len)),
             WeightData::F16(_) => WeightData::F16(stack(parts.iter().map(Weight::as_u16), len)),
+            WeightData::I8 { .. } => WeightData::I8 {
+                q: stack(parts.iter().map(|p| p.as_i8().map(|(q, _)| q)), len),
+                scales: stack(parts.iter().map(|p| p.as_i8().map(|(_, s)| s)), rows),
+            },
         };
         Some(Weight { rows, cols, data })
     }
@@ -188,7 +282,14 @@ impl Weight {
     fn as_u16(&self) -> Option<&[u16]> {
         match &self.data {
             WeightData::BF16(d) | WeightData::F16(d) => Some(d),
-            WeightData::F32(_) => None,
+            _ => None,
+        }
+    }
+
+    fn as_i8(&self) -> Option<(&[i8], &[f32])> {
+        match &self.data {
+            WeightData::I8 { q, scales } => Some((q, scales)),
+            _ => None,
         }
     }
 }

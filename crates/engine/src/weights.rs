@@ -309,6 +309,11 @@ fn weight_from_bytes(dtype: DType, bytes: &[u8], rows: usize, cols: usize) -> We
         DType::F32 => WeightData::F32(f32s(bytes)),
         DType::BF16 => WeightData::BF16(u16s(bytes)),
         DType::F16 => WeightData::F16(u16s(bytes)),
+        // Not a checkpoint dtype (`from_safetensors` never yields it): raw values, unit scales.
+        DType::I8 => WeightData::I8 {
+            q: bytes.iter().map(|&b| b as i8).collect(),
+            scales: vec![1.0; rows],
+        },
     };
     Weight { rows, cols, data }
 }

@@ -89,6 +89,10 @@ pub struct ModelWorkerArgs {
     /// accumulation; needs AVX-512 BF16, else exact).
     #[arg(long, env = "SLUICE_PRECISION", default_value = "exact")]
     pub precision: sluice_engine::backend::cpu::Precision,
+    /// `checkpoint` (as stored) or `int8` (per-row symmetric, quantized at load: half the
+    /// bytes per decode step).
+    #[arg(long, env = "SLUICE_WEIGHTS", default_value = "checkpoint")]
+    pub weights: sluice_engine::WeightFormat,
     /// Compute device: cpu or cuda:N.
     #[arg(long, env = "SLUICE_DEVICE", default_value = "cpu")]
     pub device: sluice_engine::Device,
@@ -116,7 +120,7 @@ impl ModelWorkerArgs {
             tracing::warn!(requested = %self.precision, %effective, "fast precision needs AVX-512 BF16");
         }
         let directory = WorkerDirectory::start(membership, shutdown).await?;
-        Ok(load_model(dir, self.experts, Some(directory)).await?)
+        Ok(load_model(dir, self.experts, self.weights, Some(directory)).await?)
     }
 }
 
@@ -132,6 +136,7 @@ impl ModelWorkerArgs {
 pub async fn load_model(
     dir: &Path,
     mode: ExpertsMode,
+    weights: sluice_engine::WeightFormat,
     directory: Option<Arc<WorkerDirectory>>,
 ) -> Result<Arc<Model>> {
     let dir = dir.to_path_buf();
@@ -139,10 +144,13 @@ pub async fn load_model(
         ExpertsMode::Local => ExpertResidency::All,
         ExpertsMode::Remote => ExpertResidency::Remote,
     };
-    let mut model =
-        tokio::task::spawn_blocking(move || Model::load_with(&dir, &residency, |_, _| {}))
-            .await
-            .map_err(|e| crate::RuntimeError::Internal(format!("model loading panicked: {e}")))??;
+    let mut model = tokio::task::spawn_blocking(move || -> sluice_engine::Result<Model> {
+        let mut model = Model::load_with(&dir, &residency, |_, _| {})?;
+        model.set_weight_format(weights);
+        Ok(model)
+    })
+    .await
+    .map_err(|e| crate::RuntimeError::Internal(format!("model loading panicked: {e}")))??;
     if mode == ExpertsMode::Remote {
         let directory = directory.ok_or_else(|| {
             crate::RuntimeError::invalid("experts", "remote experts need the cluster membership")

@@ -464,10 +464,25 @@ pub(crate) mod tests {
     }
 
     /// The same random matrix as f32 and as bf16, each with the f32 values it holds.
-    fn random_weights(rows: usize, cols: usize, seed: &mut u64) -> [(Weight, Vec<f32>); 2] {
+    /// The same random matrix as f32, bf16 and int8, each with the f32 values it stands for.
+    fn random_weights(rows: usize, cols: usize, seed: &mut u64) -> [(Weight, Vec<f32>); 3] {
         let wf: Vec<f32> = (0..rows * cols).map(|_| lcg(seed)).collect();
         let bits: Vec<u16> = wf.iter().map(|v| f32_to_bf16(*v)).collect();
         let wb: Vec<f32> = bits.iter().map(|b| bf16_to_f32(*b)).collect();
+        let wq = Weight {
+            rows,
+            cols,
+            data: WeightData::F32(wf.clone()),
+        }
+        .quantize_int8();
+        let WeightData::I8 { q, scales } = &wq.data else {
+            unreachable!()
+        };
+        let wi: Vec<f32> = q
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| v as f32 * scales[i / cols])
+            .collect();
         [
             (
                 Weight {
@@ -485,7 +500,49 @@ pub(crate) mod tests {
                 },
                 wb,
             ),
+            (wq, wi),
         ]
+    }
+
+    #[test]
+    fn int8_rows_are_within_half_a_step_of_the_weights() {
+        let mut seed = 21;
+        let (rows, cols) = (7, 300);
+        let mut wf: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed)).collect();
+        wf[cols..2 * cols].fill(0.0); // an all-zero row stays zero
+        let w = Weight {
+            rows,
+            cols,
+            data: WeightData::F32(wf.clone()),
+        };
+        let wq = w.quantize_int8();
+        assert_eq!(wq.bytes(), rows * cols + rows * 4);
+        let mut row = vec![0.0; cols];
+        for r in 0..rows {
+            wq.row_f32(r, &mut row);
+            let orig = &wf[r * cols..(r + 1) * cols];
+            let amax = orig.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            for (a, b) in row.iter().zip(orig) {
+                assert!(
+                    (a - b).abs() <= amax / 254.0 * 1.0001,
+                    "row {r}: {a} vs {b}"
+                );
+            }
+            // The largest magnitude is represented exactly (±127 steps).
+            let at = orig.iter().position(|v| v.abs() == amax).unwrap();
+            assert!((row[at].abs() - amax).abs() <= amax * 1e-6, "row {r}");
+        }
+        let WeightData::I8 { q, .. } = &wq.data else {
+            unreachable!()
+        };
+        assert!(q.iter().all(|&v| v >= -127));
+        assert!(q[cols..2 * cols].iter().all(|&v| v == 0));
+        // Slicing and stacking keep each row's scale with it.
+        let back = Weight::concat_rows(&[wq.slice_rows(4, 7), wq.slice_rows(0, 4)]).unwrap();
+        let mut moved = vec![0.0; cols];
+        back.row_f32(0, &mut moved);
+        wq.row_f32(4, &mut row);
+        assert_eq!(moved, row);
     }
 
     /// f64 reference for `x · Wᵀ`.
@@ -617,7 +674,7 @@ pub(crate) mod tests {
             (70, 40, 1030),
         ] {
             let x: Vec<f32> = (0..t * cols).map(|_| lcg(&mut seed)).collect();
-            let [_, (w, wref)] = random_weights(rows, cols, &mut seed);
+            let [_, (w, wref), _] = random_weights(rows, cols, &mut seed);
             let WeightData::BF16(bits) = &w.data else {
                 unreachable!()
             };

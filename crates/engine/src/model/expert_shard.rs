@@ -22,6 +22,7 @@ pub struct ExpertShard {
     hidden: usize,
     /// MoE layer index → experts `range`, in order.
     layers: BTreeMap<usize, Vec<Mlp>>,
+    spec: crate::config::ModelSpec,
     fingerprint: u64,
 }
 
@@ -82,7 +83,22 @@ impl ExpertShard {
             hidden: spec.hidden,
             layers,
             fingerprint: fingerprint(&spec, dtype),
+            spec,
         })
+    }
+
+    /// As [`Model::set_weight_format`](super::qwen35::Model::set_weight_format) for these
+    /// experts: a decode worker with int8 weights dispatches only to int8 expert workers.
+    pub fn set_weight_format(&mut self, format: crate::tensor::WeightFormat) {
+        if format != crate::tensor::WeightFormat::Int8 {
+            return;
+        }
+        self.layers
+            .values_mut()
+            .flat_map(|experts| experts.iter_mut())
+            .par_bridge()
+            .for_each(Mlp::quantize_int8);
+        self.fingerprint = fingerprint(&self.spec, DType::I8);
     }
 
     /// The experts this shard hosts.

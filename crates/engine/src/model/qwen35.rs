@@ -8,6 +8,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use rayon::prelude::*;
+
 use super::layers::attention::Attention;
 use super::layers::gated_delta::GatedDeltaNet;
 use super::layers::mlp::Mlp;
@@ -18,7 +20,7 @@ use crate::backend::cpu;
 use crate::cache::{CacheConfig, ModelCache, SeqId};
 use crate::config::{FfnKind, MixerKind, ModelSpec, load_spec};
 use crate::error::Result;
-use crate::tensor::{DType, Weight};
+use crate::tensor::{DType, Weight, WeightFormat};
 use crate::weights::WeightStore;
 
 enum Mixer {
@@ -165,9 +167,36 @@ impl Model {
         &self.spec
     }
 
-    /// Dtype of the stored weights (of the embedding; a few small tensors may differ).
+    /// Dtype of the large matrices (the checkpoint's, or int8 after `set_weight_format`; a
+    /// few small tensors may differ).
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Converts the large matrices — attention and DeltaNet projections, MLPs, local and
+    /// shared experts, the output head — to `format`. The embedding (read one row per token)
+    /// and the MoE routers stay as stored. Changes the fingerprint: caches and expert rows are
+    /// exchanged only between workers whose weights are in the same format.
+    pub fn set_weight_format(&mut self, format: WeightFormat) {
+        if format != WeightFormat::Int8 || self.dtype == DType::I8 {
+            return;
+        }
+        self.layers.par_iter_mut().for_each(|l| {
+            match &mut l.mixer {
+                Mixer::Attention(a) => a.quantize_int8(),
+                Mixer::Linear(g) => g.quantize_int8(),
+            }
+            match &mut l.ffn {
+                Ffn::Dense(m) => m.quantize_int8(),
+                Ffn::Moe(m) => m.quantize_int8(),
+            }
+        });
+        // A tied head keeps its f32 rows: the embedding is also the input lookup.
+        if let Some(head) = &mut self.lm_head {
+            *head = head.quantize_int8();
+        }
+        self.dtype = DType::I8;
+        self.fingerprint = fingerprint(&self.spec, DType::I8);
     }
 
     /// Identifies the architecture and weight dtype: two workers may exchange cache snapshots

@@ -27,9 +27,16 @@ fn lane_mask(i: usize, n: usize) -> __mmask16 {
 pub(super) fn row_tile(x: &[f32], t: usize, w: &Weight, r0: usize, out: &mut [f32]) {
     let n = w.cols;
     let rows = out.len() / t;
-    if let (true, WeightData::BF16(d)) = (t < 4, &w.data) {
-        gemv_bf16(x, t, &d[r0 * n..(r0 + rows) * n], n, out);
-        return;
+    match (t < 4, &w.data) {
+        (true, WeightData::BF16(d)) => {
+            let rows = Bf16Rows(&d[r0 * n..(r0 + rows) * n]);
+            return gemv(x, t, &rows, n, out);
+        }
+        (true, WeightData::I8 { q, scales }) => {
+            let rows = I8Rows(&q[r0 * n..(r0 + rows) * n], &scales[r0..r0 + rows]);
+            return gemv(x, t, &rows, n, out);
+        }
+        _ => {}
     }
     let tile: Cow<'_, [f32]> = match &w.data {
         WeightData::F32(d) => Cow::Borrowed(&d[r0 * n..(r0 + rows) * n]),
@@ -38,6 +45,14 @@ pub(super) fn row_tile(x: &[f32], t: usize, w: &Weight, r0: usize, out: &mut [f3
             widen_bf16(&d[r0 * n..(r0 + rows) * n], &mut v);
             Cow::Owned(v)
         }
+        // Unscaled: each row's scale multiplies its finished dot products (below), as in the
+        // GEMV — fewer operations per weight, and the two paths stay bit-identical.
+        WeightData::I8 { q, .. } => Cow::Owned(
+            q[r0 * n..(r0 + rows) * n]
+                .iter()
+                .map(|&v| v as f32)
+                .collect(),
+        ),
         WeightData::F16(_) => {
             let mut v = vec![0.0f32; rows * n];
             for (i, row) in v.chunks_exact_mut(n).enumerate() {
@@ -75,6 +90,12 @@ pub(super) fn row_tile(x: &[f32], t: usize, w: &Weight, r0: usize, out: &mut [f3
             r += 1;
         }
     }
+    if let WeightData::I8 { scales, .. } = &w.data {
+        for (r, row) in out.chunks_exact_mut(t).enumerate() {
+            let s = scales[r0 + r];
+            row.iter_mut().for_each(|v| *v *= s);
+        }
+    }
 }
 
 /// bf16 bits → f32, 16 at a time.
@@ -108,13 +129,60 @@ unsafe fn load_bf16(p: *const u16, mask: __mmask16) -> __m512 {
     }
 }
 
-/// y[r, tok] for `t` tokens and all rows of `w` (`[rows, n]` bf16, contiguous), 4 rows at a
-/// time so each activation load feeds four FMAs. Each row keeps one accumulator that sums the
-/// 16-lane chunks in order, exactly as `dot4x4` does: a token's result is then bit-identical
-/// whichever kernel its batch size selects (batch-invariant decoding). Four independent chains
-/// are plenty: the loop is bound by memory bandwidth, not FMA latency.
+/// Weight rows a GEMV reads in their stored form, widened to f32 16 at a time — to exactly the
+/// values `Weight::row_f32` gives, so the GEMV matches the widened-tile path bit for bit.
+trait WideRows {
+    fn len(&self) -> usize;
+    /// Lanes `at..at + 16` of the rows (from element 0 of row 0), masked.
+    /// SAFETY: the masked-in lanes must be in bounds.
+    unsafe fn load(&self, at: usize, mask: __mmask16) -> __m512;
+    /// Row `row`'s finished dot product (int8: times the row's scale).
+    fn finish(&self, _row: usize, dot: f32) -> f32 {
+        dot
+    }
+}
+
+/// bf16 rows.
+struct Bf16Rows<'a>(&'a [u16]);
+
+impl WideRows for Bf16Rows<'_> {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    #[inline(always)]
+    unsafe fn load(&self, at: usize, mask: __mmask16) -> __m512 {
+        // SAFETY: the caller's bound.
+        unsafe { load_bf16(self.0.as_ptr().add(at), mask) }
+    }
+}
+
+/// int8 rows with their per-row scales: half the bytes of bf16.
+struct I8Rows<'a>(&'a [i8], &'a [f32]);
+
+impl WideRows for I8Rows<'_> {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    #[inline(always)]
+    unsafe fn load(&self, at: usize, mask: __mmask16) -> __m512 {
+        // SAFETY: the caller's bound.
+        unsafe {
+            let bytes = _mm_maskz_loadu_epi8(mask, self.0.as_ptr().add(at));
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes))
+        }
+    }
+    fn finish(&self, row: usize, dot: f32) -> f32 {
+        dot * self.1[row]
+    }
+}
+
+/// y[r, tok] for `t` tokens and all rows of `w` (`[rows, n]`, contiguous), 4 rows at a time so
+/// each activation load feeds four FMAs. Each row keeps one accumulator that sums the 16-lane
+/// chunks in order, exactly as `dot4x4` does: a token's result is then bit-identical whichever
+/// kernel its batch size selects (batch-invariant decoding). Four independent chains are
+/// plenty: the loop is bound by memory bandwidth, not FMA latency.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn gemv_bf16(x: &[f32], t: usize, w: &[u16], n: usize, out: &mut [f32]) {
+fn gemv<W: WideRows>(x: &[f32], t: usize, w: &W, n: usize, out: &mut [f32]) {
     let rows = w.len() / n;
     assert!(x.len() >= t * n && out.len() >= rows * t);
     let pairs = n / (2 * LANES) * (2 * LANES);
@@ -131,9 +199,9 @@ fn gemv_bf16(x: &[f32], t: usize, w: &[u16], n: usize, out: &mut [f32]) {
                     let x0 = _mm512_loadu_ps(xp.add(i));
                     let x1 = _mm512_loadu_ps(xp.add(i + LANES));
                     for (g, a) in acc.iter_mut().enumerate().take(group) {
-                        let wp = w.as_ptr().add((r + g) * n + i);
-                        let w0 = load_bf16(wp, 0xffff);
-                        let w1 = load_bf16(wp.add(LANES), 0xffff);
+                        let at = (r + g) * n + i;
+                        let w0 = w.load(at, 0xffff);
+                        let w1 = w.load(at + LANES, 0xffff);
                         *a = _mm512_fmadd_ps(w0, x0, *a);
                         *a = _mm512_fmadd_ps(w1, x1, *a);
                     }
@@ -146,14 +214,14 @@ fn gemv_bf16(x: &[f32], t: usize, w: &[u16], n: usize, out: &mut [f32]) {
                 unsafe {
                     let xv = _mm512_maskz_loadu_ps(m, xp.add(i));
                     for (g, a) in acc.iter_mut().enumerate().take(group) {
-                        let wv = load_bf16(w.as_ptr().add((r + g) * n + i), m);
+                        let wv = w.load((r + g) * n + i, m);
                         *a = _mm512_fmadd_ps(wv, xv, *a);
                     }
                 }
                 i += LANES;
             }
             for g in 0..group {
-                out[(r + g) * t + tok] = _mm512_reduce_add_ps(acc[g]);
+                out[(r + g) * t + tok] = w.finish(r + g, _mm512_reduce_add_ps(acc[g]));
             }
         }
         r += group;

@@ -64,6 +64,11 @@ impl Attention {
         self.qkv_proj.bytes() + self.o_proj.bytes()
     }
 
+    pub fn quantize_int8(&mut self) {
+        self.qkv_proj = self.qkv_proj.quantize_int8();
+        self.o_proj = self.o_proj.quantize_int8();
+    }
+
     /// Rotates the first `rotary_dim` dims of one head vector for position `pos`.
     fn rope(&self, x: &mut [f32], pos: usize) {
         let half = self.spec.rotary_dim / 2;

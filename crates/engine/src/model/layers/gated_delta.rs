@@ -112,6 +112,11 @@ impl GatedDeltaNet {
         self.in_proj.bytes() + self.out_proj.bytes()
     }
 
+    pub fn quantize_int8(&mut self) {
+        self.in_proj = self.in_proj.quantize_int8();
+        self.out_proj = self.out_proj.quantize_int8();
+    }
+
     /// x `[t, hidden]` (normed) → out `[t, hidden]`; updates each sequence's conv and
     /// recurrent state.
     pub fn forward(

@@ -37,6 +37,11 @@ impl Mlp {
         self.gate_up.bytes() + self.down.bytes()
     }
 
+    pub fn quantize_int8(&mut self) {
+        self.gate_up = self.gate_up.quantize_int8();
+        self.down = self.down.quantize_int8();
+    }
+
     /// x `[t, hidden]` → out `[t, hidden]` (overwritten), using the whole thread pool.
     pub fn forward(&self, x: &[f32], out: &mut [f32]) {
         self.forward_with(x, out, cpu::matmul)

@@ -138,11 +138,23 @@ impl SparseMoe {
 
     /// Bytes of weights one token reads: router, top-k experts, shared expert.
     pub fn active_weight_bytes(&self) -> usize {
-        let expert = 3 * self.spec.intermediate * self.router.cols * self.router.dtype().size();
+        let expert = self.experts.first().map_or(
+            3 * self.spec.intermediate * self.router.cols * self.router.dtype().size(),
+            Mlp::weight_bytes,
+        );
         self.router.bytes()
             + self.spec.top_k * expert
             + self.shared.as_ref().map_or(0, Mlp::weight_bytes)
             + self.shared_gate.as_ref().map_or(0, Weight::bytes)
+    }
+
+    /// Experts (local ones) and the shared expert to int8; the router and the shared
+    /// expert's gate stay as stored (they pick and weigh experts; they are small).
+    pub fn quantize_int8(&mut self) {
+        self.experts.par_iter_mut().for_each(Mlp::quantize_int8);
+        if let Some(shared) = &mut self.shared {
+            shared.quantize_int8();
+        }
     }
 
     pub fn total_weight_bytes(&self) -> usize {
