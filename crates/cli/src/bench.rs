@@ -8,7 +8,11 @@ use serde_json::json;
 use sluice_engine::sampler::argmax;
 use sluice_engine::{CacheConfig, LogitsMode, Model, ModelCache, SeqChunk};
 
+use crate::allocations;
 use crate::model_source::ModelArgs;
+
+/// Decode steps whose allocations are counted, after the timed ones.
+const COUNTED_STEPS: usize = 3;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -77,7 +81,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let load_s = load_start.elapsed().as_secs_f64();
     let vocab = model.spec().vocab;
     let b = args.batch;
-    let tokens = args.prompt_len.max(args.decode_context + args.gen_len + 1);
+    let tokens = args
+        .prompt_len
+        .max(args.decode_context + args.gen_len + COUNTED_STEPS + 1);
     let mut cache = model.new_cache(CacheConfig::for_sequences(2 * b, tokens))?;
 
     // Prefill: b prompts in one step.
@@ -101,20 +107,33 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .collect::<Result<_, _>>()?;
     let logits = prefill(&model, &mut cache, &seqs, &contexts)?;
     let mut next: Vec<u32> = logits.chunks_exact(vocab).map(argmax).collect();
-    let start = Instant::now();
-    for _ in 0..args.gen_len {
+    let mut step = |next: &mut Vec<u32>| -> Result<()> {
         let batch: Vec<SeqChunk<'_>> = seqs
             .iter()
-            .zip(&next)
+            .zip(next.iter())
             .map(|(&seq, t)| SeqChunk {
                 seq,
                 tokens: std::slice::from_ref(t),
             })
             .collect();
         let logits = model.forward(&mut cache, &batch, LogitsMode::LastPerSequence)?;
-        next = logits.chunks_exact(vocab).map(argmax).collect();
+        *next = logits.chunks_exact(vocab).map(argmax).collect();
+        Ok(())
+    };
+    let start = Instant::now();
+    for _ in 0..args.gen_len {
+        step(&mut next)?;
     }
     let decode_s = start.elapsed().as_secs_f64();
+    // Allocations of a few more steps, counted apart from the timed ones (counting slows a
+    // heavily allocating step down).
+    let (counted, allocated) =
+        allocations::counted(|| (0..COUNTED_STEPS).try_for_each(|_| step(&mut next)));
+    counted?;
+    let per_step = Some((
+        allocated.allocations as f64 / COUNTED_STEPS as f64,
+        allocated.bytes as f64 / COUNTED_STEPS as f64,
+    ));
     // What one decode step must read at least: the active weights once, plus each sequence's
     // state (KV of its context, DeltaNet and conv states) — the roofline's numerator.
     let state_bytes: usize = cache
@@ -171,6 +190,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 "roofline_tok_s": roofline_tps,
                 "roofline_fraction": roofline,
                 "prefill_gflop_s": prefill_gflops,
+                "decode_allocations_per_step": per_step.map(|p| p.0),
+                "decode_allocated_bytes_per_step": per_step.map(|p| p.1),
                 "peak_rss_bytes": rss,
             })
         );
@@ -199,6 +220,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 fraction,
                 bw / 1e9,
                 step_bytes as f64 / 1e6
+            );
+        }
+        if let Some((count, bytes)) = per_step {
+            println!(
+                "allocations  {count:.0} per decode step after warm-up ({:.2} MB)",
+                bytes / 1e6
             );
         }
         if let Some(rss) = rss {

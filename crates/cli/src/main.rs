@@ -2,6 +2,7 @@
 //! `generate` runs the engine in-process or calls an endpoint; `load` load-tests a router;
 //! `logits`, `synth` and `bench` work on the engine directly.
 
+mod allocations;
 mod bench;
 mod generate;
 mod load;
@@ -17,6 +18,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use sluice_engine::Preset;
+
+#[global_allocator]
+static ALLOCATOR: allocations::CountingAllocator = allocations::CountingAllocator;
 
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "Serve Qwen3.5-class models")]

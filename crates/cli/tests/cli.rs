@@ -302,6 +302,8 @@ fn bench_reports_decode_against_the_bandwidth_it_measured() {
         "{r}"
     );
     assert!(num("prefill_gflop_s") > 0.0);
+    // Counted over extra steps after the timed ones; every allocation asks for at least a byte.
+    assert!(num("decode_allocated_bytes_per_step") >= num("decode_allocations_per_step"));
     // Skipped on request.
     let r = bench("0");
     assert!(
