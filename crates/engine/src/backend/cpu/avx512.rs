@@ -145,7 +145,8 @@ unsafe fn load_bf16(p: *const u16, mask: __mmask16) -> __m512 {
 }
 
 /// Weight rows a GEMV reads in their stored form, widened to f32 16 at a time — to exactly the
-/// values `Weight::row_f32` gives, so the GEMV matches the widened-tile path bit for bit.
+/// values the tile path widens to (bf16: `Weight::row_f32`'s; int8: the unscaled steps, with
+/// the scale applied by `finish` as the tile path does), so both paths agree bit for bit.
 trait WideRows {
     fn len(&self) -> usize;
     /// Lanes `at..at + 16` of the rows (from element 0 of row 0), masked.
