@@ -8,8 +8,8 @@ use serde_json::json;
 use sluice_engine::sampler::argmax;
 use sluice_engine::{CacheConfig, LogitsMode, Model, ModelCache, SeqChunk};
 
-use crate::allocations;
 use crate::model_source::ModelArgs;
+use sluice_engine::allocation_count as allocations;
 
 /// Decode steps whose allocations are counted, after the timed ones.
 const COUNTED_STEPS: usize = 3;
@@ -107,7 +107,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .collect::<Result<_, _>>()?;
     let logits = prefill(&model, &mut cache, &seqs, &contexts)?;
     let mut next: Vec<u32> = logits.chunks_exact(vocab).map(argmax).collect();
-    let mut step = |next: &mut Vec<u32>| -> Result<()> {
+    let mut logits = Vec::new();
+    // One decode step; with `count`, the model's allocations in it (the bench's own
+    // bookkeeping around the step is not counted).
+    let mut step = |next: &mut Vec<u32>, count: bool| -> Result<allocations::AllocationCount> {
         let batch: Vec<SeqChunk<'_>> = seqs
             .iter()
             .zip(next.iter())
@@ -116,20 +119,32 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 tokens: std::slice::from_ref(t),
             })
             .collect();
-        let logits = model.forward(&mut cache, &batch, LogitsMode::LastPerSequence)?;
-        *next = logits.chunks_exact(vocab).map(argmax).collect();
-        Ok(())
+        let mode = LogitsMode::LastPerSequence;
+        let (out, allocated) = if count {
+            allocations::counted(|| model.forward_into(&mut cache, &batch, mode, &mut logits))
+        } else {
+            let out = model.forward_into(&mut cache, &batch, mode, &mut logits);
+            (out, allocations::AllocationCount::default())
+        };
+        out?;
+        for (n, row) in next.iter_mut().zip(logits.chunks_exact(vocab)) {
+            *n = argmax(row);
+        }
+        Ok(allocated)
     };
     let start = Instant::now();
     for _ in 0..args.gen_len {
-        step(&mut next)?;
+        step(&mut next, false)?;
     }
     let decode_s = start.elapsed().as_secs_f64();
     // Allocations of a few more steps, counted apart from the timed ones (counting slows a
     // heavily allocating step down).
-    let (counted, allocated) =
-        allocations::counted(|| (0..COUNTED_STEPS).try_for_each(|_| step(&mut next)));
-    counted?;
+    let mut allocated = allocations::AllocationCount::default();
+    for _ in 0..COUNTED_STEPS {
+        let step = step(&mut next, true)?;
+        allocated.allocations += step.allocations;
+        allocated.bytes += step.bytes;
+    }
     let per_step = Some((
         allocated.allocations as f64 / COUNTED_STEPS as f64,
         allocated.bytes as f64 / COUNTED_STEPS as f64,
@@ -162,7 +177,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let prefill_gflops =
         2.0 * (model.active_weight_bytes() / model.dtype().size()) as f64 * prefill_tps / 1e9;
     let rss = peak_rss_bytes();
-    let threads = rayon::current_num_threads();
+    let threads = sluice_engine::backend::cpu::pool::threads();
     let kernel = sluice_engine::backend::cpu::kernel_name();
     let precision = sluice_engine::backend::cpu::precision();
     if args.json {

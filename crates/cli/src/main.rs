@@ -2,7 +2,6 @@
 //! `generate` runs the engine in-process or calls an endpoint; `load` load-tests a router;
 //! `logits`, `synth` and `bench` work on the engine directly.
 
-mod allocations;
 mod bench;
 mod generate;
 mod load;
@@ -20,7 +19,8 @@ use clap::{Parser, Subcommand};
 use sluice_engine::Preset;
 
 #[global_allocator]
-static ALLOCATOR: allocations::CountingAllocator = allocations::CountingAllocator;
+static ALLOCATOR: sluice_engine::allocation_count::CountingAllocator =
+    sluice_engine::allocation_count::CountingAllocator;
 
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "Serve Qwen3.5-class models")]

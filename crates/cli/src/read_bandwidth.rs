@@ -1,9 +1,10 @@
 //! The machine's memory read bandwidth, measured the way a decode step reads weights: every
 //! thread of the model's pool streams its share of a buffer far larger than the caches.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use rayon::prelude::*;
+use sluice_engine::backend::cpu::pool;
 
 /// Bytes read per pass; large enough that no cache level holds a meaningful part of it.
 pub const DEFAULT_BYTES: usize = 1 << 30;
@@ -32,25 +33,27 @@ fn sum_chunk(words: &[u64]) -> u64 {
     acc.iter().fold(tail, |s, a| s.wrapping_add(*a))
 }
 
-/// Reads a buffer of `bytes` (rounded down to 8-byte words) `passes` times on the current
-/// rayon pool.
+/// Reads a buffer of `bytes` (rounded down to 8-byte words) `passes` times on the kernels'
+/// thread pool, one share per thread.
 pub fn measure(bytes: usize, passes: usize) -> ReadBandwidth {
     let words = (bytes / 8).max(8);
     // Written once so every page is mapped before the timed passes.
     let buffer: Vec<u64> = (0..words as u64)
         .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
         .collect();
-    let threads = rayon::current_num_threads().max(1);
+    let threads = pool::threads();
     let per_thread = words.div_ceil(threads);
     let mut seconds = Vec::with_capacity(passes.max(1));
     let mut checksum = 0;
     for _ in 0..passes.max(1) {
+        let sum = AtomicU64::new(0);
         let start = Instant::now();
-        checksum = buffer
-            .par_chunks(per_thread)
-            .map(sum_chunk)
-            .reduce(|| 0, u64::wrapping_add);
+        pool::for_each(words.div_ceil(per_thread), |i| {
+            let share = &buffer[i * per_thread..((i + 1) * per_thread).min(words)];
+            sum.fetch_add(sum_chunk(share), Ordering::Relaxed);
+        });
         seconds.push(start.elapsed().as_secs_f64());
+        checksum = sum.into_inner();
     }
     seconds.sort_by(f64::total_cmp);
     ReadBandwidth {

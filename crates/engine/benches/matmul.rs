@@ -28,15 +28,12 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--threads") {
         let n: usize = args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(2);
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .ok();
+        sluice_engine::backend::cpu::set_threads(n).ok();
     }
     println!(
         "kernel {}, {} threads",
         sluice_engine::backend::cpu::kernel_name(),
-        rayon::current_num_threads()
+        sluice_engine::backend::cpu::pool::threads()
     );
     // Decode from DRAM: cycle through 256 MiB of weights so no cache holds them.
     let ws: Vec<Weight> = (0..8).map(|_| weight(4096, 4096, true)).collect();

@@ -81,10 +81,11 @@ pub fn generate(
     let chunk = request.prefill_chunk.max(1);
     let mut logits = Vec::new();
     for part in request.prompt.chunks(chunk) {
-        logits = model.forward(
+        model.forward_into(
             &mut cache,
             &[SeqChunk { seq, tokens: part }],
             LogitsMode::LastPerSequence,
+            &mut logits,
         )?;
     }
     let mut tokens = Vec::with_capacity(request.max_tokens);
@@ -105,13 +106,14 @@ pub fn generate(
                 finish: FinishReason::Length,
             });
         }
-        logits = model.forward(
+        model.forward_into(
             &mut cache,
             &[SeqChunk {
                 seq,
                 tokens: &[token],
             }],
             LogitsMode::LastPerSequence,
+            &mut logits,
         )?;
     }
 }

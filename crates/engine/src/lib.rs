@@ -2,6 +2,7 @@
 //! CPU, with paged KV cache, Gated DeltaNet state slots, batching, sampling and tokenisation.
 //! No async runtime and no RPC here: the services build on this crate.
 
+pub mod allocation_count;
 pub mod backend;
 pub mod cache;
 pub mod config;

@@ -1,19 +1,20 @@
 //! CPU kernels: the matrix products that dominate every step, and the small vector ops.
 //!
 //! Matmuls read the weights in their stored dtype and widen them in registers or a small
-//! per-task buffer; activations and accumulation are f32. Work is split over output rows with
-//! rayon; the inner product kernel is compiled for AVX-512 and AVX2+FMA and picked at run time,
-//! with a portable fallback for other machines.
+//! per-thread buffer; activations and accumulation are f32. Work is split over output rows on
+//! the kernel pool (`pool.rs`); the inner product kernel is compiled for AVX-512 and AVX2+FMA
+//! and picked at run time, with a portable fallback for other machines. Temporary buffers come
+//! from per-thread pools (`scratch.rs`): a warmed-up decode step allocates nothing.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
-
-use rayon::prelude::*;
 
 use crate::tensor::{Weight, WeightData};
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+pub mod pool;
+pub(crate) mod scratch;
 
 /// Output rows handled per rayon task (a multiple of the 4-row kernel).
 const ROW_TILE: usize = 32;
@@ -112,8 +113,15 @@ pub fn fast_available() -> bool {
     false
 }
 
-/// Sizes the global thread pool the kernels use; call once, before the first product.
+/// Sizes the kernels' thread pool (and rayon's, used at load time); call once, before the
+/// first product.
 pub fn set_threads(n: usize) -> Result<(), String> {
+    if !pool::configure(n) {
+        return Err(format!(
+            "the kernel pool already runs with {} threads",
+            pool::threads()
+        ));
+    }
     rayon::ThreadPoolBuilder::new()
         .num_threads(n)
         .build_global()
@@ -168,9 +176,7 @@ fn by_row_tiles(
 ) {
     if t == 1 {
         if parallel {
-            y.par_chunks_mut(ROW_TILE)
-                .enumerate()
-                .for_each(|(i, o)| tile(i * ROW_TILE, o));
+            pool::for_each_chunk_mut(y, ROW_TILE, |i, o| tile(i * ROW_TILE, o));
         } else {
             y.chunks_mut(ROW_TILE)
                 .enumerate()
@@ -179,12 +185,11 @@ fn by_row_tiles(
         return;
     }
     let out = SharedRows(y.as_mut_ptr(), y.len());
-    let one = |buf: &mut Vec<f32>, i: usize| {
+    let one = |i: usize| {
         let r0 = i * ROW_TILE;
         let here = (rows - r0).min(ROW_TILE);
-        buf.clear();
-        buf.resize(here * t, 0.0);
-        tile(r0, buf);
+        let mut buf = scratch::for_overwrite::<f32>(here * t); // [here, t]
+        tile(r0, &mut buf);
         for tok in 0..t {
             // SAFETY: tile i writes only rows r0..r0+here of each token, which no other tile
             // writes; tok * rows + r0 + here <= t * rows = y.len().
@@ -196,10 +201,9 @@ fn by_row_tiles(
     };
     let tiles = rows.div_ceil(ROW_TILE);
     if parallel {
-        (0..tiles).into_par_iter().for_each_init(Vec::new, one);
+        pool::for_each(tiles, one);
     } else {
-        let mut buf = Vec::new();
-        (0..tiles).for_each(|i| one(&mut buf, i));
+        (0..tiles).for_each(one);
     }
 }
 
@@ -233,7 +237,8 @@ fn matmul_fast(
 ) {
     let n_pad = n.div_ceil(avx512::BF16_CHUNK) * avx512::BF16_CHUNK;
     // SAFETY (both calls): `fast_available` detected AVX-512 F/BW/VL and BF16.
-    let xb = unsafe { avx512::to_bf16_rows(x, t, n, n_pad) };
+    let mut xb = scratch::for_overwrite::<u16>(t * n_pad); // [t, n_pad]
+    unsafe { avx512::to_bf16_rows(x, t, n, n_pad, &mut xb) };
     by_row_tiles(rows, t, y, parallel, |r0, out| {
         let here = out.len() / t;
         // SAFETY: as above.
@@ -278,8 +283,8 @@ fn row_tile_impl<const FMA: bool>(x: &[f32], t: usize, w: &Weight, r0: usize, ou
     let rows = out.len() / t;
     // Widened copies of up to four weight rows (unused for f32 weights).
     let mut scratch = match w.data {
-        WeightData::F32(_) => Vec::new(),
-        _ => vec![0.0f32; 4 * n],
+        WeightData::F32(_) => scratch::for_overwrite::<f32>(0),
+        _ => scratch::for_overwrite::<f32>(4 * n),
     };
     let mut r = 0;
     while r < rows {

@@ -212,10 +212,16 @@ impl ModelCache {
         }
         let id = self.next_id;
         self.next_id += 1;
+        // Room for a fair share of the pool up front, so growing a sequence during decode
+        // does not allocate.
+        let share = self
+            .config
+            .num_blocks
+            .div_ceil(self.config.max_sequences.max(1));
         self.seqs.insert(
             id,
             SeqState {
-                blocks: Vec::new(),
+                blocks: Vec::with_capacity(share),
                 len: 0,
                 slot,
             },
@@ -260,12 +266,11 @@ impl ModelCache {
             });
         }
         let at = self.free_blocks.len() - need;
-        let new_blocks = self.free_blocks.split_off(at);
         let state = self
             .seqs
             .get_mut(&id)
             .ok_or(EngineError::UnknownSequence(id))?;
-        state.blocks.extend(new_blocks);
+        state.blocks.extend(self.free_blocks.drain(at..));
         Ok(())
     }
 
@@ -305,12 +310,19 @@ impl ModelCache {
     /// Read access to the first `len` cached tokens of `id` in attention layer `layer`.
     pub fn kv_view(&self, layer: usize, id: SeqId, len: usize) -> Result<KvView<'_>> {
         let state = self.state(id)?;
-        let offsets = (0..len).map(|p| self.kv_offset(state, p)).collect();
+        if len.div_ceil(self.config.block_size) > state.blocks.len() {
+            return Err(EngineError::InvalidArgument {
+                field: "len",
+                message: format!("sequence {id} has no cache blocks for {len} tokens"),
+            });
+        }
         let kv = &self.kv[self.ordinal[layer]];
         Ok(KvView {
             keys: &kv.keys,
             values: &kv.values,
-            offsets,
+            blocks: &state.blocks,
+            block_size: self.config.block_size,
+            len,
             width: self.kv_width,
         })
     }
@@ -331,29 +343,39 @@ impl ModelCache {
 pub struct KvView<'a> {
     keys: &'a [f32],
     values: &'a [f32],
-    offsets: Vec<usize>,
+    /// The sequence's blocks, in order.
+    blocks: &'a [u32],
+    block_size: usize,
+    len: usize,
     width: usize,
 }
 
 impl KvView<'_> {
     pub fn len(&self) -> usize {
-        self.offsets.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.offsets.is_empty()
+        self.len == 0
+    }
+
+    #[inline]
+    fn offset(&self, pos: usize) -> usize {
+        debug_assert!(pos < self.len);
+        let block = self.blocks[pos / self.block_size] as usize;
+        (block * self.block_size + pos % self.block_size) * self.width
     }
 
     /// Key row `[kv_heads · head_dim]` of position `pos`.
     #[inline]
     pub fn key(&self, pos: usize) -> &[f32] {
-        let o = self.offsets[pos];
+        let o = self.offset(pos);
         &self.keys[o..o + self.width]
     }
 
     #[inline]
     pub fn value(&self, pos: usize) -> &[f32] {
-        let o = self.offsets[pos];
+        let o = self.offset(pos);
         &self.values[o..o + self.width]
     }
 }

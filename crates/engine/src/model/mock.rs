@@ -155,13 +155,15 @@ impl LanguageModel for MockModel {
         ModelCache::new(&self.spec, config)
     }
 
-    fn forward(
+    fn forward_into(
         &self,
         cache: &mut ModelCache,
         batch: &[SeqChunk<'_>],
         mode: LogitsMode,
-    ) -> Result<Vec<f32>> {
-        let segments = plan_batch(&self.spec, cache, batch)?;
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
+        let mut segments = Vec::new();
+        plan_batch(&self.spec, cache, batch, &mut segments)?;
         let tokens: usize = segments.iter().map(|s| s.len).sum();
         self.take(self.timing.step_time(tokens, segments.len()));
         for seg in &segments {
@@ -186,11 +188,12 @@ impl LanguageModel for MockModel {
                 .collect(),
         };
         let vocab = self.spec.vocab;
-        let mut logits = vec![0.0; rows.len() * vocab]; // [rows, vocab]
+        logits.clear();
+        logits.resize(rows.len() * vocab, 0.0); // [rows, vocab]
         for (r, &(token, position)) in rows.iter().enumerate() {
             logits[r * vocab + self.next_token(token, position) as usize] = CHOSEN_LOGIT;
         }
-        Ok(logits)
+        Ok(())
     }
 }
 

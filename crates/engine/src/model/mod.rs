@@ -13,8 +13,6 @@ pub use mock::{MockModel, MockTiming};
 pub(crate) use qwen35::fingerprint;
 pub use qwen35::{LogitsMode, Model, SeqChunk};
 
-use std::collections::HashSet;
-
 use crate::cache::{CacheConfig, ModelCache};
 use crate::config::ModelSpec;
 use crate::error::{EngineError, Result};
@@ -27,26 +25,41 @@ pub trait LanguageModel: Send + Sync {
     /// only when their fingerprints match.
     fn fingerprint(&self) -> u64;
     fn new_cache(&self, config: CacheConfig) -> Result<ModelCache>;
-    /// Runs one step over a packed batch and returns logits `[rows, vocab]` (rows per `mode`).
-    /// Every chunk's tokens are appended to its sequence's cache.
+    /// Runs one step over a packed batch and writes logits `[rows, vocab]` (rows per `mode`)
+    /// into `logits`, reusing its allocation. Every chunk's tokens are appended to its
+    /// sequence's cache.
+    fn forward_into(
+        &self,
+        cache: &mut ModelCache,
+        batch: &[SeqChunk<'_>],
+        mode: LogitsMode,
+        logits: &mut Vec<f32>,
+    ) -> Result<()>;
+
+    /// As `forward_into`, returning new logits.
     fn forward(
         &self,
         cache: &mut ModelCache,
         batch: &[SeqChunk<'_>],
         mode: LogitsMode,
-    ) -> Result<Vec<f32>>;
+    ) -> Result<Vec<f32>> {
+        let mut logits = Vec::new();
+        self.forward_into(cache, batch, mode, &mut logits)?;
+        Ok(logits)
+    }
 }
 
-/// Checks a batch (tokens in range, each sequence once) and reserves its cache blocks; returns
-/// each chunk's place in the packed activations.
+/// Checks a batch (tokens in range, each sequence once) and reserves its cache blocks; fills
+/// `segments` with each chunk's place in the packed activations.
 pub(crate) fn plan_batch(
     spec: &ModelSpec,
     cache: &mut ModelCache,
     batch: &[SeqChunk<'_>],
-) -> Result<Vec<Segment>> {
-    let mut seen = HashSet::new();
+    segments: &mut Vec<Segment>,
+) -> Result<()> {
     let mut offset = 0;
-    let mut segments = Vec::with_capacity(batch.len());
+    segments.clear();
+    segments.reserve(batch.len());
     for chunk in batch {
         if chunk.tokens.is_empty() {
             return Err(EngineError::EmptyPrompt);
@@ -57,7 +70,8 @@ pub(crate) fn plan_batch(
                 vocab: spec.vocab,
             });
         }
-        if !seen.insert(chunk.seq) {
+        // A scan, not a set: batches are small and a step should not allocate.
+        if segments.iter().any(|s| s.seq == chunk.seq) {
             return Err(EngineError::InvalidArgument {
                 field: "batch",
                 message: format!("sequence {} appears twice in one step", chunk.seq),
@@ -72,8 +86,8 @@ pub(crate) fn plan_batch(
         });
         offset += chunk.tokens.len();
     }
-    for seg in &segments {
+    for seg in segments.iter() {
         cache.reserve(seg.seq, seg.start_pos + seg.len)?;
     }
-    Ok(segments)
+    Ok(())
 }

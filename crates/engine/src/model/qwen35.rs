@@ -15,8 +15,8 @@ use super::layers::gated_delta::GatedDeltaNet;
 use super::layers::mlp::Mlp;
 use super::layers::moe::{ExpertExecutor, ExpertResidency, SparseMoe};
 use super::layers::norm::RmsNorm;
-use super::{LanguageModel, plan_batch};
-use crate::backend::cpu;
+use super::{LanguageModel, Segment, plan_batch};
+use crate::backend::cpu::{self, scratch};
 use crate::cache::{CacheConfig, ModelCache, SeqId};
 use crate::config::{FfnKind, MixerKind, ModelSpec, load_spec};
 use crate::error::Result;
@@ -232,20 +232,48 @@ impl Model {
         head + row + layers
     }
 
-    /// Runs one step over a packed batch and returns logits `[rows, vocab]` (rows per `mode`).
-    /// Every chunk's tokens are appended to its sequence's cache.
+    /// Runs one step over a packed batch and writes logits `[rows, vocab]` (rows per `mode`)
+    /// into `logits`. Every chunk's tokens are appended to its sequence's cache. Temporaries
+    /// come from per-thread scratch pools: once warmed up, a decode step allocates nothing.
+    pub fn forward_into(
+        &self,
+        cache: &mut ModelCache,
+        batch: &[SeqChunk<'_>],
+        mode: LogitsMode,
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
+        let mut segments = SEGMENTS.take();
+        let out = self.run_step(cache, batch, mode, &mut segments, logits);
+        SEGMENTS.set(segments);
+        out
+    }
+
+    /// As `forward_into`, returning new logits.
     pub fn forward(
         &self,
         cache: &mut ModelCache,
         batch: &[SeqChunk<'_>],
         mode: LogitsMode,
     ) -> Result<Vec<f32>> {
-        let segments = plan_batch(&self.spec, cache, batch)?;
+        let mut logits = Vec::new();
+        self.forward_into(cache, batch, mode, &mut logits)?;
+        Ok(logits)
+    }
+
+    fn run_step(
+        &self,
+        cache: &mut ModelCache,
+        batch: &[SeqChunk<'_>],
+        mode: LogitsMode,
+        segments: &mut Vec<Segment>,
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
+        plan_batch(&self.spec, cache, batch, segments)?;
         let hidden = self.spec.hidden;
         let t: usize = segments.iter().map(|s| s.len).sum();
 
-        let mut h = vec![0.0; t * hidden]; // [t, hidden]
-        for (chunk, seg) in batch.iter().zip(&segments) {
+        let mut h = scratch::for_overwrite::<f32>(t * hidden); // [t, hidden]
+        for (chunk, seg) in batch.iter().zip(segments.iter()) {
             for (i, &id) in chunk.tokens.iter().enumerate() {
                 let row = seg.offset + i;
                 cpu::embed_row(
@@ -255,14 +283,14 @@ impl Model {
                 );
             }
         }
-        let mut x = vec![0.0; t * hidden]; // normed input of a sublayer
-        let mut y = vec![0.0; t * hidden]; // sublayer output
+        let mut x = scratch::for_overwrite::<f32>(t * hidden); // normed input of a sublayer
+        let mut y = scratch::for_overwrite::<f32>(t * hidden); // sublayer output
         for (i, layer) in self.layers.iter().enumerate() {
             x.copy_from_slice(&h);
             layer.input_norm.forward(&mut x);
             match &layer.mixer {
-                Mixer::Attention(a) => a.forward(&x, &segments, cache, &mut y)?,
-                Mixer::Linear(g) => g.forward(&x, &segments, cache, &mut y)?,
+                Mixer::Attention(a) => a.forward(&x, segments, cache, &mut y)?,
+                Mixer::Linear(g) => g.forward(&x, segments, cache, &mut y)?,
             }
             cpu::add_assign(&mut h, &y);
             x.copy_from_slice(&h);
@@ -273,27 +301,36 @@ impl Model {
             }
             cpu::add_assign(&mut h, &y);
         }
-        for seg in &segments {
+        for seg in segments.iter() {
             cache.advance(seg.seq, seg.len)?;
         }
 
-        let rows: Vec<usize> = match mode {
-            LogitsMode::AllTokens => (0..t).collect(),
-            LogitsMode::LastPerSequence => segments.iter().map(|s| s.offset + s.len - 1).collect(),
+        // The rows that get logits, normed: [rows, hidden].
+        let rows = match mode {
+            LogitsMode::AllTokens => t,
+            LogitsMode::LastPerSequence => segments.len(),
         };
-        let mut last = Vec::with_capacity(rows.len() * hidden); // [rows, hidden]
-        for r in &rows {
-            last.extend_from_slice(&h[r * hidden..(r + 1) * hidden]);
+        let mut last = scratch::for_overwrite::<f32>(rows * hidden);
+        match mode {
+            LogitsMode::AllTokens => last.copy_from_slice(&h),
+            LogitsMode::LastPerSequence => {
+                for (seg, dst) in segments.iter().zip(last.chunks_exact_mut(hidden)) {
+                    let r = seg.offset + seg.len - 1;
+                    dst.copy_from_slice(&h[r * hidden..(r + 1) * hidden]);
+                }
+            }
         }
         self.norm.forward(&mut last);
-        let mut logits = vec![0.0; rows.len() * self.spec.vocab]; // [rows, vocab]
-        cpu::matmul(
-            &last,
-            self.lm_head.as_ref().unwrap_or(&self.embed),
-            &mut logits,
-        );
-        Ok(logits)
+        logits.clear();
+        logits.resize(rows * self.spec.vocab, 0.0); // [rows, vocab]
+        cpu::matmul(&last, self.lm_head.as_ref().unwrap_or(&self.embed), logits);
+        Ok(())
     }
+}
+
+thread_local! {
+    /// The step's segments, kept between steps (a thread runs one step at a time).
+    static SEGMENTS: std::cell::Cell<Vec<Segment>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 impl LanguageModel for Model {
@@ -309,13 +346,14 @@ impl LanguageModel for Model {
         Model::new_cache(self, config)
     }
 
-    fn forward(
+    fn forward_into(
         &self,
         cache: &mut ModelCache,
         batch: &[SeqChunk<'_>],
         mode: LogitsMode,
-    ) -> Result<Vec<f32>> {
-        Model::forward(self, cache, batch, mode)
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
+        Model::forward_into(self, cache, batch, mode, logits)
     }
 }
 

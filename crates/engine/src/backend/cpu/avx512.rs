@@ -327,11 +327,12 @@ fn dot1(w: &[f32], x: &[f32], n: usize) -> f32 {
 /// Elements per `vdpbf16ps`: 16 lanes of bf16 pairs.
 pub(super) const BF16_CHUNK: usize = 32;
 
-/// `x` `[t, n]` rounded to bf16 (nearest even), each row zero-padded to `n_pad` (a multiple of
-/// 32): the activations of the fast-precision product.
+/// `x` `[t, n]` rounded to bf16 (nearest even) into `out` `[t, n_pad]`, `n_pad` being `n`
+/// rounded up to 32 (the padding is written as zeros): the activations of the fast-precision
+/// product. Every element of `out[..t * n_pad]` is written.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-pub(super) fn to_bf16_rows(x: &[f32], t: usize, n: usize, n_pad: usize) -> Vec<u16> {
-    let mut out = vec![0u16; t * n_pad];
+pub(super) fn to_bf16_rows(x: &[f32], t: usize, n: usize, n_pad: usize, out: &mut [u16]) {
+    assert!(out.len() >= t * n_pad && n_pad == n.div_ceil(BF16_CHUNK) * BF16_CHUNK);
     for (row, dst) in x.chunks_exact(n).take(t).zip(out.chunks_exact_mut(n_pad)) {
         let mut i = 0;
         while i < n {
@@ -351,7 +352,6 @@ pub(super) fn to_bf16_rows(x: &[f32], t: usize, n: usize, n_pad: usize) -> Vec<u
             i += BF16_CHUNK;
         }
     }
-    out
 }
 
 /// Fast precision: y[r, tok] = Σ bf16(x)·w with f32 accumulation by `vdpbf16ps`, 4 rows × up

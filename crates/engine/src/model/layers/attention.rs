@@ -2,15 +2,16 @@
 //! NeoX RoPE on the first `rotary_dim` dims, GQA over the paged KV cache, causal softmax in f32,
 //! output × sigmoid(gate).
 
-use rayon::prelude::*;
-
 use super::{Segment, fuse_rows};
-use crate::backend::cpu;
+use crate::backend::cpu::{self, pool, scratch};
 use crate::cache::ModelCache;
 use crate::config::AttentionSpec;
 use crate::error::Result;
 use crate::tensor::Weight;
 use crate::weights::WeightStore;
+
+/// Keys scored per block of the online softmax.
+const KEY_BLOCK: usize = 64;
 
 pub struct Attention {
     layer: usize,
@@ -92,72 +93,78 @@ impl Attention {
         let (nh, nkv, d) = (self.spec.heads, self.spec.kv_heads, self.spec.head_dim);
         let t = x.len() / self.qkv_proj.cols;
         let width = self.qkv_proj.rows;
-        let mut qkv = vec![0.0; t * width]; // [t, nh·2d + 2·nkv·d]
+        // Per token: [q | gate] per head (nh·2d), then k (nkv·d), then v (nkv·d).
+        let mut qkv = scratch::for_overwrite::<f32>(t * width); // [t, width]
         cpu::matmul(x, &self.qkv_proj, &mut qkv);
-        let mut qg = vec![0.0; t * nh * 2 * d]; // [t, nh, 2d]
-        let mut k = vec![0.0; t * nkv * d]; // [t, nkv, d]
-        let mut v = vec![0.0; t * nkv * d];
-        cpu::split_columns(&qkv, width, 0, nh * 2 * d, &mut qg);
-        cpu::split_columns(&qkv, width, nh * 2 * d, nkv * d, &mut k);
-        cpu::split_columns(&qkv, width, nh * 2 * d + nkv * d, nkv * d, &mut v);
+        let (k_at, v_at) = (nh * 2 * d, nh * 2 * d + nkv * d);
 
         for seg in segments {
             for i in 0..seg.len {
                 let tok = seg.offset + i;
                 let pos = seg.start_pos + i;
-                for head in qg[tok * nh * 2 * d..(tok + 1) * nh * 2 * d].chunks_exact_mut(2 * d) {
+                let row = &mut qkv[tok * width..(tok + 1) * width];
+                for head in row[..k_at].chunks_exact_mut(2 * d) {
                     let q = &mut head[..d];
                     cpu::rms_norm_1p(q, &self.q_norm, self.eps);
                     self.rope(q, pos);
                 }
-                let krow = &mut k[tok * nkv * d..(tok + 1) * nkv * d];
-                for head in krow.chunks_exact_mut(d) {
+                for head in row[k_at..v_at].chunks_exact_mut(d) {
                     cpu::rms_norm_1p(head, &self.k_norm, self.eps);
                     self.rope(head, pos);
                 }
-                cache.write_kv(
-                    self.layer,
-                    seg.seq,
-                    pos,
-                    krow,
-                    &v[tok * nkv * d..(tok + 1) * nkv * d],
-                )?;
+                cache.write_kv(self.layer, seg.seq, pos, &row[k_at..v_at], &row[v_at..])?;
             }
         }
 
-        let mut attn = vec![0.0; t * nh * d]; // [t, nh·d]
+        let mut attn = scratch::for_overwrite::<f32>(t * nh * d); // [t, nh·d]
         let scale = (d as f32).powf(-0.5);
         let group = nh / nkv;
         for seg in segments {
             let view = cache.kv_view(self.layer, seg.seq, seg.start_pos + seg.len)?;
             let rows = &mut attn[seg.offset * nh * d..(seg.offset + seg.len) * nh * d];
-            rows.par_chunks_mut(nh * d)
-                .enumerate()
-                .for_each(|(i, row)| {
-                    let tok = seg.offset + i;
-                    let visible = seg.start_pos + i + 1; // causal
-                    let mut scores = vec![0.0f32; visible];
-                    for (h, o) in row.chunks_exact_mut(d).enumerate() {
-                        let q = &qg[(tok * nh + h) * 2 * d..(tok * nh + h) * 2 * d + d];
-                        let kh = h / group;
-                        for (p, s) in scores.iter_mut().enumerate() {
-                            let key = &view.key(p)[kh * d..(kh + 1) * d];
-                            *s = q.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale;
-                        }
-                        cpu::softmax(&mut scores);
-                        o.fill(0.0);
-                        for (p, w) in scores.iter().enumerate() {
-                            let val = &view.value(p)[kh * d..(kh + 1) * d];
-                            for (acc, vv) in o.iter_mut().zip(val) {
-                                *acc += w * vv;
-                            }
-                        }
-                        let gate = &qg[(tok * nh + h) * 2 * d + d..(tok * nh + h + 1) * 2 * d];
-                        for (acc, g) in o.iter_mut().zip(gate) {
-                            *acc *= cpu::sigmoid(*g);
+            // One task per (token, head): a decode token alone still fills the pool.
+            pool::for_each_chunk_mut(rows, d, |task, o| {
+                let (i, h) = (task / nh, task % nh);
+                let tok = seg.offset + i;
+                let visible = seg.start_pos + i + 1; // causal
+                let head = &qkv[tok * width + h * 2 * d..tok * width + (h + 1) * 2 * d];
+                let (q, gate) = head.split_at(d);
+                let kh = h / group;
+                // Softmax online over blocks of keys (running max and sum, output rescaled
+                // when the max grows): memory stays fixed however long the context.
+                let (mut max, mut sum) = (f32::NEG_INFINITY, 0.0f32);
+                let mut scores = [0.0f32; KEY_BLOCK];
+                o.fill(0.0);
+                for from in (0..visible).step_by(KEY_BLOCK) {
+                    let n = KEY_BLOCK.min(visible - from);
+                    let scores = &mut scores[..n];
+                    for (j, s) in scores.iter_mut().enumerate() {
+                        let key = &view.key(from + j)[kh * d..(kh + 1) * d];
+                        *s = q.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    }
+                    let block_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let new_max = max.max(block_max);
+                    if new_max > max {
+                        let rescale = (max - new_max).exp(); // 0 for the first block
+                        sum *= rescale;
+                        o.iter_mut().for_each(|v| *v *= rescale);
+                        max = new_max;
+                    }
+                    for (j, s) in scores.iter().enumerate() {
+                        let p = (s - max).exp();
+                        sum += p;
+                        let val = &view.value(from + j)[kh * d..(kh + 1) * d];
+                        for (acc, vv) in o.iter_mut().zip(val) {
+                            *acc += p * vv;
                         }
                     }
-                });
+                }
+                let inv = 1.0 / sum;
+                o.iter_mut().for_each(|v| *v *= inv);
+                for (acc, g) in o.iter_mut().zip(gate) {
+                    *acc *= cpu::sigmoid(*g);
+                }
+            });
         }
         cpu::matmul(&attn, &self.o_proj, out);
         Ok(())

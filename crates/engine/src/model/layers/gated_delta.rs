@@ -6,10 +6,9 @@
 //! each chunk, one state update per chunk); single-token steps use the recurrent form. The two
 //! agree up to f32 rounding (tested below).
 
-use rayon::prelude::*;
-
 use super::{Segment, fuse_rows};
-use crate::backend::cpu;
+use crate::backend::cpu::scratch::{self, Scratch};
+use crate::backend::cpu::{self, pool};
 use crate::cache::ModelCache;
 use crate::config::LinearSpec;
 use crate::error::Result;
@@ -131,47 +130,34 @@ impl GatedDeltaNet {
         let conv_dim = s.conv_dim();
         let t = x.len() / self.in_proj.cols;
         let width = self.in_proj.rows;
-        let mut projected = vec![0.0; t * width]; // [t, conv_dim + nv·dv + 2·nv]
+        // Per token: conv channels [q | k | v] (conv_dim), then z (nv·dv), b (nv), a (nv).
+        let mut projected = scratch::for_overwrite::<f32>(t * width); // [t, width]
         cpu::matmul(x, &self.in_proj, &mut projected);
-        let mut mixed = vec![0.0; t * conv_dim]; // [t, conv_dim]
-        let mut z = vec![0.0; t * nv * dv]; // [t, nv, dv]
-        let mut b = vec![0.0; t * nv]; // [t, nv]
-        let mut a = vec![0.0; t * nv];
-        cpu::split_columns(&projected, width, 0, conv_dim, &mut mixed);
-        cpu::split_columns(&projected, width, conv_dim, nv * dv, &mut z);
-        cpu::split_columns(&projected, width, conv_dim + nv * dv, nv, &mut b);
-        cpu::split_columns(&projected, width, conv_dim + nv * dv + nv, nv, &mut a);
+        let (z_at, b_at, a_at) = (conv_dim, conv_dim + nv * dv, conv_dim + nv * dv + nv);
 
-        let mut core = vec![0.0; t * nv * dv]; // [t, nv, dv]
+        let mut core = scratch::for_overwrite::<f32>(t * nv * dv); // [t, nv, dv]
         for seg in segments {
             let (conv_state, recurrent) = cache.linear_state(self.layer, seg.seq)?;
-            let rows = seg.offset * conv_dim..(seg.offset + seg.len) * conv_dim;
-            let qkv = self.causal_conv(&mixed[rows], conv_state); // [len, conv_dim]
-            let mut q = vec![0.0; seg.len * nk * dk]; // [len, nk, dk]
-            let mut k = vec![0.0; seg.len * nk * dk];
-            let mut val = vec![0.0; seg.len * nv * dv]; // [len, nv, dv]
-            for (i, row) in qkv.chunks_exact(conv_dim).enumerate() {
-                q[i * nk * dk..(i + 1) * nk * dk].copy_from_slice(&row[..nk * dk]);
-                k[i * nk * dk..(i + 1) * nk * dk].copy_from_slice(&row[nk * dk..2 * nk * dk]);
-                val[i * nv * dv..(i + 1) * nv * dv].copy_from_slice(&row[2 * nk * dk..]);
-            }
-            cpu::l2_norm(&mut q, dk, 1e-6);
-            cpu::l2_norm(&mut k, dk, 1e-6);
+            let rows = &projected[seg.offset * width..(seg.offset + seg.len) * width];
+            let mut qkv = scratch::for_overwrite::<f32>(seg.len * conv_dim); // [len, conv_dim]
+            self.causal_conv(rows, width, conv_state, &mut qkv);
             let scale = (dk as f32).powf(-0.5);
-            q.iter_mut().for_each(|v| *v *= scale);
-            let mut beta = vec![0.0; seg.len * nv]; // [len, nv]
-            let mut g = vec![0.0; seg.len * nv];
-            for i in 0..seg.len {
+            for row in qkv.chunks_exact_mut(conv_dim) {
+                let (q, rest) = row.split_at_mut(nk * dk);
+                cpu::l2_norm(q, dk, 1e-6);
+                q.iter_mut().for_each(|v| *v *= scale);
+                cpu::l2_norm(&mut rest[..nk * dk], dk, 1e-6);
+            }
+            let mut beta = scratch::for_overwrite::<f32>(seg.len * nv); // [len, nv]
+            let mut g = scratch::for_overwrite::<f32>(seg.len * nv);
+            for (i, row) in rows.chunks_exact(width).enumerate() {
                 for h in 0..nv {
-                    let at = (seg.offset + i) * nv + h;
-                    beta[i * nv + h] = cpu::sigmoid(b[at]);
-                    g[i * nv + h] = self.neg_a[h] * cpu::softplus(a[at] + self.dt_bias[h]);
+                    beta[i * nv + h] = cpu::sigmoid(row[b_at + h]);
+                    g[i * nv + h] = self.neg_a[h] * cpu::softplus(row[a_at + h] + self.dt_bias[h]);
                 }
             }
             let inputs = HeadInputs {
-                q: &q,
-                k: &k,
-                v: &val,
+                qkv: &qkv,
                 beta: &beta,
                 g: &g,
                 len: seg.len,
@@ -180,46 +166,50 @@ impl GatedDeltaNet {
                 dk,
                 dv,
             };
-            let seg_core = &mut core[seg.offset * nv * dv..(seg.offset + seg.len) * nv * dv];
-            let per_head: Vec<Vec<f32>> = recurrent
-                .par_chunks_mut(dk * dv)
-                .enumerate()
-                .map(|(h, state)| {
-                    let head = inputs.head(h);
+            let mut per_head = scratch::for_overwrite::<f32>(nv * seg.len * dv); // [nv, len, dv]
+            pool::for_each_chunk_pair_mut(
+                recurrent,
+                dk * dv,
+                &mut per_head,
+                seg.len * dv,
+                |h, state, o| {
                     if seg.len == 1 {
-                        recurrent_step(&head, state)
+                        recurrent_step(&inputs.token_head(h), state, o)
                     } else {
-                        chunked(&head, state)
+                        chunked(&inputs.gather(h).head(), state, o)
                     }
-                })
-                .collect();
-            for (h, o) in per_head.iter().enumerate() {
-                for i in 0..seg.len {
-                    seg_core[(i * nv + h) * dv..(i * nv + h + 1) * dv]
-                        .copy_from_slice(&o[i * dv..(i + 1) * dv]);
+                },
+            );
+            let seg_core = &mut core[seg.offset * nv * dv..(seg.offset + seg.len) * nv * dv];
+            for (h, o) in per_head.chunks_exact(seg.len * dv).enumerate() {
+                for (i, v) in o.chunks_exact(dv).enumerate() {
+                    seg_core[(i * nv + h) * dv..(i * nv + h + 1) * dv].copy_from_slice(v);
                 }
             }
         }
-        cpu::rms_norm_gated(&mut core, &z, &self.norm, self.eps);
+        for (tok, row) in core.chunks_exact_mut(nv * dv).enumerate() {
+            let z = &projected[tok * width + z_at..tok * width + z_at + nv * dv];
+            cpu::rms_norm_gated(row, z, &self.norm, self.eps);
+        }
         cpu::matmul(&core, &self.out_proj, out);
         Ok(())
     }
 
-    /// Depthwise causal conv + SiLU over `[len, conv_dim]` rows, continuing from and updating
-    /// `state` `[conv_dim, kernel-1]` (oldest input first).
-    fn causal_conv(&self, mixed: &[f32], state: &mut [f32]) -> Vec<f32> {
+    /// Depthwise causal conv + SiLU over `len` rows of `stride` floats (channels first) into
+    /// `out` `[len, conv_dim]`, continuing from and updating `state` `[conv_dim, kernel-1]`
+    /// (oldest input first).
+    fn causal_conv(&self, rows: &[f32], stride: usize, state: &mut [f32], out: &mut [f32]) {
         let conv_dim = self.spec.conv_dim();
         let kern = self.spec.conv_kernel;
         let hist = kern - 1;
-        let len = mixed.len() / conv_dim;
-        let mut out = vec![0.0; mixed.len()];
+        let len = rows.len() / stride;
         for c in 0..conv_dim {
             let w = &self.conv[c * kern..(c + 1) * kern];
-            let past = &state[c * hist..(c + 1) * hist];
+            let past = &mut state[c * hist..(c + 1) * hist];
             // Input at relative time j (may be negative: then it comes from the state).
-            let input = |j: isize| -> f32 {
+            let input = |past: &[f32], j: isize| -> f32 {
                 if j >= 0 {
-                    mixed[j as usize * conv_dim + c]
+                    rows[j as usize * stride + c]
                 } else {
                     past[(hist as isize + j) as usize]
                 }
@@ -227,24 +217,23 @@ impl GatedDeltaNet {
             for i in 0..len {
                 let mut acc = 0.0;
                 for (tap, wv) in w.iter().enumerate() {
-                    acc += wv * input(i as isize - hist as isize + tap as isize);
+                    acc += wv * input(past, i as isize - hist as isize + tap as isize);
                 }
                 out[i * conv_dim + c] = cpu::silu(acc);
             }
-            let new_past: Vec<f32> = (0..hist)
-                .map(|j| input(len as isize - hist as isize + j as isize))
-                .collect();
-            state[c * hist..(c + 1) * hist].copy_from_slice(&new_past);
+            // The last `hist` inputs, in place: slot j takes input len - hist + j, which is a
+            // later state slot (not yet overwritten, going up) or a new row.
+            for j in 0..hist {
+                past[j] = input(past, len as isize - hist as isize + j as isize);
+            }
         }
-        out
     }
 }
 
-/// Per-segment delta-rule inputs for all heads.
+/// Per-segment delta-rule inputs for all heads: q, k, v in the conv output rows `[len,
+/// conv_dim]` (q and k normalised, q scaled), beta and g `[len, nv]`.
 struct HeadInputs<'a> {
-    q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
+    qkv: &'a [f32],
     beta: &'a [f32],
     g: &'a [f32],
     len: usize,
@@ -254,36 +243,84 @@ struct HeadInputs<'a> {
     dv: usize,
 }
 
-/// One value head's inputs, gathered contiguous: q, k `[len, dk]`, v `[len, dv]`, beta, g `[len]`.
-struct Head {
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    beta: Vec<f32>,
-    g: Vec<f32>,
+/// One value head's inputs: q, k `[len, dk]`, v `[len, dv]`, beta, g `[len]`.
+struct Head<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    beta: &'a [f32],
+    g: &'a [f32],
     dk: usize,
     dv: usize,
 }
 
+/// A head's inputs copied out contiguous (multi-token steps).
+struct GatheredHead {
+    q: Scratch<f32>,
+    k: Scratch<f32>,
+    v: Scratch<f32>,
+    beta: Scratch<f32>,
+    g: Scratch<f32>,
+    dk: usize,
+    dv: usize,
+}
+
+impl GatheredHead {
+    fn head(&self) -> Head<'_> {
+        Head {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            beta: &self.beta,
+            g: &self.g,
+            dk: self.dk,
+            dv: self.dv,
+        }
+    }
+}
+
 impl HeadInputs<'_> {
-    fn head(&self, h: usize) -> Head {
+    fn conv_dim(&self) -> usize {
+        2 * self.nk * self.dk + self.nv * self.dv
+    }
+
+    /// Offsets of head `h`'s q (and k, `nk·dk` further) and v in a conv row.
+    fn offsets(&self, h: usize) -> (usize, usize) {
         let kh = h / (self.nv / self.nk);
-        let (dk, dv) = (self.dk, self.dv);
-        let mut head = Head {
-            q: Vec::with_capacity(self.len * dk),
-            k: Vec::with_capacity(self.len * dk),
-            v: Vec::with_capacity(self.len * dv),
-            beta: Vec::with_capacity(self.len),
-            g: Vec::with_capacity(self.len),
+        (kh * self.dk, 2 * self.nk * self.dk + h * self.dv)
+    }
+
+    /// Head `h` of a one-token step, borrowed in place.
+    fn token_head(&self, h: usize) -> Head<'_> {
+        let (qo, vo) = self.offsets(h);
+        let (nkd, dk, dv) = (self.nk * self.dk, self.dk, self.dv);
+        Head {
+            q: &self.qkv[qo..qo + dk],
+            k: &self.qkv[nkd + qo..nkd + qo + dk],
+            v: &self.qkv[vo..vo + dv],
+            beta: &self.beta[h..h + 1],
+            g: &self.g[h..h + 1],
+            dk,
+            dv,
+        }
+    }
+
+    fn gather(&self, h: usize) -> GatheredHead {
+        let (qo, vo) = self.offsets(h);
+        let (nkd, dk, dv, cd) = (self.nk * self.dk, self.dk, self.dv, self.conv_dim());
+        let mut head = GatheredHead {
+            q: scratch::with_capacity(self.len * dk),
+            k: scratch::with_capacity(self.len * dk),
+            v: scratch::with_capacity(self.len * dv),
+            beta: scratch::with_capacity(self.len),
+            g: scratch::with_capacity(self.len),
             dk,
             dv,
         };
-        for i in 0..self.len {
-            let kq = (i * self.nk + kh) * dk;
-            head.q.extend_from_slice(&self.q[kq..kq + dk]);
-            head.k.extend_from_slice(&self.k[kq..kq + dk]);
-            let vo = (i * self.nv + h) * dv;
-            head.v.extend_from_slice(&self.v[vo..vo + dv]);
+        for (i, row) in self.qkv.chunks_exact(cd).enumerate() {
+            head.q.extend_from_slice(&row[qo..qo + dk]);
+            head.k.extend_from_slice(&row[nkd + qo..nkd + qo + dk]);
+            head.v.extend_from_slice(&row[vo..vo + dv]);
             head.beta.push(self.beta[i * self.nv + h]);
             head.g.push(self.g[i * self.nv + h]);
         }
@@ -291,12 +328,13 @@ impl HeadInputs<'_> {
     }
 }
 
-/// The recurrence, token by token: S ← S·e^g; S += k ⊗ (v − Sᵀk)·β; o = Sᵀq.
-fn recurrent_step(head: &Head, state: &mut [f32]) -> Vec<f32> {
+/// The recurrence, token by token: S ← S·e^g; S += k ⊗ (v − Sᵀk)·β; o = Sᵀq, into `out`
+/// `[len, dv]`.
+fn recurrent_step(head: &Head<'_>, state: &mut [f32], out: &mut [f32]) {
     let (dk, dv) = (head.dk, head.dv);
     let len = head.beta.len();
-    let mut out = vec![0.0; len * dv];
-    let mut kv = vec![0.0; dv];
+    out.fill(0.0);
+    let mut kv = scratch::zeroed::<f32>(dv);
     for i in 0..len {
         let q = &head.q[i * dk..(i + 1) * dk];
         let k = &head.k[i * dk..(i + 1) * dk];
@@ -321,17 +359,16 @@ fn recurrent_step(head: &Head, state: &mut [f32]) -> Vec<f32> {
             }
         }
     }
-    out
 }
 
 /// The chunked form. Within a chunk with cumulative log-decay γ:
 ///   M = I + strict_lower((β_i k_i·k_j) e^{γ_i−γ_j});  U = M⁻¹(β v);  W = M⁻¹(β k e^γ)
 ///   v'_i = U_i − W_i S;  o_i = (q_i e^{γ_i}) S + Σ_{j≤i} (q_i·k_j) e^{γ_i−γ_j} v'_j
 ///   S ← S e^{γ_last} + Σ_i (k_i e^{γ_last−γ_i}) ⊗ v'_i
-fn chunked(head: &Head, state: &mut [f32]) -> Vec<f32> {
+fn chunked(head: &Head<'_>, state: &mut [f32], out: &mut [f32]) {
     let (dk, dv) = (head.dk, head.dv);
     let len = head.beta.len();
-    let mut out = vec![0.0; len * dv];
+    out.fill(0.0);
     let mut start = 0;
     while start < len {
         let n = CHUNK.min(len - start);
@@ -339,7 +376,7 @@ fn chunked(head: &Head, state: &mut [f32]) -> Vec<f32> {
         let q = &head.q[start * dk..(start + n) * dk];
         let v = &head.v[start * dv..(start + n) * dv];
         let beta = &head.beta[start..start + n];
-        let mut gamma = vec![0.0f32; n];
+        let mut gamma = scratch::for_overwrite::<f32>(n);
         let mut acc = 0.0;
         for (gm, g) in gamma.iter_mut().zip(&head.g[start..start + n]) {
             acc += g;
@@ -348,15 +385,15 @@ fn chunked(head: &Head, state: &mut [f32]) -> Vec<f32> {
         let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
         let krow = |i: usize| &k[i * dk..(i + 1) * dk];
         // Strictly lower part of M, row-major [n, n].
-        let mut m = vec![0.0f32; n * n];
+        let mut m = scratch::zeroed::<f32>(n * n);
         for i in 0..n {
             for j in 0..i {
                 m[i * n + j] = beta[i] * dot(krow(i), krow(j)) * (gamma[i] - gamma[j]).exp();
             }
         }
         // Forward substitution for U [n, dv] and W [n, dk].
-        let mut u = vec![0.0f32; n * dv];
-        let mut w = vec![0.0f32; n * dk];
+        let mut u = scratch::for_overwrite::<f32>(n * dv);
+        let mut w = scratch::for_overwrite::<f32>(n * dk);
         for i in 0..n {
             for c in 0..dv {
                 u[i * dv + c] = beta[i] * v[i * dv + c];
@@ -426,7 +463,6 @@ fn chunked(head: &Head, state: &mut [f32]) -> Vec<f32> {
         }
         start += n;
     }
-    out
 }
 
 #[cfg(test)]
@@ -434,33 +470,43 @@ mod tests {
     use super::*;
     use crate::backend::cpu::tests::lcg;
 
-    fn random_head(len: usize, dk: usize, dv: usize, seed: &mut u64) -> Head {
+    /// q, k (unit rows), v, beta, g of a random head.
+    fn random_head(len: usize, dk: usize, dv: usize, seed: &mut u64) -> [Vec<f32>; 5] {
         let unit = |n: usize, s: &mut u64| {
             let mut v: Vec<f32> = (0..n).map(|_| lcg(s)).collect();
             cpu::l2_norm(&mut v, dk.min(n), 1e-6);
             v
         };
-        Head {
-            q: unit(len * dk, seed),
-            k: unit(len * dk, seed),
-            v: (0..len * dv).map(|_| lcg(seed)).collect(),
-            beta: (0..len).map(|_| cpu::sigmoid(2.0 * lcg(seed))).collect(),
-            g: (0..len).map(|_| -0.5 * (lcg(seed) + 1.0)).collect(),
-            dk,
-            dv,
-        }
+        [
+            unit(len * dk, seed),
+            unit(len * dk, seed),
+            (0..len * dv).map(|_| lcg(seed)).collect(),
+            (0..len).map(|_| cpu::sigmoid(2.0 * lcg(seed))).collect(),
+            (0..len).map(|_| -0.5 * (lcg(seed) + 1.0)).collect(),
+        ]
     }
 
     #[test]
     fn chunked_form_equals_recurrence() {
         let mut seed = 11;
         // 150 tokens: two full chunks and a partial one, from a non-zero starting state.
-        let head = random_head(150, 8, 6, &mut seed);
+        let [q, k, v, beta, g] = random_head(150, 8, 6, &mut seed);
+        let head = Head {
+            q: &q,
+            k: &k,
+            v: &v,
+            beta: &beta,
+            g: &g,
+            dk: 8,
+            dv: 6,
+        };
         let init: Vec<f32> = (0..48).map(|_| 0.3 * lcg(&mut seed)).collect();
         let mut s_rec = init.clone();
         let mut s_chunk = init;
-        let o_rec = recurrent_step(&head, &mut s_rec);
-        let o_chunk = chunked(&head, &mut s_chunk);
+        // Stale values in the outputs must not leak into the results.
+        let (mut o_rec, mut o_chunk) = (vec![9.0; 150 * 6], vec![-9.0; 150 * 6]);
+        recurrent_step(&head, &mut s_rec, &mut o_rec);
+        chunked(&head, &mut s_chunk, &mut o_chunk);
         for (a, b) in o_rec.iter().zip(&o_chunk) {
             assert!((a - b).abs() < 1e-4, "{a} vs {b}");
         }

@@ -1,7 +1,7 @@
 //! SwiGLU MLP (`down(silu(gate x) · up x)`), used for dense layers, shared experts and experts.
 
 use super::fuse_rows;
-use crate::backend::cpu;
+use crate::backend::cpu::{self, scratch};
 use crate::error::Result;
 use crate::tensor::Weight;
 use crate::weights::WeightStore;
@@ -54,9 +54,9 @@ impl Mlp {
 
     fn forward_with(&self, x: &[f32], out: &mut [f32], matmul: fn(&[f32], &Weight, &mut [f32])) {
         let t = x.len() / self.gate_up.cols;
-        let mut gate_up = vec![0.0; t * 2 * self.inter]; // [t, 2·inter]
+        let mut gate_up = scratch::for_overwrite::<f32>(t * 2 * self.inter); // [t, 2·inter]
         matmul(x, &self.gate_up, &mut gate_up);
-        let mut act = vec![0.0; t * self.inter]; // [t, inter]
+        let mut act = scratch::for_overwrite::<f32>(t * self.inter); // [t, inter]
         cpu::swiglu(&gate_up, self.inter, &mut act);
         matmul(&act, &self.down, out);
     }

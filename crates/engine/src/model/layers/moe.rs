@@ -9,7 +9,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::backend::cpu;
+use crate::backend::cpu::{self, pool, scratch};
 use crate::config::MoeSpec;
 use crate::error::{EngineError, Result};
 use crate::tensor::Weight;
@@ -90,13 +90,6 @@ pub fn scale_rows(y: &mut [f32], weights: &[f32]) {
     }
 }
 
-/// Top-k routing of one token.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Route {
-    pub experts: Vec<usize>,
-    pub weights: Vec<f32>,
-}
-
 impl SparseMoe {
     /// Loads the router, the shared expert and (per `residency`) the routed experts: fused
     /// (`experts.gate_up_proj [E, 2I, H]`, `experts.down_proj [E, H, I]`) or per-expert
@@ -163,27 +156,39 @@ impl SparseMoe {
             + self.shared.as_ref().map_or(0, Mlp::weight_bytes)
     }
 
-    /// Router probabilities → top-k experts per token (`logits` `[t, experts]`).
-    pub fn route(&self, logits: &mut [f32]) -> Vec<Route> {
-        logits
-            .chunks_exact_mut(self.spec.experts)
-            .map(|probs| {
-                cpu::softmax(probs);
-                let mut order: Vec<usize> = (0..probs.len()).collect();
-                // Highest probability first; ties keep the lower expert index.
-                order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
-                order.truncate(self.spec.top_k);
-                let mut weights: Vec<f32> = order.iter().map(|&e| probs[e]).collect();
-                if self.spec.norm_topk {
-                    let sum: f32 = weights.iter().sum();
-                    weights.iter_mut().for_each(|w| *w /= sum);
+    /// Router logits `[t, experts]` (softmaxed in place) → each token's top-k `experts` and
+    /// `weights` `[t, top_k]`, highest probability first, ties to the lower expert index
+    /// (renormalised when the config says so).
+    pub fn route(&self, logits: &mut [f32], experts: &mut [usize], weights: &mut [f32]) {
+        let (e, k) = (self.spec.experts, self.spec.top_k);
+        for ((probs, ex), ws) in logits
+            .chunks_exact_mut(e)
+            .zip(experts.chunks_exact_mut(k))
+            .zip(weights.chunks_exact_mut(k))
+        {
+            cpu::softmax(probs);
+            // Insertion into the best k so far. Scanning upward and moving only past strictly
+            // smaller values keeps the lower index first among equals.
+            let mut filled = 0;
+            for (idx, &p) in probs.iter().enumerate() {
+                if filled == k && p.total_cmp(&ws[k - 1]).is_le() {
+                    continue;
                 }
-                Route {
-                    experts: order,
-                    weights,
+                let mut at = filled.min(k - 1);
+                filled = (filled + 1).min(k);
+                while at > 0 && p.total_cmp(&ws[at - 1]).is_gt() {
+                    ws[at] = ws[at - 1];
+                    ex[at] = ex[at - 1];
+                    at -= 1;
                 }
-            })
-            .collect()
+                ws[at] = p;
+                ex[at] = idx;
+            }
+            if self.spec.norm_topk {
+                let sum: f32 = ws.iter().sum();
+                ws.iter_mut().for_each(|w| *w /= sum);
+            }
+        }
     }
 
     /// x `[t, hidden]` (normed) → out `[t, hidden]` (overwritten). `layer` and `remote` are
@@ -197,72 +202,65 @@ impl SparseMoe {
     ) -> Result<()> {
         let hidden = self.router.cols;
         let t = x.len() / hidden;
-        let mut logits = vec![0.0; t * self.spec.experts]; // [t, experts]
+        let (e, k) = (self.spec.experts, self.spec.top_k);
+        let mut logits = scratch::for_overwrite::<f32>(t * e); // [t, experts]
         cpu::matmul(x, &self.router, &mut logits);
-        let routes = self.route(&mut logits);
+        let mut chosen = scratch::for_overwrite::<usize>(t * k); // [t, top_k]
+        let mut weights = scratch::for_overwrite::<f32>(t * k);
+        self.route(&mut logits, &mut chosen, &mut weights);
 
-        // Rows routed to each expert, with their weights, in expert order.
-        let mut assigned: Vec<(Vec<usize>, Vec<f32>)> = vec![Default::default(); self.spec.experts];
-        for (tok, r) in routes.iter().enumerate() {
-            for (&e, &w) in r.experts.iter().zip(&r.weights) {
-                assigned[e].0.push(tok);
-                assigned[e].1.push(w);
-            }
+        // The t·k picks (token · k + slot) sorted by expert, tokens in order within each:
+        // expert `ex` has rows `starts[ex]..starts[ex + 1]` of `order`.
+        let mut starts = scratch::zeroed::<usize>(e + 1);
+        for &ex in chosen.iter() {
+            starts[ex + 1] += 1;
         }
-        let mut rows_of = Vec::new();
-        let mut groups = Vec::new();
-        for (expert, (rows, weights)) in assigned.into_iter().enumerate() {
-            if rows.is_empty() {
-                continue;
-            }
-            let mut xe = Vec::with_capacity(rows.len() * hidden); // [n_e, hidden]
-            for tok in &rows {
-                xe.extend_from_slice(&x[tok * hidden..(tok + 1) * hidden]);
-            }
-            rows_of.push(rows);
-            groups.push(ExpertGroup {
-                expert,
-                weights,
-                x: xe,
-            });
+        for i in 0..e {
+            starts[i + 1] += starts[i];
         }
-        let outputs = if self.experts.is_empty() {
+        let mut fill = scratch::for_overwrite::<usize>(e);
+        fill.copy_from_slice(&starts[..e]);
+        let mut order = scratch::for_overwrite::<usize>(t * k);
+        for (pick, &ex) in chosen.iter().enumerate() {
+            order[fill[ex]] = pick;
+            fill[ex] += 1;
+        }
+        let mut xs = scratch::for_overwrite::<f32>(t * k * hidden); // [t·k, hidden], by expert
+        for (row, &pick) in xs.chunks_exact_mut(hidden).zip(order.iter()) {
+            let tok = pick / k;
+            row.copy_from_slice(&x[tok * hidden..(tok + 1) * hidden]);
+        }
+        // Each row's expert output, weighted: [t·k, hidden].
+        let mut ys = scratch::for_overwrite::<f32>(t * k * hidden);
+        if self.experts.is_empty() {
             let executor = remote.ok_or_else(|| {
                 EngineError::Experts("the routed experts are remote but no executor is set".into())
             })?;
-            let outputs = executor.run(layer, &groups)?;
-            for (g, y) in groups.iter().zip(&outputs) {
-                if y.len() != g.x.len() {
-                    return Err(EngineError::Experts(format!(
-                        "layer {layer} expert {}: {} values returned, expected {}",
-                        g.expert,
-                        y.len(),
-                        g.x.len()
-                    )));
-                }
-            }
-            outputs
+            self.run_remote(executor, layer, &starts, &order, &weights, &xs, &mut ys)?;
         } else {
-            self.run_local(&groups)
-        };
+            self.run_local(&starts, &xs, &mut ys);
+            for (row, &pick) in ys.chunks_exact_mut(hidden).zip(order.iter()) {
+                let w = weights[pick];
+                row.iter_mut().for_each(|v| *v *= w);
+            }
+        }
         // Accumulate in expert order, so the sum does not depend on scheduling or placement.
         out.fill(0.0);
-        for (rows, ye) in rows_of.iter().zip(&outputs) {
-            for (tok, y) in rows.iter().zip(ye.chunks_exact(hidden)) {
-                for (o, v) in out[tok * hidden..(tok + 1) * hidden].iter_mut().zip(y) {
-                    *o += v;
-                }
+        for (y, &pick) in ys.chunks_exact(hidden).zip(order.iter()) {
+            let tok = pick / k;
+            for (o, v) in out[tok * hidden..(tok + 1) * hidden].iter_mut().zip(y) {
+                *o += v;
             }
         }
         if let (Some(shared), Some(gate)) = (&self.shared, &self.shared_gate) {
-            let mut ys = vec![0.0; t * hidden]; // [t, hidden]
+            let mut ys = scratch::for_overwrite::<f32>(t * hidden); // [t, hidden]
             shared.forward(x, &mut ys);
-            let mut g = vec![0.0; t]; // [t, 1]
+            let mut g = scratch::for_overwrite::<f32>(t); // [t, 1]
             cpu::matmul(x, gate, &mut g);
             for ((o, y), gv) in out
                 .chunks_exact_mut(hidden)
                 .zip(ys.chunks_exact(hidden))
-                .zip(&g)
+                .zip(g.iter())
             {
                 let s = cpu::sigmoid(*gv);
                 for (ov, yv) in o.iter_mut().zip(y) {
@@ -273,25 +271,148 @@ impl SparseMoe {
         Ok(())
     }
 
-    /// Weighted outputs of the locally loaded experts, one per group.
-    fn run_local(&self, groups: &[ExpertGroup]) -> Vec<Vec<f32>> {
-        // Experts run one per thread when there are enough of them to fill the pool (decode:
+    /// Runs the locally loaded experts on their rows of `xs` (`starts` as in `forward`) into
+    /// `ys`, unweighted.
+    fn run_local(&self, starts: &[usize], xs: &[f32], ys: &mut [f32]) {
+        let hidden = self.router.cols;
+        let e = self.spec.experts;
+        let active = (0..e).filter(|&ex| starts[ex + 1] > starts[ex]).count();
+        // Experts run one per task when there are enough of them to fill the pool (decode:
         // a few rows each); otherwise each product uses the whole pool (prefill).
-        let one_per_thread = groups.len() >= rayon::current_num_threads();
-        let run = |g: &ExpertGroup| -> Vec<f32> {
-            let mut ye = vec![0.0; g.x.len()]; // [n_e, hidden]
-            if one_per_thread {
-                self.experts[g.expert].forward_serial(&g.x, &mut ye);
-            } else {
-                self.experts[g.expert].forward(&g.x, &mut ye);
+        if active >= pool::threads() {
+            let mut experts = scratch::with_capacity::<usize>(active);
+            let mut bounds = scratch::with_capacity::<usize>(active + 1); // in floats
+            for ex in (0..e).filter(|&ex| starts[ex + 1] > starts[ex]) {
+                experts.push(ex);
+                bounds.push(starts[ex] * hidden);
             }
-            scale_rows(&mut ye, &g.weights);
-            ye
-        };
-        if one_per_thread {
-            groups.par_iter().map(run).collect()
+            bounds.push(starts[e] * hidden);
+            pool::for_each_span_mut(ys, &bounds, |j, y| {
+                let rows = bounds[j]..bounds[j + 1];
+                self.experts[experts[j]].forward_serial(&xs[rows], y);
+            });
         } else {
-            groups.iter().map(run).collect()
+            for ex in 0..e {
+                let rows = starts[ex] * hidden..starts[ex + 1] * hidden;
+                if !rows.is_empty() {
+                    self.experts[ex].forward(&xs[rows.clone()], &mut ys[rows]);
+                }
+            }
+        }
+    }
+
+    /// Sends each expert's rows to `executor` (one call for the layer) and copies the weighted
+    /// outputs into `ys`. Allocates: the rows travel by RPC anyway.
+    #[allow(clippy::too_many_arguments)]
+    fn run_remote(
+        &self,
+        executor: &dyn ExpertExecutor,
+        layer: usize,
+        starts: &[usize],
+        order: &[usize],
+        weights: &[f32],
+        xs: &[f32],
+        ys: &mut [f32],
+    ) -> Result<()> {
+        let hidden = self.router.cols;
+        let groups: Vec<ExpertGroup> = (0..self.spec.experts)
+            .filter(|&ex| starts[ex + 1] > starts[ex])
+            .map(|ex| {
+                let rows = starts[ex]..starts[ex + 1];
+                ExpertGroup {
+                    expert: ex,
+                    weights: order[rows.clone()].iter().map(|&p| weights[p]).collect(),
+                    x: xs[rows.start * hidden..rows.end * hidden].to_vec(),
+                }
+            })
+            .collect();
+        let outputs = executor.run(layer, &groups)?;
+        if outputs.len() != groups.len() {
+            return Err(EngineError::Experts(format!(
+                "layer {layer}: {} outputs returned for {} expert groups",
+                outputs.len(),
+                groups.len()
+            )));
+        }
+        for (g, y) in groups.iter().zip(&outputs) {
+            if y.len() != g.x.len() {
+                return Err(EngineError::Experts(format!(
+                    "layer {layer} expert {}: {} values returned, expected {}",
+                    g.expert,
+                    y.len(),
+                    g.x.len()
+                )));
+            }
+            let at = starts[g.expert] * hidden;
+            ys[at..at + y.len()].copy_from_slice(y);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::tests::lcg;
+
+    fn moe(experts: usize, top_k: usize, norm_topk: bool) -> SparseMoe {
+        SparseMoe {
+            spec: MoeSpec {
+                experts,
+                top_k,
+                norm_topk,
+                intermediate: 1,
+                shared_intermediate: 0,
+            },
+            router: Weight {
+                rows: experts,
+                cols: 1,
+                data: crate::tensor::WeightData::F32(vec![0.0; experts]),
+            },
+            experts: Vec::new(),
+            shared: None,
+            shared_gate: None,
+        }
+    }
+
+    /// Top-k by insertion equals a full stable sort (highest first, ties to the lower index),
+    /// including rows full of ties.
+    #[test]
+    fn routing_picks_the_top_k_as_a_full_sort_would() {
+        let mut seed = 9;
+        for &(e, k, norm) in &[(8, 2, true), (16, 4, false), (5, 5, true), (64, 8, true)] {
+            let m = moe(e, k, norm);
+            let t = 6;
+            let mut logits: Vec<f32> = (0..t * e).map(|_| 3.0 * lcg(&mut seed)).collect();
+            // Ties: a row of equal logits, and a row with a repeated maximum.
+            logits[..e].fill(0.5);
+            logits[e + 1] = 9.0;
+            logits[e + e - 1] = 9.0;
+            let mut probs = logits.clone();
+            let (mut ex, mut ws) = (vec![0; t * k], vec![0.0; t * k]);
+            m.route(&mut logits, &mut ex, &mut ws);
+            for tok in 0..t {
+                let row = &mut probs[tok * e..(tok + 1) * e];
+                cpu::softmax(row);
+                let mut order: Vec<usize> = (0..e).collect();
+                order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+                order.truncate(k);
+                let mut want: Vec<f32> = order.iter().map(|&i| row[i]).collect();
+                if norm {
+                    let sum: f32 = want.iter().sum();
+                    want.iter_mut().for_each(|w| *w /= sum);
+                }
+                assert_eq!(
+                    &ex[tok * k..(tok + 1) * k],
+                    &order[..],
+                    "e={e} k={k} tok={tok}"
+                );
+                assert_eq!(
+                    &ws[tok * k..(tok + 1) * k],
+                    &want[..],
+                    "e={e} k={k} tok={tok}"
+                );
+            }
         }
     }
 }
