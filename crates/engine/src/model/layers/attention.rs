@@ -4,7 +4,7 @@
 
 use super::{Segment, fuse_rows};
 use crate::backend::cpu::{self, pool, scratch};
-use crate::cache::ModelCache;
+use crate::cache::{KvView, ModelCache};
 use crate::config::AttentionSpec;
 use crate::error::Result;
 use crate::tensor::Weight;
@@ -12,6 +12,10 @@ use crate::weights::WeightStore;
 
 /// Keys scored per block of the online softmax.
 const KEY_BLOCK: usize = 64;
+/// Segments this long or longer attend through matrix products (prefill).
+const BLOCKED_FROM: usize = 16;
+/// Queries per block of the matrix-product attention (bounds the score matrix's size).
+const QUERY_BLOCK: usize = 64;
 
 pub struct Attention {
     layer: usize,
@@ -117,56 +121,135 @@ impl Attention {
         }
 
         let mut attn = scratch::for_overwrite::<f32>(t * nh * d); // [t, nh·d]
-        let scale = (d as f32).powf(-0.5);
-        let group = nh / nkv;
         for seg in segments {
             let view = cache.kv_view(self.layer, seg.seq, seg.start_pos + seg.len)?;
             let rows = &mut attn[seg.offset * nh * d..(seg.offset + seg.len) * nh * d];
-            // One task per (token, head): a decode token alone still fills the pool.
-            pool::for_each_chunk_mut(rows, d, |task, o| {
-                let (i, h) = (task / nh, task % nh);
-                let tok = seg.offset + i;
-                let visible = seg.start_pos + i + 1; // causal
-                let head = &qkv[tok * width + h * 2 * d..tok * width + (h + 1) * 2 * d];
-                let (q, gate) = head.split_at(d);
-                let kh = h / group;
-                // Softmax online over blocks of keys (running max and sum, output rescaled
-                // when the max grows): memory stays fixed however long the context.
-                let (mut max, mut sum) = (f32::NEG_INFINITY, 0.0f32);
-                let mut scores = [0.0f32; KEY_BLOCK];
-                o.fill(0.0);
-                for from in (0..visible).step_by(KEY_BLOCK) {
-                    let n = KEY_BLOCK.min(visible - from);
-                    let scores = &mut scores[..n];
-                    for (j, s) in scores.iter_mut().enumerate() {
-                        let key = &view.key(from + j)[kh * d..(kh + 1) * d];
-                        *s = q.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale;
-                    }
-                    let block_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let new_max = max.max(block_max);
-                    if new_max > max {
-                        let rescale = (max - new_max).exp(); // 0 for the first block
-                        sum *= rescale;
-                        o.iter_mut().for_each(|v| *v *= rescale);
-                        max = new_max;
-                    }
-                    for (j, s) in scores.iter().enumerate() {
-                        let p = (s - max).exp();
-                        sum += p;
-                        let val = &view.value(from + j)[kh * d..(kh + 1) * d];
-                        for (acc, vv) in o.iter_mut().zip(val) {
-                            *acc += p * vv;
-                        }
-                    }
-                }
-                let inv = 1.0 / sum;
-                o.iter_mut().for_each(|v| *v *= inv);
-                for (acc, g) in o.iter_mut().zip(gate) {
-                    *acc *= cpu::sigmoid(*g);
-                }
-            });
+            if seg.len >= BLOCKED_FROM {
+                self.attend_blocked(seg, &qkv, width, &view, rows);
+            } else {
+                self.attend_per_token(seg, &qkv, width, &view, rows);
+            }
         }
         cpu::matmul(&attn, &self.o_proj, out);
         Ok(())
+    }
+    /// Attention of a short segment (decode), one task per (token, head): scores, online
+    /// softmax and values in one pass over the keys.
+    fn attend_per_token(
+        &self,
+        seg: &Segment,
+        qkv: &[f32],
+        width: usize,
+        view: &KvView<'_>,
+        rows: &mut [f32],
+    ) {
+        let (nh, nkv, d) = (self.spec.heads, self.spec.kv_heads, self.spec.head_dim);
+        let scale = (d as f32).powf(-0.5);
+        let group = nh / nkv;
+        // One task per (token, head): a decode token alone still fills the pool.
+        pool::for_each_chunk_mut(rows, d, |task, o| {
+            let (i, h) = (task / nh, task % nh);
+            let tok = seg.offset + i;
+            let visible = seg.start_pos + i + 1; // causal
+            let head = &qkv[tok * width + h * 2 * d..tok * width + (h + 1) * 2 * d];
+            let (q, gate) = head.split_at(d);
+            let kh = h / group;
+            // Softmax online over blocks of keys (running max and sum, output rescaled
+            // when the max grows): memory stays fixed however long the context.
+            let (mut max, mut sum) = (f32::NEG_INFINITY, 0.0f32);
+            let mut scores = [0.0f32; KEY_BLOCK];
+            o.fill(0.0);
+            for from in (0..visible).step_by(KEY_BLOCK) {
+                let n = KEY_BLOCK.min(visible - from);
+                let scores = &mut scores[..n];
+                for (j, s) in scores.iter_mut().enumerate() {
+                    let key = &view.key(from + j)[kh * d..(kh + 1) * d];
+                    *s = cpu::dot(q, key) * scale;
+                }
+                let block_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let new_max = max.max(block_max);
+                if new_max > max {
+                    let rescale = (max - new_max).exp(); // 0 for the first block
+                    sum *= rescale;
+                    o.iter_mut().for_each(|v| *v *= rescale);
+                    max = new_max;
+                }
+                for (j, s) in scores.iter().enumerate() {
+                    let p = (s - max).exp();
+                    sum += p;
+                    let val = &view.value(from + j)[kh * d..(kh + 1) * d];
+                    for (acc, vv) in o.iter_mut().zip(val) {
+                        *acc += p * vv;
+                    }
+                }
+            }
+            let inv = 1.0 / sum;
+            o.iter_mut().for_each(|v| *v *= inv);
+            for (acc, g) in o.iter_mut().zip(gate) {
+                *acc *= cpu::sigmoid(*g);
+            }
+        });
+    }
+
+    /// Attention of a long segment (prefill) as matrix products, per key head and block of
+    /// queries: S = Q·Kᵀ for the group's query heads at once, causal softmax per row, O = S·V.
+    /// Keys past a block's last query are left out of its products.
+    fn attend_blocked(
+        &self,
+        seg: &Segment,
+        qkv: &[f32],
+        width: usize,
+        view: &KvView<'_>,
+        rows: &mut [f32],
+    ) {
+        let (nh, nkv, d) = (self.spec.heads, self.spec.kv_heads, self.spec.head_dim);
+        let scale = (d as f32).powf(-0.5);
+        let group = nh / nkv;
+        let keys = seg.start_pos + seg.len;
+        for kh in 0..nkv {
+            let mut k = scratch::for_overwrite::<f32>(keys * d); // [keys, d]
+            for (p, row) in k.chunks_exact_mut(d).enumerate() {
+                row.copy_from_slice(&view.key(p)[kh * d..(kh + 1) * d]);
+            }
+            for first in (0..seg.len).step_by(QUERY_BLOCK) {
+                let n = QUERY_BLOCK.min(seg.len - first);
+                let visible = seg.start_pos + first + n; // keys any query of the block sees
+                // Q of the group's heads, [group · n, d], head-major.
+                let mut q = scratch::for_overwrite::<f32>(group * n * d);
+                for (row, qr) in q.chunks_exact_mut(d).enumerate() {
+                    let (g, i) = (row / n, row % n);
+                    let at = (seg.offset + first + i) * width + (kh * group + g) * 2 * d;
+                    qr.copy_from_slice(&qkv[at..at + d]);
+                }
+                let mut s = scratch::for_overwrite::<f32>(group * n * visible); // [group·n, visible]
+                cpu::matmul_f32(&q, &k[..visible * d], d, &mut s);
+                pool::for_each_chunk_mut(&mut s, visible, |row, sr| {
+                    let seen = seg.start_pos + first + row % n + 1; // causal
+                    let (live, masked) = sr.split_at_mut(seen);
+                    live.iter_mut().for_each(|v| *v *= scale);
+                    cpu::softmax(live);
+                    masked.fill(0.0);
+                });
+                let mut vt = scratch::for_overwrite::<f32>(d * visible); // Vᵀ [d, visible]
+                for p in 0..visible {
+                    for (c, v) in view.value(p)[kh * d..(kh + 1) * d].iter().enumerate() {
+                        vt[c * visible + p] = *v;
+                    }
+                }
+                let mut o = scratch::for_overwrite::<f32>(group * n * d); // [group·n, d]
+                cpu::matmul_f32(&s, &vt, visible, &mut o);
+                for (row, or) in o.chunks_exact(d).enumerate() {
+                    let (g, i) = (row / n, row % n);
+                    let h = kh * group + g;
+                    let tok = seg.offset + first + i;
+                    let gate = &qkv[tok * width + h * 2 * d + d..tok * width + (h + 1) * 2 * d];
+                    let dst =
+                        &mut rows[(first + i) * nh * d + h * d..(first + i) * nh * d + (h + 1) * d];
+                    for ((y, v), gv) in dst.iter_mut().zip(or).zip(gate) {
+                        *y = v * cpu::sigmoid(*gv);
+                    }
+                }
+            }
+        }
     }
 }

@@ -365,16 +365,17 @@ fn recurrent_step(head: &Head<'_>, state: &mut [f32], out: &mut [f32]) {
 ///   M = I + strict_lower((β_i k_i·k_j) e^{γ_i−γ_j});  U = M⁻¹(β v);  W = M⁻¹(β k e^γ)
 ///   v'_i = U_i − W_i S;  o_i = (q_i e^{γ_i}) S + Σ_{j≤i} (q_i·k_j) e^{γ_i−γ_j} v'_j
 ///   S ← S e^{γ_last} + Σ_i (k_i e^{γ_last−γ_i}) ⊗ v'_i
+/// Everything but the triangular solve is a matrix product (`cpu::matmul_f32`); `out`
+/// `[len, dv]` is overwritten.
 fn chunked(head: &Head<'_>, state: &mut [f32], out: &mut [f32]) {
     let (dk, dv) = (head.dk, head.dv);
     let len = head.beta.len();
-    out.fill(0.0);
     let mut start = 0;
     while start < len {
         let n = CHUNK.min(len - start);
-        let k = &head.k[start * dk..(start + n) * dk];
+        let k = &head.k[start * dk..(start + n) * dk]; // [n, dk]
         let q = &head.q[start * dk..(start + n) * dk];
-        let v = &head.v[start * dv..(start + n) * dv];
+        let v = &head.v[start * dv..(start + n) * dv]; // [n, dv]
         let beta = &head.beta[start..start + n];
         let mut gamma = scratch::for_overwrite::<f32>(n);
         let mut acc = 0.0;
@@ -382,13 +383,21 @@ fn chunked(head: &Head<'_>, state: &mut [f32], out: &mut [f32]) {
             acc += g;
             *gm = acc;
         }
-        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
-        let krow = |i: usize| &k[i * dk..(i + 1) * dk];
-        // Strictly lower part of M, row-major [n, n].
+        // k_i·k_j and q_i·k_j, [n, n].
+        let mut kk = scratch::for_overwrite::<f32>(n * n);
+        cpu::matmul_f32(k, k, dk, &mut kk);
+        let mut qk = scratch::for_overwrite::<f32>(n * n);
+        cpu::matmul_f32(q, k, dk, &mut qk);
+        // Strictly lower part of M and the intra-chunk weights A (j ≤ i), both × e^{γ_i−γ_j}.
         let mut m = scratch::zeroed::<f32>(n * n);
+        let mut a = scratch::zeroed::<f32>(n * n);
         for i in 0..n {
-            for j in 0..i {
-                m[i * n + j] = beta[i] * dot(krow(i), krow(j)) * (gamma[i] - gamma[j]).exp();
+            for j in 0..=i {
+                let decay = (gamma[i] - gamma[j]).exp();
+                if j < i {
+                    m[i * n + j] = beta[i] * kk[i * n + j] * decay;
+                }
+                a[i * n + j] = qk[i * n + j] * decay;
             }
         }
         // Forward substitution for U [n, dv] and W [n, dk].
@@ -416,50 +425,54 @@ fn chunked(head: &Head<'_>, state: &mut [f32], out: &mut [f32]) {
                 }
             }
         }
-        // v' = U − W S, inter = (q e^γ) S.
+        // Sᵀ [dv, dk], so that products with S read rows.
+        let mut st = scratch::for_overwrite::<f32>(dv * dk);
+        for (r, srow) in state.chunks_exact(dv).enumerate() {
+            for (c, sv) in srow.iter().enumerate() {
+                st[c * dk + r] = *sv;
+            }
+        }
+        // v' = U − W S; o = (q e^γ) S + A v'.
+        let mut ws = scratch::for_overwrite::<f32>(n * dv);
+        cpu::matmul_f32(&w, &st, dk, &mut ws);
         let mut v_new = u;
-        let o = &mut out[start * dv..(start + n) * dv];
-        for i in 0..n {
+        for (x, y) in v_new.iter_mut().zip(ws.iter()) {
+            *x -= y;
+        }
+        let mut qe = scratch::for_overwrite::<f32>(n * dk);
+        for (i, (dst, src)) in qe.chunks_exact_mut(dk).zip(q.chunks_exact(dk)).enumerate() {
             let e = gamma[i].exp();
-            for c in 0..dk {
-                let srow = &state[c * dv..(c + 1) * dv];
-                let wc = w[i * dk + c];
-                let qc = q[i * dk + c] * e;
-                for ((vn, oo), s) in v_new[i * dv..(i + 1) * dv]
-                    .iter_mut()
-                    .zip(&mut o[i * dv..(i + 1) * dv])
-                    .zip(srow)
-                {
-                    *vn -= wc * s;
-                    *oo += qc * s;
-                }
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = s * e;
             }
         }
-        // Intra-chunk attention.
-        for i in 0..n {
-            for j in 0..=i {
-                let a = dot(&q[i * dk..(i + 1) * dk], krow(j)) * (gamma[i] - gamma[j]).exp();
-                let (oi, vj) = (i * dv, j * dv);
-                for c in 0..dv {
-                    o[oi + c] += a * v_new[vj + c];
-                }
+        let o = &mut out[start * dv..(start + n) * dv];
+        cpu::matmul_f32(&qe, &st, dk, o);
+        let mut vt = scratch::for_overwrite::<f32>(dv * n); // v'ᵀ [dv, n]
+        for (i, row) in v_new.chunks_exact(dv).enumerate() {
+            for (c, x) in row.iter().enumerate() {
+                vt[c * n + i] = *x;
             }
         }
-        // State update.
+        let mut intra = scratch::for_overwrite::<f32>(n * dv);
+        cpu::matmul_f32(&a, &vt, n, &mut intra);
+        for (x, y) in o.iter_mut().zip(intra.iter()) {
+            *x += y;
+        }
+        // S ← S e^{γ_last} + K̃ᵀ v' with K̃ᵀ [dk, n] = (k_i e^{γ_last−γ_i})ᵀ.
         let last = gamma[n - 1];
-        let decay = last.exp();
-        state.iter_mut().for_each(|s| *s *= decay);
+        let mut kt = scratch::for_overwrite::<f32>(dk * n);
         for i in 0..n {
             let e = (last - gamma[i]).exp();
             for c in 0..dk {
-                let kc = k[i * dk + c] * e;
-                for (s, vn) in state[c * dv..(c + 1) * dv]
-                    .iter_mut()
-                    .zip(&v_new[i * dv..(i + 1) * dv])
-                {
-                    *s += kc * vn;
-                }
+                kt[c * n + i] = k[i * dk + c] * e;
             }
+        }
+        let mut update = scratch::for_overwrite::<f32>(dk * dv);
+        cpu::matmul_f32(&kt, &vt, n, &mut update);
+        let decay = last.exp();
+        for (s, d) in state.iter_mut().zip(update.iter()) {
+            *s = *s * decay + d;
         }
         start += n;
     }
