@@ -177,7 +177,7 @@ impl WideRows for Bf16Rows<'_> {
     }
     #[inline(always)]
     fn prefetch(&self, at: usize) {
-        prefetch_line(self.0.as_ptr().wrapping_add(at) as *const i8);
+        prefetch_line(self.0.as_ptr().wrapping_add(at).cast());
     }
 }
 
@@ -207,7 +207,7 @@ impl WideRows for I8Rows<'_> {
     }
     #[inline(always)]
     fn prefetch(&self, at: usize) {
-        prefetch_line(self.0.as_ptr().wrapping_add(at) as *const i8);
+        prefetch_line(self.0.as_ptr().wrapping_add(at).cast());
     }
 }
 

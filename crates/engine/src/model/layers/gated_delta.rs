@@ -24,8 +24,9 @@ pub struct GatedDeltaNet {
     /// `[nv·dv, hidden]` | in_proj_b `[nv, hidden]` | in_proj_a `[nv, hidden]`, fused into one
     /// product.
     in_proj: Weight,
-    /// `[conv_dim, kernel]`.
-    conv: Vec<f32>,
+    /// Conv weights by tap, `[kernel, conv_dim]` (stored `[conv_dim, 1, kernel]`): a step's
+    /// rows are then convolved a whole row at a time.
+    conv_taps: Vec<f32>,
     dt_bias: Vec<f32>,
     /// `-exp(A_log)`, `[nv]`.
     neg_a: Vec<f32>,
@@ -98,7 +99,16 @@ impl GatedDeltaNet {
                 &name("in_proj"),
                 vec![in_proj_qkv, in_proj_z, in_proj_b, in_proj_a],
             )?,
-            conv: store.f32_tensor(&name("conv1d.weight"), &[conv_dim, 1, kern])?,
+            conv_taps: {
+                let conv = store.f32_tensor(&name("conv1d.weight"), &[conv_dim, 1, kern])?;
+                let mut taps = vec![0.0; kern * conv_dim];
+                for (c, w) in conv.chunks_exact(kern).enumerate() {
+                    for (tap, v) in w.iter().enumerate() {
+                        taps[tap * conv_dim + c] = *v;
+                    }
+                }
+                taps
+            },
             dt_bias: store.f32_tensor(&name("dt_bias"), &[nv])?,
             neg_a: a_log.iter().map(|a| -a.exp()).collect(),
             norm: store.f32_tensor(&name("norm.weight"), &[dv])?,
@@ -197,34 +207,45 @@ impl GatedDeltaNet {
 
     /// Depthwise causal conv + SiLU over `len` rows of `stride` floats (channels first) into
     /// `out` `[len, conv_dim]`, continuing from and updating `state` `[conv_dim, kernel-1]`
-    /// (oldest input first).
+    /// (oldest input first). Each channel sums its taps in order, whole rows at a time.
     fn causal_conv(&self, rows: &[f32], stride: usize, state: &mut [f32], out: &mut [f32]) {
         let conv_dim = self.spec.conv_dim();
         let kern = self.spec.conv_kernel;
         let hist = kern - 1;
         let len = rows.len() / stride;
-        for c in 0..conv_dim {
-            let w = &self.conv[c * kern..(c + 1) * kern];
-            let past = &mut state[c * hist..(c + 1) * hist];
-            // Input at relative time j (may be negative: then it comes from the state).
-            let input = |past: &[f32], j: isize| -> f32 {
-                if j >= 0 {
-                    rows[j as usize * stride + c]
-                } else {
-                    past[(hist as isize + j) as usize]
+        // The inputs before this step, `[hist, conv_dim]`, oldest first.
+        let mut past = scratch::for_overwrite::<f32>(hist * conv_dim);
+        if hist > 0 {
+            for (c, s) in state.chunks_exact(hist).enumerate() {
+                for (j, v) in s.iter().enumerate() {
+                    past[j * conv_dim + c] = *v;
                 }
-            };
-            for i in 0..len {
-                let mut acc = 0.0;
-                for (tap, wv) in w.iter().enumerate() {
-                    acc += wv * input(past, i as isize - hist as isize + tap as isize);
-                }
-                out[i * conv_dim + c] = cpu::silu(acc);
             }
-            // The last `hist` inputs, in place: slot j takes input len - hist + j, which is a
-            // later state slot (not yet overwritten, going up) or a new row.
-            for j in 0..hist {
-                past[j] = input(past, len as isize - hist as isize + j as isize);
+        }
+        // Input row at relative time j (negative: from before this step).
+        let input = |j: isize| -> &[f32] {
+            if j >= 0 {
+                &rows[j as usize * stride..j as usize * stride + conv_dim]
+            } else {
+                let p = (hist as isize + j) as usize;
+                &past[p * conv_dim..(p + 1) * conv_dim]
+            }
+        };
+        for (i, o) in out.chunks_exact_mut(conv_dim).take(len).enumerate() {
+            o.fill(0.0);
+            for (tap, w) in self.conv_taps.chunks_exact(conv_dim).enumerate() {
+                let x = input(i as isize - hist as isize + tap as isize);
+                for ((acc, wv), xv) in o.iter_mut().zip(w).zip(x) {
+                    *acc += wv * xv;
+                }
+            }
+            o.iter_mut().for_each(|v| *v = cpu::silu(*v));
+        }
+        // The last `hist` inputs become the state.
+        for j in 0..hist {
+            let x = input(len as isize - hist as isize + j as isize);
+            for (c, v) in x.iter().enumerate() {
+                state[c * hist + j] = *v;
             }
         }
     }
