@@ -1,5 +1,5 @@
-//! The kernels' thread pool: persistent workers, pinned to cores, that spin briefly between
-//! jobs and then park. A decode step runs a few hundred small jobs (one per matrix product and
+//! The kernels' thread pool: persistent workers, pinned to cores (when the process owns
+//! exactly that many), that spin briefly between jobs and then park. A decode step runs a few hundred small jobs (one per matrix product and
 //! per attention / DeltaNet phase); waking a thread per job, or rayon's join tree, costs a
 //! measurable share of a step, and rayon's injector allocates. Here a job is a borrowed closure
 //! `f(task)` published through one atomic word, its tasks claimed one at a time by the calling
@@ -182,8 +182,11 @@ impl KernelPool {
             wake: Condvar::new(),
             shutdown: AtomicBool::new(false),
         });
+        // Pinned only when the process owns exactly as many CPUs as it runs threads (the
+        // whole machine, or an exclusive cpuset): on a shared node, pods pinning to the same
+        // core numbers would pile onto the same cores.
         let cores = allowed_cores();
-        let pin = cores.len() >= threads;
+        let pin = cores.len() == threads;
         let started = Arc::new(AtomicUsize::new(0));
         let mut spawned_workers = 0;
         for w in 1..threads {

@@ -355,28 +355,29 @@ fn recurrent_step(head: &Head<'_>, state: &mut [f32], out: &mut [f32]) {
     let (dk, dv) = (head.dk, head.dv);
     let len = head.beta.len();
     out.fill(0.0);
-    let mut kv = scratch::zeroed::<f32>(dv);
+    // δ = (v − (S e^g)ᵀk)·β, with (S e^g)ᵀk computed as e^g (Sᵀk): two passes over S per
+    // token (read; then update and read out) instead of four.
+    let mut delta = scratch::zeroed::<f32>(dv);
     for i in 0..len {
         let q = &head.q[i * dk..(i + 1) * dk];
         let k = &head.k[i * dk..(i + 1) * dk];
         let v = &head.v[i * dv..(i + 1) * dv];
         let decay = head.g[i].exp();
-        state.iter_mut().for_each(|s| *s *= decay);
-        kv.fill(0.0);
-        for (c, kc) in k.iter().enumerate() {
-            for (acc, s) in kv.iter_mut().zip(&state[c * dv..(c + 1) * dv]) {
+        let beta = head.beta[i];
+        delta.fill(0.0);
+        for (srow, kc) in state.chunks_exact(dv).zip(k) {
+            for (acc, s) in delta.iter_mut().zip(srow) {
                 *acc += s * kc;
             }
         }
-        for (c, kc) in k.iter().enumerate() {
-            for ((s, vv), m) in state[c * dv..(c + 1) * dv].iter_mut().zip(v).zip(&kv) {
-                *s += kc * (vv - m) * head.beta[i];
-            }
+        for (d, vv) in delta.iter_mut().zip(v) {
+            *d = (vv - *d * decay) * beta;
         }
         let o = &mut out[i * dv..(i + 1) * dv];
-        for (c, qc) in q.iter().enumerate() {
-            for (acc, s) in o.iter_mut().zip(&state[c * dv..(c + 1) * dv]) {
-                *acc += s * qc;
+        for ((srow, kc), qc) in state.chunks_exact_mut(dv).zip(k).zip(q) {
+            for ((s, d), acc) in srow.iter_mut().zip(delta.iter()).zip(o.iter_mut()) {
+                *s = *s * decay + kc * d;
+                *acc += *s * qc;
             }
         }
     }
