@@ -715,8 +715,16 @@ pub(crate) mod tests {
     fn a_tokens_result_does_not_depend_on_its_batch() {
         let levels = runnable_levels();
         let mut seed = 11;
-        // 9 tokens: one token block; 70: two blocks of the prefill kernel.
-        for &(rows, cols, t) in &[(9, 70, 9), (8, 64, 9), (5, 100, 9), (6, 40, 70)] {
+        // 5 and 7 tokens: the in-register kernel's 4 + 1..3 token blocks; 9: one token block
+        // of the prefill kernel; 70: two.
+        for &(rows, cols, t) in &[
+            (7, 50, 5),
+            (9, 70, 7),
+            (9, 70, 9),
+            (8, 64, 9),
+            (5, 100, 9),
+            (6, 40, 70),
+        ] {
             let x: Vec<f32> = (0..t * cols).map(|_| lcg(&mut seed)).collect();
             for (w, _) in random_weights(rows, cols, &mut seed) {
                 for &level in &levels {

@@ -9,6 +9,9 @@ use crate::tensor::{Weight, WeightData};
 /// Tokens per block in the prefill kernel (64 tokens × 4 KiB rows stay in L2).
 const TOKEN_BLOCK: usize = 64;
 const LANES: usize = 16;
+/// Products with fewer tokens than this widen the weights in registers (`gemv`); more tokens
+/// amortise widening a whole tile once (`tile_products`).
+const GEMV_TOKENS: usize = 8;
 /// How far ahead (in rows) the GEMV prefetches weights.
 const PREFETCH_ROWS: usize = 4;
 
@@ -28,7 +31,7 @@ fn lane_mask(i: usize, n: usize) -> __mmask16 {
 pub(super) fn row_tile(x: &[f32], t: usize, w: &Weight, r0: usize, out: &mut [f32]) {
     let n = w.cols;
     let rows = out.len() / t;
-    match (t < 4, &w.data) {
+    match (t < GEMV_TOKENS, &w.data) {
         (true, WeightData::BF16(d)) => {
             let rows = Bf16Rows(&d[r0 * n..(r0 + rows) * n]);
             return gemv(x, t, &rows, n, out);
@@ -211,59 +214,97 @@ impl WideRows for I8Rows<'_> {
     }
 }
 
-/// y[r, tok] for `t` tokens and all rows of `w` (`[rows, n]`, contiguous), 4 rows at a time so
-/// each activation load feeds four FMAs. Each row keeps one accumulator that sums the 16-lane
-/// chunks in order, exactly as `dot4x4` does: a token's result is then bit-identical whichever
-/// kernel its batch size selects (batch-invariant decoding). Four independent chains are
-/// plenty: the loop is bound by memory bandwidth, not FMA latency.
+/// y[r, tok] for `t` tokens and all rows of `w` (`[rows, n]`, contiguous), in blocks of 4 rows
+/// × up to 4 tokens, widening the stored weights in registers (no f32 copy of the tile). Each
+/// (row, token) keeps one accumulator that sums the 16-lane chunks in order, exactly as
+/// `dot4x4` does: a token's result is then bit-identical whichever kernel its batch size
+/// selects (batch-invariant decoding).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 fn gemv<W: WideRows>(x: &[f32], t: usize, w: &W, n: usize, out: &mut [f32]) {
     let rows = w.len() / n;
     assert!(x.len() >= t * n && out.len() >= rows * t);
-    let pairs = n / (2 * LANES) * (2 * LANES);
     let mut r = 0;
     while r < rows {
         let group = (rows - r).min(4);
-        for tok in 0..t {
-            let xp = x[tok * n..].as_ptr();
-            let mut acc = [_mm512_setzero_ps(); 4];
-            let mut i = 0;
-            while i < pairs {
-                // SAFETY: i + 32 <= n, so both chunks of row `r + g` (< rows) are in bounds.
-                unsafe {
-                    let x0 = _mm512_loadu_ps(xp.add(i));
-                    let x1 = _mm512_loadu_ps(xp.add(i + LANES));
-                    for (g, a) in acc.iter_mut().enumerate().take(group) {
-                        let at = (r + g) * n + i;
-                        // The same place in the next group of rows: the hardware prefetcher
-                        // alone falls behind on four interleaved streams per thread.
-                        w.prefetch(at + PREFETCH_ROWS * n);
-                        let w0 = w.load(at, 0xffff);
-                        let w1 = w.load(at + LANES, 0xffff);
-                        *a = _mm512_fmadd_ps(w0, x0, *a);
-                        *a = _mm512_fmadd_ps(w1, x1, *a);
-                    }
+        let mut tok = 0;
+        while tok < t {
+            let tg = (t - tok).min(4);
+            let d = match tg {
+                1 => gemv_block::<W, 1>(x, tok, w, r, group, n),
+                2 => gemv_block::<W, 2>(x, tok, w, r, group, n),
+                3 => gemv_block::<W, 3>(x, tok, w, r, group, n),
+                _ => gemv_block::<W, 4>(x, tok, w, r, group, n),
+            };
+            for (g, row) in d.iter().enumerate().take(group) {
+                for (j, v) in row.iter().enumerate().take(tg) {
+                    out[(r + g) * t + tok + j] = w.finish(r + g, *v);
                 }
-                i += 2 * LANES;
             }
-            while i < n {
-                let m = lane_mask(i, n);
-                // SAFETY: masked-in lanes stay inside row `r + g` and token `tok`.
-                unsafe {
-                    let xv = _mm512_maskz_loadu_ps(m, xp.add(i));
-                    for (g, a) in acc.iter_mut().enumerate().take(group) {
-                        let wv = w.load((r + g) * n + i, m);
-                        *a = _mm512_fmadd_ps(wv, xv, *a);
-                    }
-                }
-                i += LANES;
-            }
-            for g in 0..group {
-                out[(r + g) * t + tok] = w.finish(r + g, _mm512_reduce_add_ps(acc[g]));
-            }
+            tok += tg;
         }
         r += group;
     }
+}
+
+/// Rows `r..r + group` (≤ 4) × tokens `tok..tok + T` (T ≤ 4) of `gemv`: unfinished dot
+/// products, `[row][token]`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+fn gemv_block<W: WideRows, const T: usize>(
+    x: &[f32],
+    tok: usize,
+    w: &W,
+    r: usize,
+    group: usize,
+    n: usize,
+) -> [[f32; 4]; 4] {
+    assert!(T <= 4 && x.len() >= (tok + T) * n && group <= 4 && (r + group) * n <= w.len());
+    let pairs = n / (2 * LANES) * (2 * LANES);
+    let xp: [*const f32; T] = std::array::from_fn(|j| x[(tok + j) * n..].as_ptr());
+    let mut acc = [[_mm512_setzero_ps(); T]; 4];
+    let mut i = 0;
+    while i < pairs {
+        // SAFETY: i + 32 <= n: both chunks of each of the T token rows and of each row
+        // `r + g` (< r + group) are in bounds (asserted above).
+        unsafe {
+            let x0: [__m512; T] = std::array::from_fn(|j| _mm512_loadu_ps(xp[j].add(i)));
+            let x1: [__m512; T] = std::array::from_fn(|j| _mm512_loadu_ps(xp[j].add(i + LANES)));
+            for (g, a) in acc.iter_mut().enumerate().take(group) {
+                let at = (r + g) * n + i;
+                // The same place in the next group of rows: the hardware prefetcher alone
+                // falls behind on four interleaved streams per thread.
+                w.prefetch(at + PREFETCH_ROWS * n);
+                let w0 = w.load(at, 0xffff);
+                let w1 = w.load(at + LANES, 0xffff);
+                for j in 0..T {
+                    a[j] = _mm512_fmadd_ps(w0, x0[j], a[j]);
+                    a[j] = _mm512_fmadd_ps(w1, x1[j], a[j]);
+                }
+            }
+        }
+        i += 2 * LANES;
+    }
+    while i < n {
+        let m = lane_mask(i, n);
+        // SAFETY: masked-in lanes stay inside each token row and each weight row.
+        unsafe {
+            let xv: [__m512; T] = std::array::from_fn(|j| _mm512_maskz_loadu_ps(m, xp[j].add(i)));
+            for (g, a) in acc.iter_mut().enumerate().take(group) {
+                let wv = w.load((r + g) * n + i, m);
+                for j in 0..T {
+                    a[j] = _mm512_fmadd_ps(wv, xv[j], a[j]);
+                }
+            }
+        }
+        i += LANES;
+    }
+    let mut d = [[0.0f32; 4]; 4];
+    for (dg, ag) in d.iter_mut().zip(&acc).take(group) {
+        for (v, a) in dg.iter_mut().zip(ag) {
+            *v = _mm512_reduce_add_ps(*a);
+        }
+    }
+    d
 }
 
 /// Dot products of 4 consecutive weight rows with 4 consecutive tokens (`n` floats each).
