@@ -485,6 +485,8 @@ fn dpbf16_block<const T: usize>(
                 ))
             });
             for (g, row_acc) in acc.iter_mut().enumerate() {
+                // As in the GEMV: the same place in the next group of rows.
+                prefetch_line(rp[g].wrapping_add(i + PREFETCH_ROWS * n).cast());
                 let wv: __m512bh =
                     std::mem::transmute(_mm512_maskz_loadu_epi16(m, rp[g].add(i) as *const i16));
                 for (a, xj) in row_acc.iter_mut().zip(&xv) {
