@@ -23,7 +23,8 @@ pub struct ModelArgs {
     /// Compute device: cpu or cuda:N.
     #[arg(long, env = "SLUICE_DEVICE", default_value = "cpu")]
     pub device: sluice_engine::Device,
-    /// Worker threads (default: all cores).
+    /// Threads for the model's kernels, caller included (default: the CPUs this process may
+    /// use, cgroup quota included; pinned to cores when the process owns exactly that many).
     #[arg(long, env = "SLUICE_THREADS")]
     pub threads: Option<usize>,
     /// `exact` (f32 activations) or `fast` (bf16 activations into bf16-weight products, f32

@@ -82,7 +82,8 @@ pub struct ModelWorkerArgs {
     /// Longest sequence (prompt + output), in tokens.
     #[arg(long, env = "SLUICE_MAX_CONTEXT", default_value_t = 8192)]
     pub max_context: usize,
-    /// Threads for the model's kernels (default: all cores).
+    /// Threads for the model's kernels, caller included (default: the CPUs this process may
+    /// use, cgroup quota included; pinned to cores when the process owns exactly that many).
     #[arg(long, env = "SLUICE_THREADS")]
     pub threads: Option<usize>,
     /// `exact` (f32 activations) or `fast` (bf16 activations into bf16-weight products, f32
