@@ -16,8 +16,10 @@ mod avx512;
 pub mod pool;
 pub(crate) mod scratch;
 
-/// Output rows handled per rayon task (a multiple of the 4-row kernel).
+/// Output rows handled per task of a multi-token product (a multiple of the 4-row kernel).
 const ROW_TILE: usize = 32;
+/// Tasks per thread of a one-token product (GEMV).
+const GEMV_TASKS_PER_THREAD: usize = 4;
 const LANES: usize = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,7 +203,12 @@ fn by_row_tiles(
 ) {
     if t == 1 {
         if parallel {
-            pool::for_each_chunk_mut(y, ROW_TILE, |i, o| tile(i * ROW_TILE, o));
+            // Long runs of rows per task (a few per thread, for balance): each thread then
+            // streams long contiguous stretches of the weights, which the prefetchers follow.
+            let per_task = (rows / (pool::threads() * GEMV_TASKS_PER_THREAD))
+                .next_multiple_of(ROW_TILE)
+                .max(ROW_TILE);
+            pool::for_each_chunk_mut(y, per_task, |i, o| tile(i * per_task, o));
         } else {
             y.chunks_mut(ROW_TILE)
                 .enumerate()
