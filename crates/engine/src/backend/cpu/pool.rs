@@ -111,7 +111,8 @@ pub fn for_each_chunk_mut<T: Send>(
     })
 }
 
-/// As `for_each_chunk_mut`, over two slices cut into the same number of chunks.
+/// As `for_each_chunk_mut`, over two slices cut into the same number of whole chunks (a
+/// remainder past the last whole chunk of either slice is not visited).
 pub fn for_each_chunk_pair_mut<A: Send, B: Send>(
     a: &mut [A],
     a_chunk: usize,
