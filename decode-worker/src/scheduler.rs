@@ -107,6 +107,8 @@ pub struct Scheduler {
     next_order: u64,
     counters: Arc<LoadCounters>,
     metrics: Arc<DecodeMetrics>,
+    /// The last step's logits, `[sequences fed, vocab]`; kept so steps reuse the buffer.
+    logits: Vec<f32>,
 }
 
 impl Scheduler {
@@ -130,6 +132,7 @@ impl Scheduler {
             next_order: 0,
             counters,
             metrics,
+            logits: Vec::new(),
         }
     }
 
@@ -350,20 +353,20 @@ impl Scheduler {
         }
         let fed: usize = batch.iter().map(|c| c.tokens.len()).sum();
         let started = std::time::Instant::now();
-        let logits = match self
-            .model
-            .forward(&mut self.cache, &batch, LogitsMode::LastPerSequence)
-        {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!("decode step of {} sequences failed: {e}", batch.len());
-                let status = engine_status(&e);
-                for s in std::mem::take(&mut self.running) {
-                    let _ = s.tx.send(Err(status.clone()));
-                }
-                return;
+        let step = self.model.forward_into(
+            &mut self.cache,
+            &batch,
+            LogitsMode::LastPerSequence,
+            &mut self.logits,
+        );
+        if let Err(e) = step {
+            tracing::warn!("decode step of {} sequences failed: {e}", batch.len());
+            let status = engine_status(&e);
+            for s in std::mem::take(&mut self.running) {
+                let _ = s.tx.send(Err(status.clone()));
             }
-        };
+            return;
+        }
         self.metrics.step(fed, started.elapsed().as_secs_f64());
         let vocab = self.model.spec().vocab;
         let mut row = 0;
@@ -372,7 +375,7 @@ impl Scheduler {
             if f.is_empty() {
                 continue;
             }
-            let logits = &logits[row * vocab..(row + 1) * vocab];
+            let logits = &self.logits[row * vocab..(row + 1) * vocab];
             row += 1;
             s.cached = f.end;
             if s.cached < s.tokens.len() {

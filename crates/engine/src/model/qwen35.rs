@@ -321,7 +321,7 @@ impl Model {
             }
         }
         self.norm.forward(&mut last);
-        logits.clear();
+        // Every value is written by the product: only the length needs setting.
         logits.resize(rows * self.spec.vocab, 0.0); // [rows, vocab]
         cpu::matmul(&last, self.lm_head.as_ref().unwrap_or(&self.embed), logits);
         Ok(())

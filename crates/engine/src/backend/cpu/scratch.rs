@@ -14,7 +14,7 @@ const KEPT: usize = 48;
 /// `EXACT_ABOVE`), so the varying small requests of a step (an expert's 1..k rows, the last
 /// row tile) share a few sizes and a thread's pool stops growing after its first steps.
 const MIN_CAPACITY: usize = 4096;
-const EXACT_ABOVE: usize = 1 << 22;
+const EXACT_ABOVE: usize = 1 << 20;
 /// Small buffers a thread's pool starts with, so a thread that has not yet run every kind of
 /// task (a pool worker early on) still finds one.
 const STOCK: usize = 4;
