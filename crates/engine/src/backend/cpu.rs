@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::tensor::{Weight, WeightData};
 
 #[cfg(target_arch = "x86_64")]
+pub mod aligned;
 mod avx512;
 pub mod pool;
 pub(crate) mod scratch;

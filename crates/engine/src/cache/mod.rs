@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 pub use snapshot::{CacheLayout, CacheSnapshot, RegionKind, RegionLayout};
 
+use crate::backend::cpu::aligned::AlignedBuffer;
 use crate::config::{MixerKind, ModelSpec};
 use crate::error::{EngineError, Result};
 
@@ -39,16 +40,16 @@ impl CacheConfig {
 
 /// KV storage of one full-attention layer: `[num_blocks, block_size, kv_heads, head_dim]`.
 struct KvLayer {
-    keys: Vec<f32>,
-    values: Vec<f32>,
+    keys: AlignedBuffer,
+    values: AlignedBuffer,
 }
 
 /// Gated DeltaNet state of one linear layer for every slot.
 struct LinearState {
     /// `[slots, conv_dim, kernel - 1]`: the last pre-conv inputs, oldest first.
-    conv: Vec<f32>,
+    conv: AlignedBuffer,
     /// `[slots, value_heads, key_dim, value_dim]`, f32.
-    recurrent: Vec<f32>,
+    recurrent: AlignedBuffer,
 }
 
 #[derive(Debug, Clone)]
@@ -126,14 +127,14 @@ impl ModelCache {
         let kv_size = config.num_blocks * config.block_size * kv_width;
         let kv = (0..counts[0])
             .map(|_| KvLayer {
-                keys: vec![0.0; kv_size],
-                values: vec![0.0; kv_size],
+                keys: AlignedBuffer::zeroed(kv_size),
+                values: AlignedBuffer::zeroed(kv_size),
             })
             .collect();
         let linear = (0..counts[1])
             .map(|_| LinearState {
-                conv: vec![0.0; conv_len * config.max_sequences],
-                recurrent: vec![0.0; recurrent_len * config.max_sequences],
+                conv: AlignedBuffer::zeroed(conv_len * config.max_sequences),
+                recurrent: AlignedBuffer::zeroed(recurrent_len * config.max_sequences),
             })
             .collect();
         Ok(ModelCache {

@@ -47,40 +47,32 @@ pub(super) fn row_tile(x: &[f32], t: usize, w: &Weight, r0: usize, out: &mut [f3
         tile_products(x, t, &d[here], n, out);
         return;
     }
-    // Widened rows go into this thread's reused buffer: a fresh one per call cost a page
-    // fault and a zeroing per 4 KiB, every step (GBs per step at batch 32).
-    WIDENED.with_borrow_mut(|buf| {
-        if buf.len() < rows * n {
-            buf.resize(rows * n, 0.0);
-        }
-        let tile = &mut buf[..rows * n];
-        match &w.data {
-            WeightData::BF16(d) => widen_bf16(&d[here], tile),
-            // Unscaled: each row's scale multiplies its finished dot products (below), as in
-            // the GEMV — fewer operations per weight, and the two paths stay bit-identical.
-            WeightData::I8 { q, .. } => {
-                for (o, &v) in tile.iter_mut().zip(&q[here]) {
-                    *o = v as f32;
-                }
-            }
-            _ => {
-                for (i, row) in tile.chunks_exact_mut(n).enumerate() {
-                    w.row_f32(r0 + i, row);
-                }
+    // Widened rows go into a reused, cache-line-aligned buffer of this thread's pool: a fresh
+    // one per call cost a page fault and a zeroing per 4 KiB, every step (GBs per step at
+    // batch 32), and a misaligned one a split load per vector.
+    let mut tile = super::scratch::for_overwrite::<f32>(rows * n);
+    match &w.data {
+        WeightData::BF16(d) => widen_bf16(&d[here], &mut tile),
+        // Unscaled: each row's scale multiplies its finished dot products (below), as in the
+        // GEMV — fewer operations per weight, and the two paths stay bit-identical.
+        WeightData::I8 { q, .. } => {
+            for (o, &v) in tile.iter_mut().zip(&q[here]) {
+                *o = v as f32;
             }
         }
-        tile_products(x, t, tile, n, out);
-    });
+        _ => {
+            for (i, row) in tile.chunks_exact_mut(n).enumerate() {
+                w.row_f32(r0 + i, row);
+            }
+        }
+    }
+    tile_products(x, t, &tile, n, out);
     if let WeightData::I8 { scales, .. } = &w.data {
         for (r, row) in out.chunks_exact_mut(t).enumerate() {
             let s = scales[r0 + r];
             row.iter_mut().for_each(|v| *v *= s);
         }
     }
-}
-
-thread_local! {
-    static WIDENED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `out` `[rows, t]` = tile `[rows, n]` (f32) · x `[t, n]`ᵀ, over blocks of tokens.
