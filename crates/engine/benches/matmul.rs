@@ -5,6 +5,7 @@
 
 use std::time::Instant;
 
+use sluice_engine::backend::cpu::aligned::AlignedBuffer;
 use sluice_engine::backend::cpu::matmul;
 use sluice_engine::tensor::{Weight, WeightData, f32_to_bf16};
 
@@ -54,12 +55,16 @@ fn main() {
     for &(t, rows, cols, bf16) in &[
         (1, 4096, 1024, true),
         (1, 1024, 4096, true),
+        (32, 4096, 1024, true),
+        (64, 4096, 1024, true),
         (512, 1024, 1024, true),
         (512, 4096, 1024, true),
         (512, 1024, 1024, false),
     ] {
         let w = weight(rows, cols, bf16);
-        let x = vec![0.25f32; t * cols];
+        // Activations start on a cache line, as the model's (scratch) buffers do.
+        let mut x = AlignedBuffer::zeroed(t * cols);
+        x.fill(0.25);
         let mut y = vec![0.0f32; t * rows];
         matmul(&x, &w, &mut y);
         let reps = (2e9 / (2.0 * (t * rows * cols) as f64)).clamp(3.0, 2000.0) as usize;

@@ -1,17 +1,16 @@
-//! AVX-512 matmul kernels. Decode (few tokens) streams bf16 weights once with the widening
-//! fused into the FMA loop; prefill widens a tile of weight rows once and runs 4 rows × 4 tokens
-//! register-blocked dot products over blocks of tokens that stay in L2.
+//! AVX-512 matmul kernels. Stored bf16 / int8 weights are widened in registers inside the FMA
+//! loop, for any number of tokens: 4 rows × 4 tokens register blocks, over blocks of 64 tokens
+//! that stay in L2 while a task's rows pass over them. f32 (and f16, widened once per tile)
+//! weights run the same blocks from f32 rows. Every kernel sums a (row, token) product in the
+//! same order, so a token's result never depends on its batch.
 
 use std::arch::x86_64::*;
 
 use crate::tensor::{Weight, WeightData};
 
-/// Tokens per block in the prefill kernel (64 tokens × 4 KiB rows stay in L2).
+/// Tokens per block (64 tokens × 4 KiB rows stay in L2).
 const TOKEN_BLOCK: usize = 64;
 const LANES: usize = 16;
-/// Products with fewer tokens than this widen the weights in registers (`gemv`); more tokens
-/// amortise widening a whole tile once (`tile_products`).
-const GEMV_TOKENS: usize = 8;
 /// How far ahead (in rows) the GEMV prefetches weights.
 const PREFETCH_ROWS: usize = 4;
 
@@ -31,46 +30,23 @@ fn lane_mask(i: usize, n: usize) -> __mmask16 {
 pub(super) fn row_tile(x: &[f32], t: usize, w: &Weight, r0: usize, out: &mut [f32]) {
     let n = w.cols;
     let rows = out.len() / t;
-    match (t < GEMV_TOKENS, &w.data) {
-        (true, WeightData::BF16(d)) => {
-            let rows = Bf16Rows(&d[r0 * n..(r0 + rows) * n]);
-            return gemv(x, t, &rows, n, out);
-        }
-        (true, WeightData::I8 { q, scales }) => {
-            let rows = I8Rows(&q[r0 * n..(r0 + rows) * n], &scales[r0..r0 + rows]);
-            return gemv(x, t, &rows, n, out);
-        }
-        _ => {}
-    }
     let here = r0 * n..(r0 + rows) * n;
-    if let WeightData::F32(d) = &w.data {
-        tile_products(x, t, &d[here], n, out);
-        return;
-    }
-    // Widened rows go into a reused, cache-line-aligned buffer of this thread's pool: a fresh
-    // one per call cost a page fault and a zeroing per 4 KiB, every step (GBs per step at
-    // batch 32), and a misaligned one a split load per vector.
-    let mut tile = super::scratch::for_overwrite::<f32>(rows * n);
     match &w.data {
-        WeightData::BF16(d) => widen_bf16(&d[here], &mut tile),
-        // Unscaled: each row's scale multiplies its finished dot products (below), as in the
-        // GEMV — fewer operations per weight, and the two paths stay bit-identical.
-        WeightData::I8 { q, .. } => {
-            for (o, &v) in tile.iter_mut().zip(&q[here]) {
-                *o = v as f32;
-            }
+        // Stored bf16 and int8 rows are widened in registers for any number of tokens: a
+        // widened f32 copy of the tile was twice the bytes through the caches, and measured
+        // slower from batched decode (32 tokens) up to prefill (512).
+        WeightData::BF16(d) => gemv(x, t, &Bf16Rows(&d[here]), n, out),
+        WeightData::I8 { q, scales } => {
+            gemv(x, t, &I8Rows(&q[here], &scales[r0..r0 + rows]), n, out)
         }
-        _ => {
+        WeightData::F32(d) => tile_products(x, t, &d[here], n, out),
+        WeightData::F16(_) => {
+            // Widened once into a reused, cache-line-aligned buffer of this thread's pool.
+            let mut tile = super::scratch::for_overwrite::<f32>(rows * n);
             for (i, row) in tile.chunks_exact_mut(n).enumerate() {
                 w.row_f32(r0 + i, row);
             }
-        }
-    }
-    tile_products(x, t, &tile, n, out);
-    if let WeightData::I8 { scales, .. } = &w.data {
-        for (r, row) in out.chunks_exact_mut(t).enumerate() {
-            let s = scales[r0 + r];
-            row.iter_mut().for_each(|v| *v *= s);
+            tile_products(x, t, &tile, n, out);
         }
     }
 }
@@ -107,27 +83,6 @@ pub(super) fn tile_products(x: &[f32], t: usize, tile: &[f32], n: usize, out: &m
             }
             r += 1;
         }
-    }
-}
-
-/// bf16 bits → f32, 16 at a time.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn widen_bf16(src: &[u16], dst: &mut [f32]) {
-    assert_eq!(src.len(), dst.len());
-    let n = src.len();
-    let full = n / LANES * LANES;
-    let mut i = 0;
-    while i < full {
-        // SAFETY: i + 16 <= n for both slices (asserted equal lengths).
-        unsafe {
-            let bits = _mm256_loadu_si256(src.as_ptr().add(i) as *const __m256i);
-            let wide = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(bits));
-            _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_castsi512_ps(wide));
-        }
-        i += LANES;
-    }
-    for j in full..n {
-        dst[j] = f32::from_bits((src[j] as u32) << 16);
     }
 }
 
@@ -209,23 +164,47 @@ impl WideRows for I8Rows<'_> {
 /// y[r, tok] for `t` tokens and all rows of `w` (`[rows, n]`, contiguous), in blocks of 4 rows
 /// × up to 4 tokens, widening the stored weights in registers (no f32 copy of the tile). Each
 /// (row, token) keeps one accumulator that sums the 16-lane chunks in order, exactly as
-/// `dot4x4` does: a token's result is then bit-identical whichever kernel its batch size
-/// selects (batch-invariant decoding).
+/// `dot4x4` does: a token's result is bit-identical whatever its batch (batch-invariant
+/// decoding) and whichever kernel its weights' dtype selects.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 fn gemv<W: WideRows>(x: &[f32], t: usize, w: &W, n: usize, out: &mut [f32]) {
     let rows = w.len() / n;
     assert!(x.len() >= t * n && out.len() >= rows * t);
+    for tb in (0..t).step_by(TOKEN_BLOCK) {
+        let te = (tb + TOKEN_BLOCK).min(t);
+        gemv_tokens(x, tb..te, t, w, n, out);
+    }
+}
+
+/// `gemv` for the tokens `toks` only (a block whose rows stay in L2 while every group of 4
+/// weight rows passes over them).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+fn gemv_tokens<W: WideRows>(
+    x: &[f32],
+    toks: std::ops::Range<usize>,
+    t: usize,
+    w: &W,
+    n: usize,
+    out: &mut [f32],
+) {
+    let rows = w.len() / n;
     let mut r = 0;
     while r < rows {
         let group = (rows - r).min(4);
-        let mut tok = 0;
-        while tok < t {
-            let tg = (t - tok).min(4);
-            let d = match tg {
-                1 => gemv_block::<W, 1>(x, tok, w, r, group, n),
-                2 => gemv_block::<W, 2>(x, tok, w, r, group, n),
-                3 => gemv_block::<W, 3>(x, tok, w, r, group, n),
-                _ => gemv_block::<W, 4>(x, tok, w, r, group, n),
+        let mut tok = toks.start;
+        while tok < toks.end {
+            let tg = (toks.end - tok).min(4);
+            // Only the first pass over these rows asks for the next ones.
+            let d = match (tg, tok == toks.start) {
+                (1, true) => gemv_block::<W, 1, true>(x, tok, w, r, group, n),
+                (2, true) => gemv_block::<W, 2, true>(x, tok, w, r, group, n),
+                (3, true) => gemv_block::<W, 3, true>(x, tok, w, r, group, n),
+                (_, true) => gemv_block::<W, 4, true>(x, tok, w, r, group, n),
+                (1, false) => gemv_block::<W, 1, false>(x, tok, w, r, group, n),
+                (2, false) => gemv_block::<W, 2, false>(x, tok, w, r, group, n),
+                (3, false) => gemv_block::<W, 3, false>(x, tok, w, r, group, n),
+                (_, false) => gemv_block::<W, 4, false>(x, tok, w, r, group, n),
             };
             for (g, row) in d.iter().enumerate().take(group) {
                 for (j, v) in row.iter().enumerate().take(tg) {
@@ -239,10 +218,10 @@ fn gemv<W: WideRows>(x: &[f32], t: usize, w: &W, n: usize, out: &mut [f32]) {
 }
 
 /// Rows `r..r + group` (≤ 4) × tokens `tok..tok + T` (T ≤ 4) of `gemv`: unfinished dot
-/// products, `[row][token]`.
+/// products, `[row][token]`. `PREFETCH`: ask for the next group of rows meanwhile.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn gemv_block<W: WideRows, const T: usize>(
+fn gemv_block<W: WideRows, const T: usize, const PREFETCH: bool>(
     x: &[f32],
     tok: usize,
     w: &W,
@@ -265,7 +244,9 @@ fn gemv_block<W: WideRows, const T: usize>(
                 let at = (r + g) * n + i;
                 // The same place in the next group of rows: the hardware prefetcher alone
                 // falls behind on four interleaved streams per thread.
-                w.prefetch(at + PREFETCH_ROWS * n);
+                if PREFETCH {
+                    w.prefetch(at + PREFETCH_ROWS * n);
+                }
                 let w0 = w.load(at, 0xffff);
                 let w1 = w.load(at + LANES, 0xffff);
                 for j in 0..T {
@@ -424,13 +405,32 @@ pub(super) fn row_tile_dpbf16(
 ) {
     let rows = w.len() / n;
     assert!(xb.len() >= t * n_pad && out.len() >= rows * t && t > 0 && n_pad >= n);
+    // Blocks of tokens that stay in L2 while the rows pass over them, as in `gemv`.
+    for tb in (0..t).step_by(TOKEN_BLOCK) {
+        dpbf16_tokens(xb, n_pad, tb..(tb + TOKEN_BLOCK).min(t), t, w, n, out);
+    }
+}
+
+/// `row_tile_dpbf16` for the tokens `toks` only.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+fn dpbf16_tokens(
+    xb: &[u16],
+    n_pad: usize,
+    toks: std::ops::Range<usize>,
+    t: usize,
+    w: &[u16],
+    n: usize,
+    out: &mut [f32],
+) {
+    let rows = w.len() / n;
     let mut r = 0;
     while r < rows {
         let group = (rows - r).min(4);
         let rp: [*const u16; 4] = std::array::from_fn(|g| w[(r + g.min(group - 1)) * n..].as_ptr());
-        let mut tok = 0;
-        while tok < t {
-            let tg = (t - tok).min(4);
+        let mut tok = toks.start;
+        while tok < toks.end {
+            let tg = (toks.end - tok).min(4);
             let x0 = &xb[tok * n_pad..(tok + tg) * n_pad];
             let acc: [[f32; 4]; 4] = match tg {
                 1 => dpbf16_block::<1>(rp, x0, n_pad, n),
