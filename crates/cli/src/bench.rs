@@ -13,6 +13,10 @@ use sluice_engine::allocation_count as allocations;
 
 /// Decode steps whose allocations are counted, after the timed ones.
 const COUNTED_STEPS: usize = 3;
+/// A read-bandwidth pass before every this many timed decode steps...
+const BANDWIDTH_EVERY: usize = 8;
+/// ...and at least this many passes in all.
+const MIN_BANDWIDTH_PASSES: usize = 3;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -143,11 +147,27 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         Ok(allocated)
     };
-    let start = Instant::now();
-    for _ in 0..args.gen_len {
+    // The read-bandwidth passes run between decode steps (untimed for decode), so the roofline
+    // compares the steps with the bandwidth of the same minutes: this machine's host moves
+    // between phases that change both by a third.
+    let mut reader = (args.bandwidth_bytes > 0)
+        .then(|| crate::read_bandwidth::BandwidthReader::new(args.bandwidth_bytes));
+    let mut decode_s = 0.0;
+    for i in 0..args.gen_len {
+        if i % BANDWIDTH_EVERY == 0
+            && let Some(reader) = reader.as_mut()
+        {
+            reader.pass();
+        }
+        let start = Instant::now();
         step(&mut next, false)?;
+        decode_s += start.elapsed().as_secs_f64();
     }
-    let decode_s = start.elapsed().as_secs_f64();
+    if let Some(reader) = reader.as_mut() {
+        for _ in 0..MIN_BANDWIDTH_PASSES.saturating_sub(args.gen_len.div_ceil(BANDWIDTH_EVERY)) {
+            reader.pass();
+        }
+    }
     // Allocations of a few more steps, counted apart from the timed ones (counting slows a
     // heavily allocating step down).
     let mut allocated = allocations::AllocationCount::default();
@@ -169,12 +189,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .map(|r| r.elements * 4)
         .sum();
     let step_bytes = model.active_weight_bytes() + b * state_bytes;
-    let bandwidth = (args.bandwidth_bytes > 0)
-        .then(|| crate::read_bandwidth::measure(args.bandwidth_bytes, 7))
-        .map(|m| {
-            std::hint::black_box(m.checksum);
-            m.bytes_per_s
-        });
+    let bandwidth = reader.and_then(|r| r.result()).map(|m| {
+        std::hint::black_box(m.checksum);
+        m.bytes_per_s
+    });
 
     let prefill_tokens = (b * args.prompt_len) as f64;
     let cold_prefill_tps = prefill_tokens / cold_prefill_s;

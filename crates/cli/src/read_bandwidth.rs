@@ -33,32 +33,54 @@ fn sum_chunk(words: &[u64]) -> u64 {
     acc.iter().fold(tail, |s, a| s.wrapping_add(*a))
 }
 
-/// Reads a buffer of `bytes` (rounded down to 8-byte words) `passes` times on the kernels'
-/// thread pool, one share per thread.
-pub fn measure(bytes: usize, passes: usize) -> ReadBandwidth {
-    let words = (bytes / 8).max(8);
-    // Written once so every page is mapped before the timed passes.
-    let buffer: Vec<u64> = (0..words as u64)
-        .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
-        .collect();
-    let threads = pool::threads();
-    let per_thread = words.div_ceil(threads);
-    let mut seconds = Vec::with_capacity(passes.max(1));
-    let mut checksum = 0;
-    for _ in 0..passes.max(1) {
+/// A buffer far larger than the caches, read in timed passes. Its passes can be interleaved
+/// with the work they are compared to, so a shared machine's slow and fast phases weigh on
+/// both alike.
+pub struct BandwidthReader {
+    buffer: Vec<u64>,
+    seconds: Vec<f64>,
+    checksum: u64,
+}
+
+impl BandwidthReader {
+    /// A buffer of `bytes` (rounded down to 8-byte words, at least 8 words).
+    pub fn new(bytes: usize) -> Self {
+        let words = (bytes / 8).max(8);
+        // Written once so every page is mapped before the timed passes.
+        let buffer = (0..words as u64)
+            .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+            .collect();
+        BandwidthReader {
+            buffer,
+            seconds: Vec::new(),
+            checksum: 0,
+        }
+    }
+
+    /// One timed pass over the whole buffer on the kernels' thread pool, one share per thread.
+    pub fn pass(&mut self) {
+        let words = self.buffer.len();
+        let per_thread = words.div_ceil(pool::threads());
+        let buffer = &self.buffer;
         let sum = AtomicU64::new(0);
         let start = Instant::now();
         pool::for_each(words.div_ceil(per_thread), |i| {
             let share = &buffer[i * per_thread..((i + 1) * per_thread).min(words)];
             sum.fetch_add(sum_chunk(share), Ordering::Relaxed);
         });
-        seconds.push(start.elapsed().as_secs_f64());
-        checksum = sum.into_inner();
+        self.seconds.push(start.elapsed().as_secs_f64());
+        self.checksum = sum.into_inner();
     }
-    seconds.sort_by(f64::total_cmp);
-    ReadBandwidth {
-        bytes_per_s: (words * 8) as f64 / seconds[seconds.len() / 2],
-        checksum,
+
+    /// The median of the passes so far; `None` before the first.
+    pub fn result(&self) -> Option<ReadBandwidth> {
+        let mut seconds = self.seconds.clone();
+        seconds.sort_by(f64::total_cmp);
+        let median = *seconds.get(seconds.len() / 2)?;
+        Some(ReadBandwidth {
+            bytes_per_s: (self.buffer.len() * 8) as f64 / median,
+            checksum: self.checksum,
+        })
     }
 }
 
@@ -72,7 +94,11 @@ mod tests {
         let expected = (0..words).fold(0u64, |s, i| {
             s.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
         });
-        let m = measure(words as usize * 8, 2);
+        let mut reader = BandwidthReader::new(words as usize * 8);
+        assert!(reader.result().is_none());
+        reader.pass();
+        reader.pass();
+        let m = reader.result().unwrap();
         assert_eq!(m.checksum, expected);
         assert!(m.bytes_per_s.is_finite() && m.bytes_per_s > 0.0);
     }
