@@ -153,15 +153,22 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut reader = (args.bandwidth_bytes > 0)
         .then(|| crate::read_bandwidth::BandwidthReader::new(args.bandwidth_bytes));
     let mut decode_s = 0.0;
+    // Each pass and the steps after it: (bytes/s of the pass, seconds of the steps, steps).
+    let mut windows: Vec<(f64, f64, usize)> = Vec::new();
     for i in 0..args.gen_len {
         if i % BANDWIDTH_EVERY == 0
             && let Some(reader) = reader.as_mut()
         {
-            reader.pass();
+            windows.push((reader.pass(), 0.0, 0));
         }
         let start = Instant::now();
         step(&mut next, false)?;
-        decode_s += start.elapsed().as_secs_f64();
+        let seconds = start.elapsed().as_secs_f64();
+        decode_s += seconds;
+        if let Some(window) = windows.last_mut() {
+            window.1 += seconds;
+            window.2 += 1;
+        }
     }
     if let Some(reader) = reader.as_mut() {
         for _ in 0..MIN_BANDWIDTH_PASSES.saturating_sub(args.gen_len.div_ceil(BANDWIDTH_EVERY)) {
@@ -201,8 +208,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let step_ms = decode_s * 1000.0 / args.gen_len as f64;
     let weight_gbs = model.active_weight_bytes() as f64 / (step_ms / 1000.0) / 1e9;
     let read_gbs = step_bytes as f64 / (step_ms / 1000.0) / 1e9;
-    // Decode tok/s as a fraction of what the bandwidth allows for this batch.
-    let roofline = bandwidth.map(|bw| read_gbs * 1e9 / bw);
+    // Decode tok/s as a fraction of what the bandwidth allows for this batch: per window (a
+    // pass and the steps right after it, so a change of the host's phase between windows
+    // moves both sides), then the median; and over the whole run against the median pass.
+    let mut fractions: Vec<f64> = windows
+        .iter()
+        .map(|&(bw, seconds, steps)| step_bytes as f64 * steps as f64 / seconds / bw)
+        .collect();
+    fractions.sort_by(f64::total_cmp);
+    let roofline = fractions.get(fractions.len() / 2).copied();
+    let roofline_whole_run = bandwidth.map(|bw| read_gbs * 1e9 / bw);
     let roofline_tps = bandwidth.map(|bw| bw / step_bytes as f64 * b as f64);
     // Two flops per active weight per token (attention's own flops aside).
     let prefill_gflops =
@@ -237,6 +252,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 "machine_read_gb_s": bandwidth.map(|bw| bw / 1e9),
                 "roofline_tok_s": roofline_tps,
                 "roofline_fraction": roofline,
+                "roofline_windows": fractions.len(),
+                "roofline_fraction_whole_run": roofline_whole_run,
                 "prefill_gflop_s": prefill_gflops,
                 "decode_allocations_per_step": per_step.map(|p| p.0),
                 "decode_allocated_bytes_per_step": per_step.map(|p| p.1),
@@ -262,10 +279,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "weights read {weight_gbs:.1} GB/s per decode step (active weights {:.2} GB)",
             model.active_weight_bytes() as f64 / 1e9
         );
-        if let (Some(bw), Some(fraction), Some(tps)) = (bandwidth, roofline, roofline_tps) {
+        if let (Some(bw), Some(fraction), Some(whole), Some(tps)) =
+            (bandwidth, roofline, roofline_whole_run, roofline_tps)
+        {
             println!(
-                "roofline     {:.2} of it: {read_gbs:.1} of {:.1} GB/s measured here ({:.2} MB per step; {tps:.1} tok/s at the roofline)",
-                fraction,
+                "roofline     {fraction:.2} of it (median of {} windows; {whole:.2} over the whole run): {read_gbs:.1} of {:.1} GB/s measured here ({:.2} MB per step; {tps:.1} tok/s at the roofline)",
+                fractions.len(),
                 bw / 1e9,
                 step_bytes as f64 / 1e6
             );

@@ -57,8 +57,9 @@ impl BandwidthReader {
         }
     }
 
-    /// One timed pass over the whole buffer on the kernels' thread pool, one share per thread.
-    pub fn pass(&mut self) {
+    /// One timed pass over the whole buffer on the kernels' thread pool, one share per thread;
+    /// returns its bytes per second.
+    pub fn pass(&mut self) -> f64 {
         let words = self.buffer.len();
         let per_thread = words.div_ceil(pool::threads());
         let buffer = &self.buffer;
@@ -68,8 +69,10 @@ impl BandwidthReader {
             let share = &buffer[i * per_thread..((i + 1) * per_thread).min(words)];
             sum.fetch_add(sum_chunk(share), Ordering::Relaxed);
         });
-        self.seconds.push(start.elapsed().as_secs_f64());
+        let seconds = start.elapsed().as_secs_f64();
+        self.seconds.push(seconds);
         self.checksum = sum.into_inner();
+        (self.buffer.len() * 8) as f64 / seconds
     }
 
     /// The median of the passes so far; `None` before the first.

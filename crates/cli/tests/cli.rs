@@ -293,9 +293,12 @@ fn bench_reports_decode_against_the_bandwidth_it_measured() {
     let step_s = num("decode_step_ms") / 1000.0;
     let fraction = num("step_read_bytes") / step_s / (num("machine_read_gb_s") * 1e9);
     assert!(
-        (num("roofline_fraction") - fraction).abs() < 1e-9 * fraction.max(1.0),
+        (num("roofline_fraction_whole_run") - fraction).abs() < 1e-9 * fraction.max(1.0),
         "{r}"
     );
+    // 2 steps after one pass: one window, compared with that pass alone.
+    assert_eq!(r["roofline_windows"], 1, "{r}");
+    assert!(num("roofline_fraction").is_finite() && num("roofline_fraction") > 0.0);
     let roofline_tps = num("machine_read_gb_s") * 1e9 / num("step_read_bytes") * 2.0;
     assert!(
         (num("roofline_tok_s") / roofline_tps - 1.0).abs() < 1e-9,
@@ -307,7 +310,9 @@ fn bench_reports_decode_against_the_bandwidth_it_measured() {
     // Skipped on request.
     let r = bench("0");
     assert!(
-        r["machine_read_gb_s"].is_null() && r["roofline_fraction"].is_null(),
+        r["machine_read_gb_s"].is_null()
+            && r["roofline_fraction"].is_null()
+            && r["roofline_windows"] == 0,
         "{r}"
     );
 }

@@ -9,18 +9,23 @@
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+pub use delta_rule::delta_rule_token;
+
 use crate::tensor::{Weight, WeightData};
 
 #[cfg(target_arch = "x86_64")]
 pub mod aligned;
 mod avx512;
+mod delta_rule;
 pub mod pool;
 pub(crate) mod scratch;
 
 /// Output rows handled per task of a multi-token product (a multiple of the 4-row kernel).
 const ROW_TILE: usize = 32;
-/// Tasks per thread of a one-token product (GEMV).
-const GEMV_TASKS_PER_THREAD: usize = 4;
+/// Fewest rows in a task of a one-token product (GEMV): the last, smallest tasks of the
+/// guided split (a multiple of the 4-row kernel and of `ROW_TILE`).
+const GEMV_MIN_ROWS: usize = 2 * ROW_TILE;
+
 const LANES: usize = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,12 +209,22 @@ fn by_row_tiles(
 ) {
     if t == 1 {
         if parallel {
-            // Long runs of rows per task (a few per thread, for balance): each thread then
-            // streams long contiguous stretches of the weights, which the prefetchers follow.
-            let per_task = (rows / (pool::threads() * GEMV_TASKS_PER_THREAD))
-                .next_multiple_of(ROW_TILE)
-                .max(ROW_TILE);
-            pool::for_each_chunk_mut(y, per_task, |i, o| tile(i * per_task, o));
+            // Guided split: each task takes 1/(2·threads) of the rows still unassigned, so
+            // tasks shrink toward the end and the threads finish together (equal fixed-size
+            // tasks left one thread idle for half a task at the end of every product). Every
+            // task still streams a contiguous run of the weights, which the prefetchers follow.
+            let share = 2 * pool::threads();
+            let mut bounds = scratch::with_capacity::<usize>(rows.div_ceil(GEMV_MIN_ROWS) + 1);
+            let mut start = 0;
+            bounds.push(start);
+            while start < rows {
+                let size = ((rows - start) / share)
+                    .next_multiple_of(ROW_TILE)
+                    .max(GEMV_MIN_ROWS);
+                start = (start + size).min(rows);
+                bounds.push(start);
+            }
+            pool::for_each_span_mut(y, &bounds, |i, o| tile(bounds[i], o));
         } else {
             y.chunks_mut(ROW_TILE)
                 .enumerate()
@@ -453,6 +468,39 @@ fn dot_lanes<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     total
 }
 
+/// `acc += a·x` over the shorter length, vectorised (with fused multiply-adds where the CPU
+/// has them).
+#[inline]
+pub fn add_scaled(acc: &mut [f32], a: f32, x: &[f32]) {
+    match simd_level() {
+        // SAFETY: the features these variants are compiled for were detected at run time.
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 => unsafe { add_scaled_avx512(acc, a, x) },
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => unsafe { add_scaled_avx2(acc, a, x) },
+        SimdLevel::Portable => add_scaled_lanes::<false>(acc, a, x),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+fn add_scaled_avx512(acc: &mut [f32], a: f32, x: &[f32]) {
+    add_scaled_lanes::<true>(acc, a, x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn add_scaled_avx2(acc: &mut [f32], a: f32, x: &[f32]) {
+    add_scaled_lanes::<true>(acc, a, x)
+}
+
+#[inline(always)]
+fn add_scaled_lanes<const FMA: bool>(acc: &mut [f32], a: f32, x: &[f32]) {
+    for (s, v) in acc.iter_mut().zip(x) {
+        *s = fmadd::<FMA>(a, *v, *s);
+    }
+}
+
 /// Embedding lookup: row `id` of `w`, widened, into `out`.
 pub fn embed_row(w: &Weight, id: usize, out: &mut [f32]) {
     w.row_f32(id, out);
@@ -677,7 +725,7 @@ pub(crate) mod tests {
     }
 
     /// Every kernel level this CPU can run.
-    fn runnable_levels() -> Vec<SimdLevel> {
+    pub(super) fn runnable_levels() -> Vec<SimdLevel> {
         let mut levels = vec![SimdLevel::Portable];
         #[cfg(target_arch = "x86_64")]
         {

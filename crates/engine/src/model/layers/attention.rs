@@ -74,15 +74,23 @@ impl Attention {
         self.o_proj = self.o_proj.quantize_int8();
     }
 
-    /// Rotates the first `rotary_dim` dims of one head vector for position `pos`.
-    fn rope(&self, x: &mut [f32], pos: usize) {
+    /// `[cos | sin]` of position `pos`'s rotation angles, `[2 · rotary_dim / 2]`: computed once
+    /// per token for all its heads.
+    fn rope_angles(&self, pos: usize, cos_sin: &mut [f32]) {
+        let (cos, sin) = cos_sin.split_at_mut(self.inv_freq.len());
+        for ((c, s), inv) in cos.iter_mut().zip(sin.iter_mut()).zip(&self.inv_freq) {
+            (*s, *c) = (pos as f32 * inv).sin_cos();
+        }
+    }
+
+    /// Rotates the first `rotary_dim` dims of one head vector by `cos_sin` (`rope_angles`).
+    fn rope(&self, x: &mut [f32], cos_sin: &[f32]) {
         let half = self.spec.rotary_dim / 2;
-        for (i, inv) in self.inv_freq.iter().enumerate() {
-            let angle = pos as f32 * inv;
-            let (sin, cos) = angle.sin_cos();
+        let (cos, sin) = cos_sin.split_at(half);
+        for (i, (c, s)) in cos.iter().zip(sin).enumerate() {
             let (a, b) = (x[i], x[i + half]);
-            x[i] = a * cos - b * sin;
-            x[i + half] = b * cos + a * sin;
+            x[i] = a * c - b * s;
+            x[i + half] = b * c + a * s;
         }
     }
 
@@ -102,19 +110,21 @@ impl Attention {
         cpu::matmul(x, &self.qkv_proj, &mut qkv);
         let (k_at, v_at) = (nh * 2 * d, nh * 2 * d + nkv * d);
 
+        let mut cos_sin = scratch::for_overwrite::<f32>(2 * self.inv_freq.len());
         for seg in segments {
             for i in 0..seg.len {
                 let tok = seg.offset + i;
                 let pos = seg.start_pos + i;
+                self.rope_angles(pos, &mut cos_sin);
                 let row = &mut qkv[tok * width..(tok + 1) * width];
                 for head in row[..k_at].chunks_exact_mut(2 * d) {
                     let q = &mut head[..d];
                     cpu::rms_norm_1p(q, &self.q_norm, self.eps);
-                    self.rope(q, pos);
+                    self.rope(q, &cos_sin);
                 }
                 for head in row[k_at..v_at].chunks_exact_mut(d) {
                     cpu::rms_norm_1p(head, &self.k_norm, self.eps);
-                    self.rope(head, pos);
+                    self.rope(head, &cos_sin);
                 }
                 cache.write_kv(self.layer, seg.seq, pos, &row[k_at..v_at], &row[v_at..])?;
             }
@@ -133,8 +143,9 @@ impl Attention {
         cpu::matmul(&attn, &self.o_proj, out);
         Ok(())
     }
-    /// Attention of a short segment (decode), one task per (token, head): scores, online
-    /// softmax and values in one pass over the keys.
+    /// Attention of a short segment (decode): scores, online softmax and values in one pass
+    /// over the keys. A task takes several query heads of one key head — as many as still
+    /// leave a task per thread — so each key and value it reads serves all of them.
     fn attend_per_token(
         &self,
         seg: &Segment,
@@ -146,47 +157,69 @@ impl Attention {
         let (nh, nkv, d) = (self.spec.heads, self.spec.kv_heads, self.spec.head_dim);
         let scale = (d as f32).powf(-0.5);
         let group = nh / nkv;
-        // One task per (token, head): a decode token alone still fills the pool.
-        pool::for_each_chunk_mut(rows, d, |task, o| {
-            let (i, h) = (task / nh, task % nh);
+        let threads = pool::threads();
+        let per_task = (1..=group)
+            .rev()
+            .find(|&g| group.is_multiple_of(g) && seg.len * nh / g >= threads)
+            .unwrap_or(1);
+        pool::for_each_chunk_mut(rows, per_task * d, |task, o| {
+            // Heads h0 .. h0 + per_task of token i, all of key head kh.
+            let (i, h0) = (task * per_task / nh, task * per_task % nh);
             let tok = seg.offset + i;
             let visible = seg.start_pos + i + 1; // causal
-            let head = &qkv[tok * width + h * 2 * d..tok * width + (h + 1) * 2 * d];
-            let (q, gate) = head.split_at(d);
-            let kh = h / group;
-            // Softmax online over blocks of keys (running max and sum, output rescaled
-            // when the max grows): memory stays fixed however long the context.
-            let (mut max, mut sum) = (f32::NEG_INFINITY, 0.0f32);
-            let mut scores = [0.0f32; KEY_BLOCK];
+            let kh = h0 / group;
+            // [per_task, q | gate]
+            let heads = &qkv[tok * width + h0 * 2 * d..tok * width + (h0 + per_task) * 2 * d];
+            // Softmax online over blocks of keys (running max and sum per head, output
+            // rescaled when the max grows): memory stays fixed however long the context.
+            let mut max = scratch::for_overwrite::<f32>(per_task);
+            max.fill(f32::NEG_INFINITY);
+            let mut sum = scratch::zeroed::<f32>(per_task);
+            let mut scores = scratch::for_overwrite::<f32>(per_task * KEY_BLOCK); // [per_task, KEY_BLOCK]
             o.fill(0.0);
             for from in (0..visible).step_by(KEY_BLOCK) {
                 let n = KEY_BLOCK.min(visible - from);
-                let scores = &mut scores[..n];
-                for (j, s) in scores.iter_mut().enumerate() {
+                for j in 0..n {
                     let key = &view.key(from + j)[kh * d..(kh + 1) * d];
-                    *s = cpu::dot(q, key) * scale;
+                    for (g, q) in heads.chunks_exact(2 * d).enumerate() {
+                        scores[g * KEY_BLOCK + j] = cpu::dot(&q[..d], key) * scale;
+                    }
                 }
-                let block_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let new_max = max.max(block_max);
-                if new_max > max {
-                    let rescale = (max - new_max).exp(); // 0 for the first block
-                    sum *= rescale;
-                    o.iter_mut().for_each(|v| *v *= rescale);
-                    max = new_max;
+                for (g, (s, og)) in scores
+                    .chunks_exact_mut(KEY_BLOCK)
+                    .zip(o.chunks_exact_mut(d))
+                    .enumerate()
+                {
+                    let s = &mut s[..n];
+                    let block_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let new_max = max[g].max(block_max);
+                    if new_max > max[g] {
+                        let rescale = (max[g] - new_max).exp(); // 0 for the first block
+                        sum[g] *= rescale;
+                        og.iter_mut().for_each(|v| *v *= rescale);
+                        max[g] = new_max;
+                    }
+                    for p in s.iter_mut() {
+                        *p = (*p - max[g]).exp();
+                        sum[g] += *p;
+                    }
                 }
-                for (j, s) in scores.iter().enumerate() {
-                    let p = (s - max).exp();
-                    sum += p;
+                for j in 0..n {
                     let val = &view.value(from + j)[kh * d..(kh + 1) * d];
-                    for (acc, vv) in o.iter_mut().zip(val) {
-                        *acc += p * vv;
+                    for (g, og) in o.chunks_exact_mut(d).enumerate() {
+                        cpu::add_scaled(og, scores[g * KEY_BLOCK + j], val);
                     }
                 }
             }
-            let inv = 1.0 / sum;
-            o.iter_mut().for_each(|v| *v *= inv);
-            for (acc, g) in o.iter_mut().zip(gate) {
-                *acc *= cpu::sigmoid(*g);
+            for ((og, q), total) in o
+                .chunks_exact_mut(d)
+                .zip(heads.chunks_exact(2 * d))
+                .zip(sum.iter())
+            {
+                let inv = 1.0 / total;
+                for (acc, g) in og.iter_mut().zip(&q[d..]) {
+                    *acc *= inv * cpu::sigmoid(*g);
+                }
             }
         });
     }

@@ -188,6 +188,11 @@ impl GatedDeltaNet {
                     } else {
                         chunked(&inputs.gather(h).head(), state, o)
                     }
+                    // The gated norm of this head's rows, while they are in cache.
+                    for (row, proj) in o.chunks_exact_mut(dv).zip(rows.chunks_exact(width)) {
+                        let z = &proj[z_at + h * dv..z_at + (h + 1) * dv];
+                        cpu::rms_norm_gated(row, z, &self.norm, self.eps);
+                    }
                 },
             );
             let seg_core = &mut core[seg.offset * nv * dv..(seg.offset + seg.len) * nv * dv];
@@ -196,10 +201,6 @@ impl GatedDeltaNet {
                     seg_core[(i * nv + h) * dv..(i * nv + h + 1) * dv].copy_from_slice(v);
                 }
             }
-        }
-        for (tok, row) in core.chunks_exact_mut(nv * dv).enumerate() {
-            let z = &projected[tok * width + z_at..tok * width + z_at + nv * dv];
-            cpu::rms_norm_gated(row, z, &self.norm, self.eps);
         }
         cpu::matmul(&core, &self.out_proj, out);
         Ok(())
@@ -349,37 +350,20 @@ impl HeadInputs<'_> {
     }
 }
 
-/// The recurrence, token by token: S ← S·e^g; S += k ⊗ (v − Sᵀk)·β; o = Sᵀq, into `out`
-/// `[len, dv]`.
+/// The recurrence, token by token (`cpu::delta_rule_token`): S ← S·e^g; S += k ⊗ (v − Sᵀk)·β;
+/// o = Sᵀq, into `out` `[len, dv]`.
 fn recurrent_step(head: &Head<'_>, state: &mut [f32], out: &mut [f32]) {
     let (dk, dv) = (head.dk, head.dv);
-    let len = head.beta.len();
-    out.fill(0.0);
-    // δ = (v − (S e^g)ᵀk)·β, with (S e^g)ᵀk computed as e^g (Sᵀk): two passes over S per
-    // token (read; then update and read out) instead of four.
-    let mut delta = scratch::zeroed::<f32>(dv);
-    for i in 0..len {
-        let q = &head.q[i * dk..(i + 1) * dk];
-        let k = &head.k[i * dk..(i + 1) * dk];
-        let v = &head.v[i * dv..(i + 1) * dv];
-        let decay = head.g[i].exp();
-        let beta = head.beta[i];
-        delta.fill(0.0);
-        for (srow, kc) in state.chunks_exact(dv).zip(k) {
-            for (acc, s) in delta.iter_mut().zip(srow) {
-                *acc += s * kc;
-            }
-        }
-        for (d, vv) in delta.iter_mut().zip(v) {
-            *d = (vv - *d * decay) * beta;
-        }
-        let o = &mut out[i * dv..(i + 1) * dv];
-        for ((srow, kc), qc) in state.chunks_exact_mut(dv).zip(k).zip(q) {
-            for ((s, d), acc) in srow.iter_mut().zip(delta.iter()).zip(o.iter_mut()) {
-                *s = *s * decay + kc * d;
-                *acc += *s * qc;
-            }
-        }
+    for (i, o) in out.chunks_exact_mut(dv).take(head.beta.len()).enumerate() {
+        cpu::delta_rule_token(
+            &head.q[i * dk..(i + 1) * dk],
+            &head.k[i * dk..(i + 1) * dk],
+            &head.v[i * dv..(i + 1) * dv],
+            head.beta[i],
+            head.g[i].exp(),
+            state,
+            o,
+        );
     }
 }
 
