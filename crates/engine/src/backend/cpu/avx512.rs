@@ -65,7 +65,7 @@ pub(super) fn row_tile(x: &[f32], t: usize, w: &Weight, r0: usize, out: &mut [f3
     }
 }
 
-/// `out` `[rows, t]` = tile `[rows, n]` (f32) · x `[t, n]`ᵀ, over blocks of tokens.
+/// `out` `[t, rows]` = x `[t, n]` · tile `[rows, n]` (f32)ᵀ, over blocks of tokens.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub(super) fn tile_products(x: &[f32], t: usize, tile: &[f32], n: usize, out: &mut [f32]) {
     let rows = out.len() / t;
@@ -78,14 +78,16 @@ pub(super) fn tile_products(x: &[f32], t: usize, tile: &[f32], n: usize, out: &m
             while tok + 4 <= te {
                 let d = dot4x4(wr, &x[tok * n..(tok + 4) * n], n);
                 for (i, row) in d.iter().enumerate() {
-                    out[(r + i) * t + tok..(r + i) * t + tok + 4].copy_from_slice(row);
+                    for (j, v) in row.iter().enumerate() {
+                        out[(tok + j) * rows + r + i] = *v;
+                    }
                 }
                 tok += 4;
             }
             while tok < te {
                 let d = dot4x1(wr, &x[tok * n..(tok + 1) * n], n);
                 for (i, v) in d.iter().enumerate() {
-                    out[(r + i) * t + tok] = *v;
+                    out[tok * rows + r + i] = *v;
                 }
                 tok += 1;
             }
@@ -93,7 +95,8 @@ pub(super) fn tile_products(x: &[f32], t: usize, tile: &[f32], n: usize, out: &m
         }
         while r < rows {
             for tok in tb..te {
-                out[r * t + tok] = dot1(&tile[r * n..(r + 1) * n], &x[tok * n..(tok + 1) * n], n);
+                out[tok * rows + r] =
+                    dot1(&tile[r * n..(r + 1) * n], &x[tok * n..(tok + 1) * n], n);
             }
             r += 1;
         }
@@ -181,7 +184,7 @@ impl WideRows for I8Rows<'_> {
     }
 }
 
-/// y[r, tok] for `t` tokens and all rows of `w` (`[rows, n]`, contiguous), in blocks of 4 rows
+/// y[tok, r] for `t` tokens and all rows of `w` (`[rows, n]`, contiguous), in blocks of 4 rows
 /// × up to 4 tokens, widening the stored weights in registers (no f32 copy of the tile). Each
 /// (row, token) keeps one accumulator that sums the 16-lane chunks in order, exactly as
 /// `dot4x4` does: a token's result is bit-identical whatever its batch (batch-invariant
@@ -225,7 +228,7 @@ fn gemv_tokens<W: WideRows>(
             };
             for (g, row) in d.iter().enumerate().take(group) {
                 for (j, v) in row.iter().enumerate().take(tg) {
-                    out[(r + g) * t + tok + j] = w.finish(r + g, *v);
+                    out[(tok + j) * rows + r + g] = w.finish(r + g, *v);
                 }
             }
             tok += tg;
@@ -429,7 +432,7 @@ pub(super) fn to_bf16_rows(x: &[f32], t: usize, n: usize, n_pad: usize, out: &mu
     }
 }
 
-/// Fast precision: y[r, tok] = Σ bf16(x)·w with f32 accumulation by `vdpbf16ps`, 4 rows × up
+/// Fast precision: y[tok, r] = Σ bf16(x)·w with f32 accumulation by `vdpbf16ps`, 4 rows × up
 /// to 4 tokens per block, for any `t` (one accumulator per row and token, chunks in order, so a
 /// token's result does not depend on its batch). `xb` is `to_bf16_rows(x)`, `n_pad` its row
 /// length; `w` bf16 `[rows, n]`.
@@ -481,7 +484,7 @@ fn dpbf16_tokens(
             };
             for (g, row) in acc.iter().enumerate().take(group) {
                 for (j, v) in row.iter().enumerate().take(tg) {
-                    out[(r + g) * t + tok + j] = *v;
+                    out[(tok + j) * rows + r + g] = *v;
                 }
             }
             tok += 4;
