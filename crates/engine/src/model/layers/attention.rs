@@ -154,14 +154,28 @@ impl Attention {
         view: &KvView<'_>,
         rows: &mut [f32],
     ) {
-        let (nh, nkv, d) = (self.spec.heads, self.spec.kv_heads, self.spec.head_dim);
-        let scale = (d as f32).powf(-0.5);
-        let group = nh / nkv;
+        let group = self.spec.heads / self.spec.kv_heads;
         let threads = pool::threads();
         let per_task = (1..=group)
             .rev()
-            .find(|&g| group.is_multiple_of(g) && seg.len * nh / g >= threads)
+            .find(|&g| group.is_multiple_of(g) && seg.len * self.spec.heads / g >= threads)
             .unwrap_or(1);
+        self.attend_per_token_grouped(seg, qkv, width, view, rows, per_task);
+    }
+
+    /// `attend_per_token` with `per_task` query heads (a divisor of the group size) per task.
+    fn attend_per_token_grouped(
+        &self,
+        seg: &Segment,
+        qkv: &[f32],
+        width: usize,
+        view: &KvView<'_>,
+        rows: &mut [f32],
+        per_task: usize,
+    ) {
+        let (nh, nkv, d) = (self.spec.heads, self.spec.kv_heads, self.spec.head_dim);
+        let scale = (d as f32).powf(-0.5);
+        let group = nh / nkv;
         pool::for_each_chunk_mut(rows, per_task * d, |task, o| {
             // Heads h0 .. h0 + per_task of token i, all of key head kh.
             let (i, h0) = (task * per_task / nh, task * per_task % nh);
@@ -281,6 +295,129 @@ impl Attention {
                     for ((y, v), gv) in dst.iter_mut().zip(or).zip(gate) {
                         *y = v * cpu::sigmoid(*gv);
                     }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::tests::lcg;
+    use crate::cache::CacheConfig;
+    use crate::config::parse_spec;
+    use crate::tensor::WeightData;
+
+    /// Single-token attention gives the same bits however many query heads share a task, and
+    /// follows softmax attention computed in f64, over several blocks of keys.
+    #[test]
+    fn per_token_attention_matches_f64_for_every_grouping() {
+        // 8 query heads on 2 key heads, head_dim 24 (not a multiple of 16).
+        let spec = parse_spec(&serde_json::json!({
+            "model_type": "qwen3_5_text", "hidden_size": 16, "num_hidden_layers": 4,
+            "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 24,
+            "vocab_size": 32, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 4,
+            "linear_value_head_dim": 4, "linear_num_key_heads": 1, "linear_num_value_heads": 2,
+            "intermediate_size": 8
+        }))
+        .unwrap();
+        let layer = 3; // full attention in the default 3 : 1 pattern
+        let a = &spec.attention;
+        let (nh, nkv, d) = (a.heads, a.kv_heads, a.head_dim);
+        let config = CacheConfig {
+            block_size: 16,
+            num_blocks: 12,
+            max_sequences: 1,
+        };
+        let mut cache = ModelCache::new(&spec, config).unwrap();
+        let seq = cache.add_sequence().unwrap();
+        let len = 150; // three blocks of the online softmax
+        cache.reserve(seq, len).unwrap();
+        let mut seed = 21;
+        let mut keys = vec![0.0f32; len * nkv * d];
+        let mut values = vec![0.0f32; len * nkv * d];
+        keys.iter_mut().for_each(|v| *v = 2.0 * lcg(&mut seed));
+        values.iter_mut().for_each(|v| *v = lcg(&mut seed));
+        for p in 0..len {
+            let at = p * nkv * d..(p + 1) * nkv * d;
+            cache
+                .write_kv(layer, seq, p, &keys[at.clone()], &values[at])
+                .unwrap();
+        }
+        // Two tokens at the end of the sequence: they see 149 and 150 keys.
+        let seg = Segment {
+            seq,
+            offset: 0,
+            len: 2,
+            start_pos: len - 2,
+        };
+        let width = nh * 2 * d + 2 * nkv * d;
+        let qkv: Vec<f32> = (0..seg.len * width).map(|_| lcg(&mut seed)).collect();
+        let empty = || Weight {
+            rows: 0,
+            cols: 0,
+            data: WeightData::F32(Vec::new()),
+        };
+        let attention = Attention {
+            layer,
+            spec: a.clone(),
+            qkv_proj: empty(),
+            o_proj: empty(),
+            q_norm: Vec::new(),
+            k_norm: Vec::new(),
+            eps: 1e-6,
+            inv_freq: Vec::new(),
+        };
+        let view = cache.kv_view(layer, seq, len).unwrap();
+        let outputs: Vec<Vec<f32>> = [1, 2, 4]
+            .iter()
+            .map(|&per_task| {
+                let mut rows = vec![f32::NAN; seg.len * nh * d];
+                attention.attend_per_token_grouped(&seg, &qkv, width, &view, &mut rows, per_task);
+                rows
+            })
+            .collect();
+        for other in &outputs[1..] {
+            assert!(
+                outputs[0]
+                    .iter()
+                    .zip(other)
+                    .all(|(a, b)| a.to_bits() == b.to_bits())
+            );
+        }
+        let scale = 1.0 / (d as f64).sqrt();
+        for i in 0..seg.len {
+            let visible = seg.start_pos + i + 1;
+            for h in 0..nh {
+                let kh = h / (nh / nkv);
+                let q = &qkv[i * width + h * 2 * d..i * width + h * 2 * d + d];
+                let gate = &qkv[i * width + h * 2 * d + d..i * width + (h + 1) * 2 * d];
+                let at = |p: usize| p * nkv * d + kh * d;
+                let scores: Vec<f64> = (0..visible)
+                    .map(|p| {
+                        let k = &keys[at(p)..at(p) + d];
+                        q.iter()
+                            .zip(k)
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum::<f64>()
+                            * scale
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let total: f64 = weights.iter().sum();
+                for c in 0..d {
+                    let o: f64 = (0..visible)
+                        .map(|p| weights[p] * values[at(p) + c] as f64)
+                        .sum::<f64>()
+                        / total;
+                    let want = o / (1.0 + (-(gate[c] as f64)).exp());
+                    let got = outputs[0][(i * nh + h) * d + c] as f64;
+                    assert!(
+                        (got - want).abs() < 1e-5,
+                        "token {i} head {h} dim {c}: {got} vs {want}"
+                    );
                 }
             }
         }
