@@ -14,6 +14,7 @@ use sluice_proto::worker::v1 as pb;
 use sluice_proto::worker::v1::cache_transfer_server::CacheTransferServer;
 use sluice_proto::worker::v1::decode_server::{Decode, DecodeServer};
 use sluice_proto::worker::v1::worker_status_server::WorkerStatusServer;
+use sluice_runtime::engine_thread::EngineWatch;
 use sluice_runtime::error::engine_status;
 use sluice_runtime::serve::{advertised_address, serve, standard_routes};
 use sluice_runtime::status::{
@@ -22,8 +23,8 @@ use sluice_runtime::status::{
 use sluice_runtime::transport::select::TransportPlan;
 use sluice_runtime::transport::{CacheTransferService, InProcessHub};
 use sluice_runtime::{
-    CacheInbox, Membership, Registration, Result, Role, RuntimeError, TransportKind, WorkerId,
-    WorkerInfo, sampling,
+    CacheInbox, InboxLimits, Membership, Registration, Result, Role, RuntimeError, TransportKind,
+    WorkerId, WorkerInfo, sampling,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -127,9 +128,15 @@ pub async fn run(
 ) -> Result<()> {
     let address = advertised_address(listener.local_addr()?, config.advertise.as_deref());
     let probe = model.new_cache(CacheConfig::for_sequences(1, 1))?;
-    let inbox = Arc::new(CacheInbox::new(model.fingerprint(), move |t| {
-        probe.layout(t)
-    }));
+    let limits = InboxLimits {
+        max_tokens: config.max_context,
+        // A cache staged waits seconds at most for its Decode call (sent first): room for
+        // every sequence twice over is plenty.
+        max_staged: 2 * config.max_sequences.max(1),
+    };
+    let inbox = Arc::new(
+        CacheInbox::new(model.fingerprint(), move |t| probe.layout(t)).with_limits(limits),
+    );
     let receiver = CacheTransferService::new(inbox.clone())
         .with_device(&config.transport.device, config.transport.communicators);
     let mut transports = receiver.kinds();
@@ -138,7 +145,11 @@ pub async fn run(
         transports.push(TransportKind::InProcess);
     }
     let counters = Arc::new(LoadCounters::default());
-    let commands = start_engine(model.clone(), &config, counters.clone())?;
+    // Everything the worker runs — registration, server — stops on `worker`: at shutdown,
+    // or when the engine thread dies.
+    let worker = shutdown.child_token();
+    let (commands, engine) = start_engine(model.clone(), &config, counters.clone())?;
+    let engine = EngineWatch::start("decode engine", engine, worker.clone());
     let info = WorkerInfo {
         worker_id: config.worker_id.clone(),
         role: Role::Decode,
@@ -150,7 +161,7 @@ pub async fn run(
         node: config.node.clone(),
         expert_shard: None,
     };
-    let registration = membership.register(info, shutdown.clone()).await?;
+    let registration = membership.register(info, worker.clone()).await?;
     tracing::info!(worker = %config.worker_id, %address, "decode worker registered");
     let (health, routes) = standard_routes()?;
     follow_registration(
@@ -174,14 +185,15 @@ pub async fn run(
         .add_service(DecodeServer::new(service))
         .add_service(CacheTransferServer::new(receiver).max_decoding_message_size(usize::MAX))
         .add_service(WorkerStatusServer::new(status));
-    serve(listener, routes, shutdown).await
+    serve(listener, routes, worker).await?;
+    engine.outcome(&shutdown).await
 }
 
 fn start_engine(
     model: Arc<dyn LanguageModel>,
     config: &DecodeConfig,
     counters: Arc<LoadCounters>,
-) -> Result<mpsc::UnboundedSender<Command>> {
+) -> Result<(mpsc::UnboundedSender<Command>, std::thread::JoinHandle<()>)> {
     let (tx, rx) = mpsc::unbounded_channel();
     let cache = model.new_cache(config.cache_config())?;
     let metrics = Arc::new(DecodeMetrics::new(config.worker_id.as_str()));
@@ -190,10 +202,10 @@ fn start_engine(
         prefill_chunk: config.prefill_chunk,
     };
     let mut scheduler = Scheduler::new(model, cache, limits, counters, metrics);
-    std::thread::Builder::new()
+    let engine = std::thread::Builder::new()
         .name("sluice-decode-engine".into())
         .spawn(move || scheduler.run(rx))?;
-    Ok(tx)
+    Ok((tx, engine))
 }
 
 struct DecodeService {
@@ -219,23 +231,38 @@ impl DecodeService {
                 "the prompt is empty",
             ));
         }
+        if !req.prefill && !req.generated_token_ids.is_empty() {
+            return Err(RuntimeError::invalid(
+                "generated_token_ids",
+                "a migrated request is prefilled here: set `prefill`",
+            ));
+        }
+        if !req.generated_token_ids.is_empty() && req.rng_state.is_none() {
+            return Err(RuntimeError::invalid(
+                "rng_state",
+                "must be set with `generated_token_ids` (the sampler's state after them)",
+            ));
+        }
         if req.max_new_tokens == 0 {
             return Err(RuntimeError::invalid(
                 "max_new_tokens",
                 "must be at least 1",
             ));
         }
-        let total = req.prompt_token_ids.len() + req.max_new_tokens as usize;
+        let total = req.prompt_token_ids.len()
+            + req.generated_token_ids.len()
+            + req.max_new_tokens as usize;
         if total > self.max_context {
             return Err(RuntimeError::invalid(
                 "max_new_tokens",
                 format!(
-                    "prompt + max_new_tokens = {total} tokens is above this worker's limit of {}",
+                    "prompt + generated + max_new_tokens = {total} tokens is above this worker's limit of {}",
                     self.max_context
                 ),
             ));
         }
         sampling::check_token_ids("prompt_token_ids", &req.prompt_token_ids, self.vocab)?;
+        sampling::check_token_ids("generated_token_ids", &req.generated_token_ids, self.vocab)?;
         sampling::params_from_pb(req.sampling.as_ref())
     }
 }
@@ -251,7 +278,17 @@ async fn start_sequence(
 ) {
     let logprobs = req.sampling.as_ref().is_some_and(|s| s.logprobs.is_some());
     let prepared = if req.prefill {
-        Sampler::new(params, &req.prompt_token_ids).map(|s| (s, None))
+        match req.rng_state {
+            // A migrated request continues the sampling it had reached elsewhere.
+            Some(state) => Sampler::resume(
+                params,
+                &req.prompt_token_ids,
+                &req.generated_token_ids,
+                state,
+            ),
+            None => Sampler::new(params, &req.prompt_token_ids),
+        }
+        .map(|s| (s, None))
     } else {
         let arrival = tokio::select! {
             a = inbox.take(&req.transfer_id, timeout) => a,
@@ -286,6 +323,7 @@ async fn start_sequence(
         prompt: req.prompt_token_ids,
         sampler,
         adopted,
+        generated: req.generated_token_ids,
         max_new_tokens: req.max_new_tokens as usize,
         stop_ids: req.eos_token_ids,
         logprobs,

@@ -33,6 +33,9 @@ pub struct NewSequence {
     pub sampler: Sampler,
     /// The prefill worker's first token and cache; `None` to prefill here.
     pub adopted: Option<(u32, CacheSnapshot)>,
+    /// Prefilled here only: tokens generated before a migration, recomputed after the prompt
+    /// one per step (as first computed) and never sent again.
+    pub generated: Vec<u32>,
     pub max_new_tokens: usize,
     pub stop_ids: Vec<u32>,
     pub logprobs: bool,
@@ -194,6 +197,7 @@ impl Scheduler {
                             token_ids: Vec::new(),
                             finish_reason: FinishReason::Cancelled as i32,
                             logprobs: Vec::new(),
+                            rng_state: s.sampler.rng_state(),
                         }));
                         found = true;
                     }
@@ -206,10 +210,16 @@ impl Scheduler {
     fn start(&mut self, new: NewSequence) {
         let mut tokens = new.prompt;
         let prompt_len = tokens.len();
-        let pending = new.adopted.map(|(first, snapshot)| {
-            tokens.push(first);
-            snapshot
-        });
+        let pending = match new.adopted {
+            Some((first, snapshot)) => {
+                tokens.push(first);
+                Some(snapshot)
+            }
+            None => {
+                tokens.extend_from_slice(&new.generated);
+                None
+            }
+        };
         self.next_order += 1;
         let seq = Sequence {
             request_id: new.request_id,
@@ -226,11 +236,13 @@ impl Scheduler {
             tx: new.tx,
         };
         let total = self.cache.config().num_blocks;
-        let need = self.cache.blocks_for(seq.prompt_len + seq.remaining);
+        let need = self.cache.blocks_for(seq.tokens.len() + seq.remaining);
         if need > total {
-            let _ = seq.tx.send(Err(Status::resource_exhausted(format!(
-                "{} prompt + {} new tokens need {need} KV blocks; this decode worker has {total}",
-                seq.prompt_len, seq.remaining
+            // Never retryable: no load on this worker makes it fit.
+            let _ = seq.tx.send(Err(Status::invalid_argument(format!(
+                "{} tokens + {} new tokens need {need} KV blocks; this decode worker has {total}",
+                seq.tokens.len(),
+                seq.remaining
             ))));
             return;
         }
@@ -415,6 +427,7 @@ fn emit(s: &mut Sequence, sampled: &Sampled) -> bool {
         token_ids: vec![token],
         finish_reason: finish as i32,
         logprobs,
+        rng_state: s.sampler.rng_state(),
     }));
     finish != FinishReason::Unspecified
 }

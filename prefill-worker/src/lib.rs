@@ -17,6 +17,7 @@ use sluice_engine::{
 use sluice_proto::worker::v1 as pb;
 use sluice_proto::worker::v1::prefill_server::{Prefill, PrefillServer};
 use sluice_proto::worker::v1::worker_status_server::WorkerStatusServer;
+use sluice_runtime::engine_thread::EngineWatch;
 use sluice_runtime::error::engine_status;
 use sluice_runtime::serve::{advertised_address, serve, standard_routes};
 use sluice_runtime::status::{
@@ -93,7 +94,10 @@ pub async fn run(
     let address = advertised_address(listener.local_addr()?, config.advertise.as_deref());
     let counters = Arc::new(LoadCounters::default());
     let metrics = Arc::new(PrefillMetrics::new(config.worker_id.as_str()));
-    let jobs = start_engine(model.clone(), &config, counters.clone(), metrics.clone())?;
+    // Registration and server stop on `worker`: at shutdown, or when the engine thread dies.
+    let worker = shutdown.child_token();
+    let (jobs, engine) = start_engine(model.clone(), &config, counters.clone(), metrics.clone())?;
+    let engine = EngineWatch::start("prefill engine", engine, worker.clone());
     let info = WorkerInfo {
         worker_id: config.worker_id.clone(),
         role: Role::Prefill,
@@ -105,7 +109,7 @@ pub async fn run(
         node: config.node.clone(),
         expert_shard: None,
     };
-    let registration = membership.register(info, shutdown.clone()).await?;
+    let registration = membership.register(info, worker.clone()).await?;
     tracing::info!(worker = %config.worker_id, %address, "prefill worker registered");
     let (health, routes) = standard_routes()?;
     follow_registration(
@@ -130,7 +134,8 @@ pub async fn run(
                 counters,
                 registration,
             )));
-    serve(listener, routes, shutdown).await
+    serve(listener, routes, worker).await?;
+    engine.outcome(&shutdown).await
 }
 
 fn start_engine(
@@ -138,7 +143,7 @@ fn start_engine(
     config: &PrefillConfig,
     counters: Arc<LoadCounters>,
     metrics: Arc<PrefillMetrics>,
-) -> Result<mpsc::UnboundedSender<Job>> {
+) -> Result<(mpsc::UnboundedSender<Job>, std::thread::JoinHandle<()>)> {
     let (tx, rx) = mpsc::unbounded_channel();
     let capacity = config.max_batch_tokens.max(config.max_context);
     let cache_config = CacheConfig {
@@ -155,10 +160,10 @@ fn start_engine(
         counters,
         metrics,
     };
-    std::thread::Builder::new()
+    let engine = std::thread::Builder::new()
         .name("sluice-prefill-engine".into())
         .spawn(move || engine.run(rx))?;
-    Ok(tx)
+    Ok((tx, engine))
 }
 
 struct PrefillEngine {
@@ -396,6 +401,7 @@ impl PrefillService {
                 transfer_id: String::new(),
                 transferred_bytes: 0,
                 first_logprobs,
+                rng_state: prefilled.rng_state,
             });
         };
         let header = TransferHeader {
@@ -408,6 +414,7 @@ impl PrefillService {
                 rng_state: prefilled.rng_state,
             },
         };
+        let rng_state = prefilled.rng_state;
         let started = std::time::Instant::now();
         let bytes = tokio::time::timeout(
             Duration::from_secs(120),
@@ -426,6 +433,7 @@ impl PrefillService {
             transfer_id: req.transfer_id,
             transferred_bytes: bytes,
             first_logprobs,
+            rng_state,
         })
     }
 }

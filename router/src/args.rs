@@ -27,6 +27,15 @@ pub struct RouterArgs {
     /// (conditional disaggregation); 0 sends every prompt to a prefill worker.
     #[arg(long, env = "SLUICE_DISAGG_MIN_TOKENS", default_value_t = 0)]
     pub disagg_min_tokens: usize,
+    /// Seconds to wait for a decode stream's next token before its worker counts as stalled
+    /// and the request migrates to another decode worker.
+    #[arg(long, env = "SLUICE_TOKEN_TIMEOUT", default_value_t = 60)]
+    pub token_timeout: u64,
+    /// Times one request may move to other workers when an attempt fails: paired again before
+    /// its first token, migrated (the tokens sent recomputed elsewhere) after it. 0 turns
+    /// both off.
+    #[arg(long, env = "SLUICE_MIGRATION_LIMIT", default_value_t = 3)]
+    pub migration_limit: usize,
 }
 
 impl RouterArgs {
@@ -37,6 +46,8 @@ impl RouterArgs {
         config.max_tokens_limit = self.max_tokens_limit;
         config.default_deadline = Duration::from_secs(self.default_deadline);
         config.disagg_min_tokens = self.disagg_min_tokens;
+        config.token_timeout = Duration::from_secs(self.token_timeout.max(1));
+        config.migration_limit = self.migration_limit;
     }
 }
 

@@ -1,9 +1,28 @@
-//! One request through the cluster. Disaggregated: open the decode stream, run the prompt on
-//! the prefill worker (which pushes the cache to the decode worker), then relay tokens — the
-//! first from the prefill answer, the rest from the decode stream. Prompts shorter than
-//! `disagg_min_tokens` skip the prefill worker: the decode worker prefills them itself and
-//! streams every token. Either way text is decoded incrementally, stop strings and stop token
-//! ids applied, and a caller that goes away aborts the request on the decode worker.
+//! One request through the cluster, as a small state machine (`Phase`) driven by
+//! [`Relay::run`]:
+//!
+//! ```text
+//! Routing ──pair──▶ Prefilling ──first token──▶ Decoding ──finish──▶ done
+//!    ▲  └──local (short prompt, or a migration)──────▶ │
+//!    └──────────── an attempt failed (retry / migrate) ◀┘
+//! ```
+//!
+//! Disaggregated: open the decode stream, run the prompt on the prefill worker (which pushes
+//! the cache to the decode worker), then relay tokens — the first from the prefill answer, the
+//! rest from the decode stream. Prompts shorter than `disagg_min_tokens` skip the prefill
+//! worker: the decode worker prefills them itself and streams every token.
+//!
+//! When an attempt fails — a worker unreachable, failing, stalled, refusing, or a stream that
+//! ends without a finish — the relay alone decides what follows: before the first token the
+//! request is paired again on other workers; after it, it *migrates*: another decode worker
+//! recomputes the prompt and every token already sent (as they were first computed) and
+//! resumes the sampler from the RNG state the last worker reported, so the client sees one
+//! stream with no token lost or repeated, and greedy or seeded sampling gives exactly the
+//! tokens of an unfaulted run. Each attempt has its own [`AttemptKey`]; at most
+//! `migration_limit` moves per request, all within its deadline.
+//!
+//! Either way text is decoded incrementally, stop strings and stop token ids applied, and an
+//! attempt that ends any other way than by its worker's own finish is aborted there.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,12 +33,15 @@ use sluice_proto::worker::v1 as wpb;
 use sluice_proto::worker::v1::decode_client::DecodeClient;
 use sluice_proto::worker::v1::prefill_client::PrefillClient;
 use sluice_runtime::telemetry::traced;
+use sluice_runtime::{Role, WorkerId};
 use tokio::sync::mpsc;
+use tonic::transport::Channel;
 use tonic::{Status, Streaming};
 
 use crate::error::RouterError;
+use crate::key::AttemptKey;
 use crate::metrics::RouterMetrics;
-use crate::pool::{Assignment, Pair, WorkerPool};
+use crate::pool::{Assignment, CallOutcome, Pair, WorkerPool, WorkerState};
 use crate::stop::StopMatcher;
 use crate::validate::{ModelContext, ValidRequest};
 
@@ -29,26 +51,14 @@ pub type ChunkTx = mpsc::Sender<Result<pb::GenerateChunk, Status>>;
 pub struct Relay {
     pub pool: Arc<WorkerPool>,
     pub model: Arc<ModelContext>,
-    pub transfer_timeout: Duration,
+    /// Longest wait for the next token of a decode stream before the worker counts as stalled.
+    pub token_timeout: Duration,
     /// Prompts shorter than this are prefilled on the decode worker (0: never).
     pub disagg_min_tokens: usize,
+    /// Moves one request may make to other workers: re-pairings before its first token and
+    /// migrations after it.
+    pub migration_limit: usize,
     pub metrics: Arc<RouterMetrics>,
-}
-
-/// The workers one request runs on.
-enum Route {
-    Disaggregated(Pair),
-    /// The decode worker prefills the prompt itself.
-    Local(Assignment),
-}
-
-impl Route {
-    fn decode(&self) -> &Assignment {
-        match self {
-            Route::Disaggregated(pair) => &pair.decode,
-            Route::Local(decode) => decode,
-        }
-    }
 }
 
 /// Turns tokens into chunks: text increments, stop rules, log-probabilities, usage, latency.
@@ -59,7 +69,10 @@ struct Emitter<'a> {
     stops: StopMatcher,
     /// The prompt's text, sent before the first token's (echo).
     echo: Option<String>,
-    generated: usize,
+    /// Every token sent to the client so far: what a migration recomputes.
+    tokens: Vec<u32>,
+    /// The sampler's RNG state after the last of `tokens`, as its worker reported it.
+    rng_state: Option<u64>,
     arrived: Instant,
     last_token: Option<Instant>,
     tx: &'a ChunkTx,
@@ -82,7 +95,7 @@ impl Emitter<'_> {
         }
         self.last_token = Some(now);
         m.generated_tokens.inc();
-        self.generated += 1;
+        self.tokens.push(token);
         let tokenizer = &self.relay.model.tokenizer;
         let sampling = &self.request.sampling;
         let stop_token = sampling.stop_token_ids.contains(&token);
@@ -101,7 +114,7 @@ impl Emitter<'_> {
             Some(FinishReason::Eos)
         } else if let Some(f) = finish {
             Some(f)
-        } else if self.generated >= sampling.max_tokens {
+        } else if self.tokens.len() >= sampling.max_tokens {
             Some(FinishReason::Length)
         } else {
             None
@@ -137,26 +150,148 @@ impl Emitter<'_> {
     fn usage(&self) -> pb::Usage {
         pb::Usage {
             prompt_tokens: self.request.prompt.len() as u32,
-            completion_tokens: self.generated as u32,
+            completion_tokens: self.tokens.len() as u32,
         }
     }
 }
 
-fn worker_failed(role: &'static str, worker: &Assignment, status: &Status) -> RouterError {
-    RouterError::WorkerFailed {
-        role,
-        worker: worker.worker().info.worker_id.to_string(),
-        message: format!("{:?}: {}", status.code(), status.message()),
+/// Where one request stands.
+enum Phase {
+    /// Choosing workers: first, or again after an attempt failed.
+    Routing,
+    /// The prompt runs on the prefill worker; the decode stream (absent for a one-token
+    /// request) waits for the cache it pushes.
+    Prefilling {
+        pair: Pair,
+        stream: Option<Streaming<wpb::TokenChunk>>,
+        abort: AbortOnDrop,
+    },
+    /// Tokens come from this decode worker's stream.
+    Decoding {
+        decode: Assignment,
+        stream: Streaming<wpb::TokenChunk>,
+        abort: AbortOnDrop,
+    },
+}
+
+enum Next {
+    Phase(Box<Phase>),
+    Done(FinishReason),
+}
+
+/// Why an attempt ended without finishing the request.
+enum Stop {
+    /// The request itself is at fault (or cannot go on): no other worker would do better.
+    Final(RouterError),
+    /// The worker is: the request moves on.
+    Moved(Failure),
+}
+
+struct Failure {
+    worker: Arc<WorkerState>,
+    /// What this says of the worker's health (`None`: a refusal, nothing against it).
+    outcome: Option<CallOutcome>,
+    /// The `reason` label of `sluice_router_migrations_total`.
+    reason: &'static str,
+    /// What the client gets if the request cannot move any more.
+    error: RouterError,
+}
+
+/// Classifies a worker's failed call once: the request's fault, a refusal, or the worker's.
+fn classify(role: Role, worker: &Arc<WorkerState>, status: Status) -> Stop {
+    let code = status.code();
+    // A status the worker sent has no source; one made here from a broken or refused
+    // connection has the transport error as its source.
+    let unreachable = std::error::Error::source(&status).is_some();
+    let (outcome, kind) = match code {
+        tonic::Code::InvalidArgument => return Stop::Final(RouterError::Runtime(status.into())),
+        tonic::Code::ResourceExhausted | tonic::Code::FailedPrecondition => (None, "refused"),
+        _ if unreachable => (Some(CallOutcome::Unreachable), "unreachable"),
+        _ => (Some(CallOutcome::Failed), "failed"),
+    };
+    let error = match outcome {
+        None => RouterError::Runtime(status.into()),
+        Some(_) => RouterError::WorkerFailed {
+            role: role.as_str(),
+            worker: worker.info.worker_id.to_string(),
+            message: format!("{:?}: {}", code, status.message()),
+        },
+    };
+    Stop::Moved(Failure {
+        worker: worker.clone(),
+        outcome,
+        reason: reason_label(role, kind),
+        error,
+    })
+}
+
+fn reason_label(role: Role, kind: &str) -> &'static str {
+    match (role, kind) {
+        (Role::Prefill, "unreachable") => "prefill_unreachable",
+        (Role::Prefill, "refused") => "prefill_refused",
+        (Role::Prefill, _) => "prefill_failed",
+        (_, "unreachable") => "decode_unreachable",
+        (_, "refused") => "decode_refused",
+        (_, "stalled") => "decode_stalled",
+        (_, "stream_ended") => "decode_stream_ended",
+        _ => "decode_failed",
     }
 }
 
-/// A worker's refusal with a meaning of its own keeps it; anything else is the worker failing.
-fn worker_error(role: &'static str, worker: &Assignment, status: Status) -> RouterError {
-    match status.code() {
-        tonic::Code::InvalidArgument
-        | tonic::Code::ResourceExhausted
-        | tonic::Code::FailedPrecondition => RouterError::Runtime(status.into()),
-        _ => worker_failed(role, worker, &status),
+/// A decode worker's own failure that is no status: a stall or a stream cut short.
+fn decode_failure(worker: &Arc<WorkerState>, kind: &'static str, message: String) -> Stop {
+    Stop::Moved(Failure {
+        worker: worker.clone(),
+        outcome: Some(CallOutcome::Failed),
+        reason: reason_label(Role::Decode, kind),
+        error: RouterError::WorkerFailed {
+            role: "decode",
+            worker: worker.info.worker_id.to_string(),
+            message,
+        },
+    })
+}
+
+/// Aborts an attempt's sequence on its decode worker when dropped armed: whatever ends the
+/// attempt other than the worker's own finish (a failure, the caller leaving, the router's
+/// stop strings), the worker never keeps the sequence. Keyed by the attempt, so it can never
+/// touch the request's next attempt nor another client's.
+struct AbortOnDrop {
+    channel: Option<Channel>,
+    key: AttemptKey,
+}
+
+impl AbortOnDrop {
+    fn new(decode: &Assignment, key: AttemptKey) -> Self {
+        AbortOnDrop {
+            channel: Some(decode.worker().channel.clone()),
+            key,
+        }
+    }
+
+    /// The worker ended the sequence itself.
+    fn disarm(&mut self) {
+        self.channel = None;
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        let Some(channel) = self.channel.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let request_id = self.key.to_string();
+        runtime.spawn(async move {
+            let mut client = DecodeClient::new(channel);
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                client.abort(wpb::AbortRequest { request_id }),
+            )
+            .await;
+        });
     }
 }
 
@@ -168,37 +303,6 @@ impl Relay {
         request: ValidRequest,
         arrived: Instant,
         tx: ChunkTx,
-    ) -> Result<FinishReason, RouterError> {
-        let route = if request.prompt.len() < self.disagg_min_tokens {
-            Route::Local(self.pool.pick_decode()?)
-        } else {
-            Route::Disaggregated(self.pool.pick_pair()?)
-        };
-        let outcome = tokio::select! {
-            r = self.relay(&route, &request, arrived, &tx) => r,
-            () = tx.closed() => Err(RouterError::Cancelled),
-        };
-        if outcome.is_err() {
-            // Whatever happened, the decode worker must not keep the sequence.
-            let mut client = DecodeClient::new(route.decode().worker().channel.clone());
-            let request_id = request.request_id.clone();
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(5),
-                    client.abort(wpb::AbortRequest { request_id }),
-                )
-                .await;
-            });
-        }
-        outcome
-    }
-
-    async fn relay(
-        &self,
-        route: &Route,
-        request: &ValidRequest,
-        arrived: Instant,
-        tx: &ChunkTx,
     ) -> Result<FinishReason, RouterError> {
         let echo = if request.sampling.echo {
             let text = self
@@ -212,122 +316,280 @@ impl Relay {
         };
         let mut emitter = Emitter {
             relay: self,
-            request,
+            request: &request,
             decoder: IncrementalDecoder::new(true),
             stops: StopMatcher::new(request.sampling.stop.clone()),
             echo,
-            generated: 0,
+            tokens: Vec::new(),
+            rng_state: None,
             arrived,
             last_token: None,
-            tx,
+            tx: &tx,
         };
-        let sampling = Some(to_wire_sampling(request));
-        let decode = route.decode();
-        let transfer_id = format!(
-            "{}@{}",
-            request.request_id,
-            crate::validate::new_request_id()
-        );
-        let local = matches!(route, Route::Local(_));
-        let max_tokens = request.sampling.max_tokens;
-        // The decode worker waits for the cache (or prefills) from now on.
-        let mut decode_stream = if local || max_tokens > 1 {
-            let mut client = DecodeClient::new(decode.worker().channel.clone());
-            let call = client.decode(traced(wpb::DecodeRequest {
-                request_id: request.request_id.clone(),
-                transfer_id: if local {
-                    String::new()
-                } else {
-                    transfer_id.clone()
-                },
-                prompt_token_ids: request.prompt.clone(),
-                sampling: sampling.clone(),
-                max_new_tokens: if local { max_tokens } else { max_tokens - 1 } as u32,
-                eos_token_ids: request.worker_stop_ids(),
-                prefill: local,
-            }));
-            let stream = call.await.map_err(|s| worker_error("decode", decode, s))?;
-            Some(stream.into_inner())
-        } else {
-            None
-        };
-        if let Route::Disaggregated(pair) = route {
-            let mut prefill = PrefillClient::new(pair.prefill.worker().channel.clone());
-            // Without a decode stream the cache has nowhere to go: the prefill worker keeps
-            // nothing.
-            let (decode_address, transfer_id) = match decode_stream {
-                Some(_) => (decode.worker().info.address.clone(), transfer_id),
-                None => (String::new(), String::new()),
-            };
-            let first = prefill
-                .prefill(traced(wpb::PrefillRequest {
-                    request_id: request.request_id.clone(),
-                    prompt_token_ids: request.prompt.clone(),
-                    sampling,
-                    decode_worker_id: decode.worker().info.worker_id.to_string(),
-                    decode_address,
-                    transfer_id,
-                    transport: pair.transport.to_string(),
-                }))
-                .await
-                .map_err(|s| worker_error("prefill", &pair.prefill, s))?
-                .into_inner();
-            if let Some(reason) = emitter
-                .token(first.first_token, None, first.first_logprobs)
-                .await?
-            {
-                return Ok(reason);
-            }
-        }
-        match decode_stream.as_mut() {
-            Some(stream) => self.relay_decode(stream, decode, &mut emitter).await,
-            None => Err(RouterError::Internal(
-                "the first token did not end a one-token request".into(),
-            )),
+        // Dropping `drive` (the caller left) drops its phase, which aborts the attempt.
+        tokio::select! {
+            r = self.drive(&request, &mut emitter) => r,
+            () = tx.closed() => Err(RouterError::Cancelled),
         }
     }
 
-    async fn relay_decode(
+    /// Moves the request through its phases until it finishes or cannot go on.
+    async fn drive(
         &self,
-        stream: &mut Streaming<wpb::TokenChunk>,
-        decode: &Assignment,
+        request: &ValidRequest,
         emitter: &mut Emitter<'_>,
     ) -> Result<FinishReason, RouterError> {
-        let failed = |message: String| RouterError::WorkerFailed {
-            role: "decode",
-            worker: decode.worker().info.worker_id.to_string(),
-            message,
-        };
+        let mut key = AttemptKey::first();
+        // Workers that failed this request: its next attempts go elsewhere.
+        let mut excluded: Vec<WorkerId> = Vec::new();
+        let mut phase = Phase::Routing;
         loop {
-            let chunk = tokio::time::timeout(self.transfer_timeout, stream.message())
-                .await
-                .map_err(|_| failed(format!("no token for {:?}", self.transfer_timeout)))?;
-            let chunk = match chunk {
-                Ok(Some(c)) => c,
-                Ok(None) => {
-                    return Err(failed(
+            let step = match phase {
+                Phase::Routing => self.route(key, &excluded, request, emitter).await,
+                Phase::Prefilling {
+                    pair,
+                    stream,
+                    abort,
+                } => {
+                    self.prefill(key, pair, stream, abort, request, emitter)
+                        .await
+                }
+                Phase::Decoding {
+                    decode,
+                    mut stream,
+                    mut abort,
+                } => self
+                    .decode(&decode, &mut stream, &mut abort, emitter)
+                    .await
+                    .map(Next::Done),
+            };
+            phase = match step {
+                Ok(Next::Phase(next)) => *next,
+                Ok(Next::Done(reason)) => return Ok(reason),
+                Err(Stop::Final(e)) => return Err(e),
+                Err(Stop::Moved(failure)) => {
+                    let worker = &failure.worker;
+                    if let Some(outcome) = failure.outcome
+                        && worker.record(outcome)
+                    {
+                        self.metrics.ejected(worker.info.role.as_str());
+                    }
+                    if key.attempt() as usize >= self.migration_limit {
+                        return Err(failure.error);
+                    }
+                    tracing::warn!(
+                        attempt = %key,
+                        worker = %worker.info.worker_id,
+                        sent = emitter.tokens.len(),
+                        "{}; moving the request ({})",
+                        failure.error,
+                        failure.reason
+                    );
+                    self.metrics.migrated(failure.reason);
+                    excluded.push(worker.info.worker_id.clone());
+                    key = key.next();
+                    Phase::Routing
+                }
+            };
+        }
+    }
+
+    /// Chooses the workers of attempt `key` and opens its decode stream.
+    async fn route(
+        &self,
+        key: AttemptKey,
+        excluded: &[WorkerId],
+        request: &ValidRequest,
+        emitter: &Emitter<'_>,
+    ) -> Result<Next, Stop> {
+        // A request with tokens sent continues on a decode worker that recomputes them.
+        let mut local = !emitter.tokens.is_empty() || request.prompt.len() < self.disagg_min_tokens;
+        if !local {
+            match self.pool.pick_pair(excluded) {
+                Ok(pair) => {
+                    let stream = if request.sampling.max_tokens > 1 {
+                        Some(
+                            self.open_decode(key, &pair.decode, false, request, emitter)
+                                .await?,
+                        )
+                    } else {
+                        // Nothing to decode after the first token: the cache goes nowhere.
+                        None
+                    };
+                    let abort = AbortOnDrop::new(&pair.decode, key);
+                    return Ok(Next::Phase(Box::new(Phase::Prefilling {
+                        pair,
+                        stream,
+                        abort,
+                    })));
+                }
+                // Every prefill worker failed this request: its decode worker prefills it.
+                Err(RouterError::NoWorker(_)) if key.attempt() > 0 => local = true,
+                Err(e) => return Err(Stop::Final(e)),
+            }
+        }
+        debug_assert!(local);
+        let decode = self.pool.pick_decode(excluded).map_err(Stop::Final)?;
+        let stream = self
+            .open_decode(key, &decode, true, request, emitter)
+            .await?;
+        let abort = AbortOnDrop::new(&decode, key);
+        Ok(Next::Phase(Box::new(Phase::Decoding {
+            decode,
+            stream,
+            abort,
+        })))
+    }
+
+    /// Opens the decode stream of attempt `key`: waiting for a pushed cache, or (`local`)
+    /// prefilling the prompt and the tokens already sent on the decode worker itself.
+    async fn open_decode(
+        &self,
+        key: AttemptKey,
+        decode: &Assignment,
+        local: bool,
+        request: &ValidRequest,
+        emitter: &Emitter<'_>,
+    ) -> Result<Streaming<wpb::TokenChunk>, Stop> {
+        let max_tokens = request.sampling.max_tokens;
+        let sent = emitter.tokens.len();
+        let mut client = DecodeClient::new(decode.worker().channel.clone());
+        let call = client.decode(traced(wpb::DecodeRequest {
+            request_id: key.to_string(),
+            transfer_id: if local {
+                String::new()
+            } else {
+                key.to_string()
+            },
+            prompt_token_ids: request.prompt.clone(),
+            sampling: Some(to_wire_sampling(request)),
+            // Disaggregated: the prefill worker samples the first token.
+            max_new_tokens: if local {
+                max_tokens - sent
+            } else {
+                max_tokens - 1
+            } as u32,
+            eos_token_ids: request.worker_stop_ids(),
+            prefill: local,
+            generated_token_ids: emitter.tokens.clone(),
+            rng_state: if sent > 0 { emitter.rng_state } else { None },
+        }));
+        match call.await {
+            Ok(stream) => Ok(stream.into_inner()),
+            Err(status) => Err(classify(Role::Decode, decode.worker(), status)),
+        }
+    }
+
+    /// Runs the prompt on the prefill worker and sends the first token.
+    async fn prefill(
+        &self,
+        key: AttemptKey,
+        pair: Pair,
+        stream: Option<Streaming<wpb::TokenChunk>>,
+        abort: AbortOnDrop,
+        request: &ValidRequest,
+        emitter: &mut Emitter<'_>,
+    ) -> Result<Next, Stop> {
+        let decode = pair.decode.worker();
+        let mut client = PrefillClient::new(pair.prefill.worker().channel.clone());
+        // Without a decode stream the cache has nowhere to go: the prefill worker keeps
+        // nothing.
+        let (decode_address, transfer_id) = match stream {
+            Some(_) => (decode.info.address.clone(), key.to_string()),
+            None => (String::new(), String::new()),
+        };
+        let first = client
+            .prefill(traced(wpb::PrefillRequest {
+                request_id: key.to_string(),
+                prompt_token_ids: request.prompt.clone(),
+                sampling: Some(to_wire_sampling(request)),
+                decode_worker_id: decode.info.worker_id.to_string(),
+                decode_address,
+                transfer_id,
+                transport: pair.transport.to_string(),
+            }))
+            .await
+            .map_err(|status| classify(Role::Prefill, pair.prefill.worker(), status))?
+            .into_inner();
+        pair.prefill.worker().record(CallOutcome::Answered);
+        emitter.rng_state = Some(first.rng_state);
+        let finish = emitter
+            .token(first.first_token, None, first.first_logprobs)
+            .await
+            .map_err(Stop::Final)?;
+        if let Some(reason) = finish {
+            return Ok(Next::Done(reason));
+        }
+        match stream {
+            Some(stream) => Ok(Next::Phase(Box::new(Phase::Decoding {
+                decode: pair.decode,
+                stream,
+                abort,
+            }))),
+            None => Err(Stop::Final(RouterError::Internal(
+                "the first token did not end a one-token request".into(),
+            ))),
+        }
+    }
+
+    /// Relays the decode stream until the request finishes.
+    async fn decode(
+        &self,
+        decode: &Assignment,
+        stream: &mut Streaming<wpb::TokenChunk>,
+        abort: &mut AbortOnDrop,
+        emitter: &mut Emitter<'_>,
+    ) -> Result<FinishReason, Stop> {
+        let worker = decode.worker();
+        let mut answered = false;
+        loop {
+            let chunk = match tokio::time::timeout(self.token_timeout, stream.message()).await {
+                Err(_) => {
+                    return Err(decode_failure(
+                        worker,
+                        "stalled",
+                        format!("no token for {:?}", self.token_timeout),
+                    ));
+                }
+                Ok(Ok(Some(c))) => c,
+                Ok(Ok(None)) => {
+                    return Err(decode_failure(
+                        worker,
+                        "stream_ended",
                         "the token stream ended without a finish reason".into(),
                     ));
                 }
-                Err(s) => return Err(worker_error("decode", decode, s)),
+                Ok(Err(status)) => return Err(classify(Role::Decode, worker, status)),
             };
+            if !answered {
+                answered = true;
+                worker.record(CallOutcome::Answered);
+            }
             let reason =
                 FinishReason::try_from(chunk.finish_reason).unwrap_or(FinishReason::Unspecified);
+            if reason != FinishReason::Unspecified {
+                // The worker has ended the sequence itself.
+                abort.disarm();
+            }
             let n = chunk.token_ids.len();
             let mut logprobs = chunk.logprobs.into_iter();
             for (i, &token) in chunk.token_ids.iter().enumerate() {
                 let last = i + 1 == n && reason != FinishReason::Unspecified;
-                if let Some(reason) = emitter
+                let finish = emitter
                     .token(token, last.then_some(reason), logprobs.next())
-                    .await?
-                {
+                    .await
+                    .map_err(Stop::Final)?;
+                if let Some(reason) = finish {
                     return Ok(reason);
                 }
             }
+            if n > 0 {
+                emitter.rng_state = Some(chunk.rng_state);
+            }
             if n == 0 && reason != FinishReason::Unspecified {
-                return Err(RouterError::Internal(format!(
+                return Err(Stop::Final(RouterError::Internal(format!(
                     "decode worker finished with {reason:?} and no token"
-                )));
+                ))));
             }
         }
     }

@@ -7,6 +7,7 @@ pub mod args;
 pub mod error;
 pub mod generation;
 pub mod http;
+pub mod key;
 pub mod metrics;
 pub mod openai;
 pub mod pool;
@@ -45,7 +46,12 @@ pub struct RouterConfig {
     pub max_tokens_limit: usize,
     /// Deadline of requests whose caller sets none.
     pub default_deadline: Duration,
-    pub transfer_timeout: Duration,
+    /// Longest wait for a decode stream's next token before its worker counts as stalled
+    /// (the request then migrates).
+    pub token_timeout: Duration,
+    /// Moves one request may make to other workers (re-pairings before its first token,
+    /// migrations after it).
+    pub migration_limit: usize,
     /// Prompts shorter than this many tokens are prefilled on the decode worker; 0 sends
     /// every prompt to a prefill worker.
     pub disagg_min_tokens: usize,
@@ -60,7 +66,8 @@ impl RouterConfig {
             max_context: 8192,
             max_tokens_limit: 4096,
             default_deadline: Duration::from_secs(600),
-            transfer_timeout: Duration::from_secs(60),
+            token_timeout: Duration::from_secs(60),
+            migration_limit: 3,
             disagg_min_tokens: 0,
         }
     }
@@ -82,7 +89,11 @@ pub async fn run(
     )?);
     let directory = WorkerDirectory::start(membership, shutdown.clone()).await?;
     let pool = WorkerPool::new(directory.clone(), Box::new(LeastLoaded));
-    pool.poll_loads(Duration::from_millis(500), shutdown.clone());
+    let metrics = Arc::new(RouterMetrics::new());
+    pool.poll_loads(Duration::from_millis(500), shutdown.clone(), {
+        let metrics = metrics.clone();
+        move |w| metrics.ejected(w.info.role.as_str())
+    });
     let (health, routes) = standard_routes()?;
     // Ready only while at least one prefill and one decode worker are registered.
     tokio::spawn({
@@ -112,9 +123,10 @@ pub async fn run(
         relay: Arc::new(Relay {
             pool: pool.clone(),
             model,
-            transfer_timeout: config.transfer_timeout,
+            token_timeout: config.token_timeout,
             disagg_min_tokens: config.disagg_min_tokens,
-            metrics: Arc::new(RouterMetrics::new()),
+            migration_limit: config.migration_limit,
+            metrics,
         }),
         admission: Arc::new(Admission::new(config.max_in_flight, config.max_queue)),
         default_deadline: config.default_deadline,

@@ -12,6 +12,8 @@ pub struct RouterMetrics {
     pub itl: Arc<Histogram>,
     pub e2e: Arc<Histogram>,
     requests: CounterFamily,
+    migrations: CounterFamily,
+    ejections: CounterFamily,
     pub queue_depth: Arc<Gauge>,
     pub in_flight: Arc<Gauge>,
     pub prompt_tokens: Arc<Counter>,
@@ -51,6 +53,16 @@ impl RouterMetrics {
                 "Requests by outcome: stop, length, eos, cancelled, invalid, overloaded, unavailable, deadline, error.",
                 &["outcome"],
             ),
+            migrations: r.counter(
+                "sluice_router_migrations_total",
+                "Requests moved to other workers after an attempt failed, by reason: prefill_unreachable, prefill_failed, prefill_refused (before the first token: paired again), decode_unreachable, decode_failed, decode_refused, decode_stalled, decode_stream_ended (after it: migrated).",
+                &["reason"],
+            ),
+            ejections: r.counter(
+                "sluice_router_worker_ejections_total",
+                "Workers taken out of routing (connection failure, consecutive failures, unanswered load polls), by role.",
+                &["role"],
+            ),
             queue_depth: r
                 .gauge(
                     "sluice_queue_depth",
@@ -76,6 +88,14 @@ impl RouterMetrics {
 
     pub fn outcome(&self, outcome: &str) {
         self.requests.with(&[outcome]).inc();
+    }
+
+    pub fn migrated(&self, reason: &str) {
+        self.migrations.with(&[reason]).inc();
+    }
+
+    pub fn ejected(&self, role: &str) {
+        self.ejections.with(&[role]).inc();
     }
 }
 

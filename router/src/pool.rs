@@ -1,11 +1,19 @@
 //! The router's view of the workers: the membership directory plus, per worker, a gRPC
-//! channel, the requests this router has in flight on it, and its latest load report (polled).
-//! Scheduling policies pick from it; the default is least-loaded.
+//! channel, the requests this router has in flight on it, its latest load report (polled)
+//! and whether it is ejected. Scheduling policies pick from the workers not ejected; the
+//! default is least-loaded.
+//!
+//! Ejection is how a dead worker stops receiving requests before its lease expires: a call
+//! that breaks at the connection ejects its worker at once, consecutive failed requests or
+//! load polls eject it too. An ejected worker comes back once its back-off has passed and a
+//! load poll has answered since (or when it re-registers with a new record); the back-off
+//! doubles with each ejection in a row, so a worker that answers polls but fails every
+//! request is tried ever more rarely.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sluice_proto::worker::v1 as pb;
 use sluice_proto::worker::v1::worker_status_client::WorkerStatusClient;
@@ -16,14 +24,139 @@ use tonic::transport::Channel;
 
 use crate::error::RouterError;
 
+/// Consecutive failed requests (or load polls) that eject a worker.
+const FAILURES_TO_EJECT: u32 = 3;
+/// An ejected worker's first back-off; it doubles per ejection in a row, up to the maximum.
+const EJECT_BACKOFF: Duration = Duration::from_secs(1);
+const EJECT_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// How one call to a worker went, as far as routing cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallOutcome {
+    /// It answered (a token, a prefill, a load report).
+    Answered,
+    /// The connection failed or broke: the process is gone or unreachable.
+    Unreachable,
+    /// It answered with a failure of its own (internal error, a stall, a broken stream).
+    Failed,
+}
+
+#[derive(Debug, Default)]
+struct Health {
+    failed_requests: u32,
+    failed_polls: u32,
+    /// Ejections in a row (back-off exponent); reset by an answered request.
+    ejections: u32,
+    /// Since when, for how long at least, and why.
+    ejected: Option<(Instant, Duration, &'static str)>,
+    /// A load poll answered after the ejection.
+    polled_since: bool,
+}
+
+impl Health {
+    fn eject(&mut self, why: &'static str) -> bool {
+        if self.ejected.is_some() {
+            return false;
+        }
+        let backoff = EJECT_BACKOFF
+            .saturating_mul(1 << self.ejections.min(5))
+            .min(EJECT_BACKOFF_MAX);
+        self.ejections += 1;
+        self.ejected = Some((Instant::now(), backoff, why));
+        self.polled_since = false;
+        true
+    }
+
+    fn accepting(&mut self) -> bool {
+        match self.ejected {
+            None => true,
+            Some((at, backoff, _)) if self.polled_since && at.elapsed() >= backoff => {
+                self.ejected = None;
+                self.failed_requests = 0;
+                self.failed_polls = 0;
+                true
+            }
+            Some(_) => false,
+        }
+    }
+}
+
 pub struct WorkerState {
     pub info: WorkerInfo,
     pub channel: Channel,
     in_flight: AtomicUsize,
     load: Mutex<Option<pb::LoadReport>>,
+    health: Mutex<Health>,
 }
 
 impl WorkerState {
+    fn new(info: WorkerInfo, channel: Channel) -> Self {
+        WorkerState {
+            info,
+            channel,
+            in_flight: AtomicUsize::new(0),
+            load: Mutex::new(None),
+            health: Mutex::new(Health::default()),
+        }
+    }
+
+    fn health(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records how a request's call to this worker went; true when that ejected it.
+    pub fn record(&self, outcome: CallOutcome) -> bool {
+        let mut h = self.health();
+        let ejected = match outcome {
+            CallOutcome::Answered => {
+                h.failed_requests = 0;
+                h.ejections = 0;
+                false
+            }
+            CallOutcome::Unreachable => h.eject("connection failed"),
+            CallOutcome::Failed => {
+                h.failed_requests += 1;
+                h.failed_requests >= FAILURES_TO_EJECT && h.eject("consecutive failures")
+            }
+        };
+        if ejected {
+            tracing::warn!(worker = %self.info.worker_id, role = %self.info.role, ?outcome, "worker ejected from routing");
+        }
+        ejected
+    }
+
+    /// Records a load poll: an answer lets an ejected worker back after its back-off, two
+    /// unanswered polls in a row eject it (its last report is stale, never read as idle).
+    fn record_poll(&self, report: Option<pb::LoadReport>) -> bool {
+        let answered = report.is_some();
+        if let Some(r) = report {
+            *self.load.lock().unwrap_or_else(PoisonError::into_inner) = Some(r);
+        }
+        let mut h = self.health();
+        if answered {
+            h.failed_polls = 0;
+            h.polled_since = true;
+            false
+        } else {
+            h.failed_polls += 1;
+            let ejected = h.failed_polls >= 2 && h.eject("load polls unanswered");
+            if ejected {
+                tracing::warn!(worker = %self.info.worker_id, role = %self.info.role, "worker ejected from routing: load polls unanswered");
+            }
+            ejected
+        }
+    }
+
+    /// Why the worker is out of routing now, if it is.
+    pub fn ejected(&self) -> Option<&'static str> {
+        let mut h = self.health();
+        if h.accepting() {
+            None
+        } else {
+            h.ejected.map(|(_, _, why)| why)
+        }
+    }
+
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
     }
@@ -35,9 +168,9 @@ impl WorkerState {
             .clone()
     }
 
-    /// False when the worker said it lost its registration.
+    /// False when the worker is ejected or said it lost its registration.
     pub fn accepting(&self) -> bool {
-        self.load().is_none_or(|l| l.registered)
+        self.health().accepting() && self.load().is_none_or(|l| l.registered)
     }
 }
 
@@ -130,28 +263,23 @@ impl WorkerPool {
                         return None;
                     }
                 };
-                let state = Arc::new(WorkerState {
-                    channel,
-                    in_flight: AtomicUsize::new(0),
-                    load: Mutex::new(None),
-                    info: info.clone(),
-                });
+                let state = Arc::new(WorkerState::new(info.clone(), channel));
                 states.insert(info.worker_id, state.clone());
                 Some(state)
             })
             .collect()
     }
 
-    /// Chooses a decode worker alone (for prompts it prefills itself).
-    pub fn pick_decode(&self) -> Result<Assignment, RouterError> {
-        self.choose_decode().map(Assignment::new)
+    /// Chooses a decode worker alone (for prompts it prefills itself), none of `excluded`.
+    pub fn pick_decode(&self, excluded: &[WorkerId]) -> Result<Assignment, RouterError> {
+        self.choose_decode(excluded).map(Assignment::new)
     }
 
-    fn choose_decode(&self) -> Result<Arc<WorkerState>, RouterError> {
+    fn choose_decode(&self, excluded: &[WorkerId]) -> Result<Arc<WorkerState>, RouterError> {
         let decodes: Vec<_> = self
             .workers(Role::Decode)
             .into_iter()
-            .filter(|w| w.accepting())
+            .filter(|w| w.accepting() && !excluded.contains(&w.info.worker_id))
             .collect();
         let d = self
             .policy
@@ -160,14 +288,16 @@ impl WorkerPool {
         Ok(decodes[d].clone())
     }
 
-    /// Chooses a decode worker, then a prefill worker of the same model sharing a transport.
-    pub fn pick_pair(&self) -> Result<Pair, RouterError> {
-        let decode = self.choose_decode()?;
+    /// Chooses a decode worker, then a prefill worker of the same model sharing a transport;
+    /// none of `excluded`.
+    pub fn pick_pair(&self, excluded: &[WorkerId]) -> Result<Pair, RouterError> {
+        let decode = self.choose_decode(excluded)?;
         let prefills: Vec<_> = self
             .workers(Role::Prefill)
             .into_iter()
             .filter(|p| {
                 p.accepting()
+                    && !excluded.contains(&p.info.worker_id)
                     && p.info.model_fingerprint == decode.info.model_fingerprint
                     && shared_transport(&p.info, &decode.info).is_some()
             })
@@ -187,8 +317,14 @@ impl WorkerPool {
         })
     }
 
-    /// Polls every prefill and decode worker's load report every `period` until `shutdown`.
-    pub fn poll_loads(self: &Arc<Self>, period: Duration, shutdown: CancellationToken) {
+    /// Polls every prefill and decode worker's load report every `period` until `shutdown`;
+    /// `ejected` is called for each worker a poll ejects.
+    pub fn poll_loads(
+        self: &Arc<Self>,
+        period: Duration,
+        shutdown: CancellationToken,
+        ejected: impl Fn(&WorkerState) + Send + Sync + 'static,
+    ) {
         let pool = self.clone();
         tokio::spawn(async move {
             loop {
@@ -196,13 +332,17 @@ impl WorkerPool {
                     .into_iter()
                     .flat_map(|r| pool.workers(r))
                     .collect();
+                let ejected = &ejected;
                 let polls = workers.iter().map(|w| async move {
                     let mut client = WorkerStatusClient::new(w.channel.clone());
                     let report =
                         tokio::time::timeout(period, client.load(pb::LoadRequest {})).await;
-                    if let Ok(Ok(r)) = report {
-                        *w.load.lock().unwrap_or_else(PoisonError::into_inner) =
-                            Some(r.into_inner());
+                    let report = match report {
+                        Ok(Ok(r)) => Some(r.into_inner()),
+                        _ => None,
+                    };
+                    if w.record_poll(report) {
+                        ejected(w);
                     }
                 });
                 futures::future::join_all(polls).await;
@@ -239,6 +379,8 @@ impl WorkerPool {
                 address: w.info.address.clone(),
                 in_flight: w.in_flight() as u32,
                 load: w.load(),
+                ejected: w.ejected().unwrap_or_default().to_string(),
+                model_fingerprint: w.info.model_fingerprint.clone(),
             })
             .collect()
     }

@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod directory;
+pub mod engine_thread;
 pub mod error;
 pub mod experts;
 pub mod keys;
@@ -28,5 +29,5 @@ pub use keys::{PlacementKey, Role, WorkerId, WorkerKey};
 pub use membership::{
     EmbeddedMembership, EtcdMembership, ExpertPlacement, Membership, Registration, WorkerEvent,
 };
-pub use transport::{CacheInbox, CacheTransport, Destination, Handoff, TransportKind};
+pub use transport::{CacheInbox, CacheTransport, Destination, Handoff, InboxLimits, TransportKind};
 pub use worker_info::{ExpertShardInfo, WorkerInfo};

@@ -41,6 +41,10 @@ pub struct EngineArgs {
     /// With `--engine mock`: prompt tokens per second a step adds on top (0 = free).
     #[arg(long, env = "SLUICE_MOCK_PREFILL_TPS", default_value_t = 50_000.0)]
     pub mock_prefill_tps: f64,
+    /// With `--engine mock`, fault injection: every forward step after the first N panics,
+    /// as an engine bug would (the worker must leave the cluster and its requests migrate).
+    #[arg(long, env = "SLUICE_MOCK_PANIC_AFTER_STEPS")]
+    pub mock_panic_after_steps: Option<u64>,
 }
 
 impl EngineArgs {
@@ -67,7 +71,10 @@ impl EngineArgs {
     /// The mock for the checkpoint in `dir` (its config.json only).
     pub fn mock(&self, dir: &Path) -> Result<Arc<dyn LanguageModel>> {
         let spec = sluice_engine::config::load_spec(dir)?;
-        Ok(Arc::new(MockModel::new(&spec, self.mock_timing()?)))
+        Ok(Arc::new(
+            MockModel::new(&spec, self.mock_timing()?)
+                .with_panic_after_steps(self.mock_panic_after_steps),
+        ))
     }
 }
 

@@ -61,6 +61,9 @@ pub struct MockModel {
     fingerprint: u64,
     /// When the previous step ended.
     last_end: Mutex<Option<Instant>>,
+    /// Fault injection: the step after this many panics, as an engine bug would.
+    panic_after_steps: Option<u64>,
+    steps: std::sync::atomic::AtomicU64,
 }
 
 impl MockModel {
@@ -109,7 +112,15 @@ impl MockModel {
             timing,
             fingerprint,
             last_end: Mutex::new(None),
+            panic_after_steps: None,
+            steps: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Fault injection for tests: every step after the first `steps` panics.
+    pub fn with_panic_after_steps(mut self, steps: Option<u64>) -> Self {
+        self.panic_after_steps = steps;
+        self
     }
 
     /// Waits out a step of `duration`. Back-to-back steps keep a fixed cadence: the worker's
@@ -165,6 +176,12 @@ impl LanguageModel for MockModel {
         let mut segments = Vec::new();
         plan_batch(&self.spec, cache, batch, &mut segments)?;
         let tokens: usize = segments.iter().map(|s| s.len).sum();
+        let step = self
+            .steps
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if self.panic_after_steps.is_some_and(|n| step >= n) {
+            panic!("mock engine: fault injected after {step} steps (--mock-panic-after-steps)");
+        }
         self.take(self.timing.step_time(tokens, segments.len()));
         for seg in &segments {
             cache.advance(seg.seq, seg.len)?;

@@ -162,6 +162,26 @@ pub struct CacheInbox {
     fingerprint: u64,
     layout: LayoutFn,
     slots: Mutex<HashMap<String, Slot>>,
+    limits: InboxLimits,
+}
+
+/// What one decode worker accepts, checked against a push header before anything is
+/// allocated for it: a header may name any size, and the receiver's memory is its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InboxLimits {
+    /// Tokens of one pushed cache (the worker's context limit).
+    pub max_tokens: usize,
+    /// Caches held at once without their `Decode` call having claimed them.
+    pub max_staged: usize,
+}
+
+impl Default for InboxLimits {
+    fn default() -> Self {
+        InboxLimits {
+            max_tokens: 8192,
+            max_staged: 64,
+        }
+    }
 }
 
 impl CacheInbox {
@@ -174,7 +194,13 @@ impl CacheInbox {
             fingerprint,
             layout: Box::new(layout),
             slots: Mutex::new(HashMap::new()),
+            limits: InboxLimits::default(),
         }
+    }
+
+    pub fn with_limits(mut self, limits: InboxLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Slot>> {
@@ -185,6 +211,22 @@ impl CacheInbox {
     pub fn check(&self, header: &TransferHeader) -> Result<()> {
         if header.transfer_id.is_empty() {
             return Err(RuntimeError::invalid("transfer_id", "must not be empty"));
+        }
+        // Before the layout is even computed: its size follows the token count.
+        if header.layout.tokens > self.limits.max_tokens {
+            return Err(RuntimeError::invalid(
+                "header.layout.tokens",
+                format!(
+                    "a cache of {} tokens is above this worker's limit of {}",
+                    header.layout.tokens, self.limits.max_tokens
+                ),
+            ));
+        }
+        let staged = self.staged();
+        if staged >= self.limits.max_staged {
+            return Err(RuntimeError::Overloaded(format!(
+                "{staged} caches are already staged here without their Decode call (the limit)"
+            )));
         }
         if header.fingerprint != self.fingerprint {
             return Err(RuntimeError::TransferRefused(format!(

@@ -1,0 +1,257 @@
+//! Faults cost no request: workers killed with SIGKILL under load, a push header that names
+//! an absurd size. Real processes on a real etcd, the tiny synthetic model, greedy sampling, so
+//! every answer is checked token for token against one local process.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use sluice_client::{FinishReason, GenerateRequest, SamplingParams};
+use sluice_harness::{Cluster, ClusterSpec, eventually, local_greedy, synth};
+use sluice_proto::worker::v1 as wpb;
+use sluice_proto::worker::v1::cache_transfer_client::CacheTransferClient;
+use tonic::Code;
+
+fn greedy(tokens: &[u32], max_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        prompt_token_ids: tokens.to_vec(),
+        sampling: Some(SamplingParams {
+            temperature: Some(0.0),
+            max_tokens: Some(max_tokens),
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn prompt(i: u32, len: u32) -> Vec<u32> {
+    (0..len).map(|j| (i * 131 + j * 37 + 5) % 1000).collect()
+}
+
+/// The router's `/metrics` text.
+async fn router_metrics(cluster: &Cluster) -> String {
+    let http = cluster.http.clone();
+    tokio::task::spawn_blocking(move || {
+        sluice_harness::http::request(&http, "GET", "/metrics", None).body
+    })
+    .await
+    .unwrap()
+}
+
+/// Sum of a counter's series whose line starts with `prefix`.
+fn counter(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_decode_worker_loses_no_stream_and_no_token() {
+    let model_dir = tempfile::tempdir().unwrap();
+    let model = model_dir.path();
+    synth("tiny", model);
+    // One prefill worker; prompts of 24+ tokens go through it, shorter ones are prefilled on
+    // the decode worker: both kinds of stream are in flight when the worker dies.
+    let mut running = ClusterSpec::new(1, 2)
+        .ttl(3)
+        .router_args(&["--disagg-min-tokens", "24", "--token-timeout", "20"])
+        .start(model);
+    let cluster = &running.cluster;
+    cluster.wait_ready(3).await;
+
+    const STREAMS: u32 = 12;
+    const TOKENS: u32 = 300;
+    let prompts: Vec<Vec<u32>> = (0..STREAMS)
+        .map(|i| prompt(i, if i % 2 == 0 { 40 } else { 8 }))
+        .collect();
+    let expected: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| local_greedy(model, p, TOKENS as usize, true))
+        .collect();
+
+    let client = cluster.client().await;
+    let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
+    let streams: Vec<_> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mut c = client.clone();
+            let req = greedy(p, TOKENS);
+            let progress = progress_tx.clone();
+            tokio::spawn(async move {
+                let mut stream = c.generate_stream(req).await.unwrap();
+                let mut tokens = Vec::new();
+                let mut finish = None;
+                let mut gaps = Vec::new();
+                let mut last = Instant::now();
+                while let Some(chunk) = stream.next().await {
+                    let chunk = chunk.unwrap_or_else(|e| panic!("stream {i}: {e}"));
+                    gaps.push(last.elapsed());
+                    last = Instant::now();
+                    tokens.extend(chunk.token_ids);
+                    if tokens.len() == 3 {
+                        let _ = progress.send(i);
+                    }
+                    if chunk.finish_reason != FinishReason::Unspecified as i32 {
+                        finish = Some(chunk.finish_reason);
+                    }
+                }
+                (tokens, finish, gaps)
+            })
+        })
+        .collect();
+    drop(progress_tx);
+    // Every stream has tokens: each is running somewhere when the worker dies.
+    for _ in 0..STREAMS {
+        tokio::time::timeout(Duration::from_secs(60), progress_rx.recv())
+            .await
+            .expect("every stream to start")
+            .unwrap();
+    }
+    let victim = running
+        .cluster
+        .procs
+        .iter_mut()
+        .find(|p| p.name == "decode0")
+        .unwrap();
+    victim.kill9();
+    let killed = Instant::now();
+
+    let mut worst_gap = Duration::ZERO;
+    for (i, (stream, want)) in streams.into_iter().zip(&expected).enumerate() {
+        let (tokens, finish, gaps) = stream.await.unwrap();
+        assert_eq!(
+            &tokens, want,
+            "stream {i}: tokens differ from one local process"
+        );
+        assert_eq!(finish, Some(FinishReason::Length as i32), "stream {i}");
+        worst_gap = worst_gap.max(gaps.into_iter().max().unwrap_or_default());
+    }
+    let cluster = &running.cluster;
+    let metrics = router_metrics(cluster).await;
+    let migrated = counter(&metrics, "sluice_router_migrations_total{reason=\"decode_");
+    assert!(
+        migrated >= 1.0,
+        "no stream migrated (were they all on decode1?):\n{metrics}"
+    );
+    eprintln!(
+        "decode worker killed: {STREAMS} streams complete and exact, {migrated} migrated, \
+         longest gap between chunks {worst_gap:?}, all done {:?} after the kill",
+        killed.elapsed()
+    );
+
+    // New requests after the kill go to the surviving worker at once.
+    let mut c = cluster.client().await;
+    let again = c.generate(greedy(&prompts[0], 20)).await.unwrap();
+    assert_eq!(again.token_ids, expected[0][..20]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_prefill_worker_is_ejected_and_no_request_fails() {
+    let model_dir = tempfile::tempdir().unwrap();
+    let model = model_dir.path();
+    synth("tiny", model);
+    // A long lease: the dead worker stays in etcd for the whole test, so only ejection keeps
+    // requests away from it.
+    let mut running = ClusterSpec::new(2, 1).ttl(60).start(model);
+    let workers = running.cluster.wait_ready(3).await;
+
+    let prompts: Vec<Vec<u32>> = (0..12).map(|i| prompt(i, 30)).collect();
+    let expected: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| local_greedy(model, p, 6, true))
+        .collect();
+    let victim = running
+        .cluster
+        .procs
+        .iter_mut()
+        .find(|p| p.name == "prefill0")
+        .unwrap();
+    victim.kill9();
+    let cluster = &running.cluster;
+
+    // Requests right after the kill (the router still believes the worker idle): every one
+    // completes, exactly.
+    let client = cluster.client().await;
+    let answers = futures::future::join_all(prompts.iter().map(|p| {
+        let mut c = client.clone();
+        let req = greedy(p, 6);
+        async move { c.generate(req).await }
+    }))
+    .await;
+    for (i, (answer, want)) in answers.into_iter().zip(&expected).enumerate() {
+        let answer = answer.unwrap_or_else(|e| panic!("request {i} after the kill: {e}"));
+        assert_eq!(&answer.token_ids, want, "request {i}");
+    }
+    let views = cluster.workers().await.unwrap();
+    let dead: Vec<_> = views
+        .iter()
+        .filter(|v| v.role == "prefill" && !v.ejected.is_empty())
+        .collect();
+    assert_eq!(
+        dead.len(),
+        1,
+        "exactly the dead prefill worker is ejected: {views:?}"
+    );
+    let metrics = router_metrics(cluster).await;
+    assert!(
+        counter(
+            &metrics,
+            "sluice_router_worker_ejections_total{role=\"prefill\"}"
+        ) >= 1.0,
+        "{metrics}"
+    );
+
+    // --- A push header naming a cache far above the decode worker's limits is refused
+    // before anything is allocated, and the worker goes on serving.
+    let decode = workers.iter().find(|w| w.role == "decode").unwrap();
+    let fingerprint = u64::from_str_radix(&decode.model_fingerprint, 16).unwrap();
+    let mut push = CacheTransferClient::connect(decode.address.clone())
+        .await
+        .unwrap();
+    let tokens = 1u64 << 40;
+    let header = wpb::CacheHeader {
+        transfer_id: "oversized".into(),
+        model_fingerprint: fingerprint,
+        layout: Some(wpb::CacheLayout {
+            tokens,
+            regions: vec![wpb::Region {
+                layer: 3,
+                kind: wpb::RegionKind::Keys as i32,
+                elements: tokens * 64,
+            }],
+        }),
+        handoff: Some(wpb::SequenceHandoff::default()),
+        total_bytes: tokens * 256,
+    };
+    let msgs = vec![wpb::CacheChunk {
+        kind: Some(wpb::cache_chunk::Kind::Header(header)),
+    }];
+    let refused = push
+        .push(futures::stream::iter(msgs))
+        .await
+        .expect_err("an oversized cache was accepted");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains("tokens") && refused.message().contains("limit"),
+        "{}",
+        refused.message()
+    );
+    let mut c = cluster.client().await;
+    let after = eventually(
+        Duration::from_secs(10),
+        "the decode worker to serve",
+        || {
+            let mut c = c.clone();
+            let req = greedy(&prompts[1], 6);
+            async move { c.generate(req).await.ok() }
+        },
+    )
+    .await;
+    assert_eq!(after.token_ids, expected[1]);
+    let _ = c.list_models().await.unwrap();
+}
