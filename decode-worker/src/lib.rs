@@ -16,7 +16,7 @@ use sluice_proto::worker::v1::decode_server::{Decode, DecodeServer};
 use sluice_proto::worker::v1::worker_status_server::WorkerStatusServer;
 use sluice_runtime::engine_thread::EngineWatch;
 use sluice_runtime::error::engine_status;
-use sluice_runtime::serve::{advertised_address, serve, standard_routes};
+use sluice_runtime::serve::{advertised_address, serve_draining, standard_routes};
 use sluice_runtime::status::{
     LoadCounters, WorkerStatusService, ensure_registered, follow_registration,
 };
@@ -57,6 +57,8 @@ pub struct DecodeConfig {
     pub transport: TransportPlan,
     /// The host it runs on (same-node transports).
     pub node: String,
+    /// After shutdown is asked, how long calls in flight may still finish.
+    pub drain_timeout: Duration,
 }
 
 /// Tokens per KV block.
@@ -102,6 +104,7 @@ impl DecodeConfig {
             transfer_timeout: Duration::from_secs(60),
             transport: TransportPlan::tcp(),
             node: sluice_runtime::worker_info::this_host(),
+            drain_timeout: Duration::from_secs(30),
         }
     }
 
@@ -185,7 +188,7 @@ pub async fn run(
         .add_service(DecodeServer::new(service))
         .add_service(CacheTransferServer::new(receiver).max_decoding_message_size(usize::MAX))
         .add_service(WorkerStatusServer::new(status));
-    serve(listener, routes, worker).await?;
+    serve_draining(listener, routes, worker, config.drain_timeout).await?;
     engine.outcome(&shutdown).await
 }
 

@@ -31,6 +31,7 @@ fn main() -> anyhow::Result<()> {
             sluice_decode::DecodeConfig::new(s.worker_id(Role::Decode)?, model_name(&s.model));
         config.advertise = s.advertise.clone();
         config.node = s.node();
+        config.drain_timeout = s.drain_timeout();
         args.decode.apply(&mut config);
         config.max_context = args.model.max_context;
         config.transport = transport;

@@ -19,7 +19,7 @@ use sluice_proto::worker::v1::prefill_server::{Prefill, PrefillServer};
 use sluice_proto::worker::v1::worker_status_server::WorkerStatusServer;
 use sluice_runtime::engine_thread::EngineWatch;
 use sluice_runtime::error::engine_status;
-use sluice_runtime::serve::{advertised_address, serve, standard_routes};
+use sluice_runtime::serve::{advertised_address, serve_draining, standard_routes};
 use sluice_runtime::status::{
     LoadCounters, WorkerStatusService, ensure_registered, follow_registration,
 };
@@ -51,6 +51,8 @@ pub struct PrefillConfig {
     pub prefill_chunk: usize,
     /// The host it runs on (same-node transports).
     pub node: String,
+    /// After shutdown is asked, how long calls in flight may still finish.
+    pub drain_timeout: Duration,
 }
 
 impl PrefillConfig {
@@ -64,6 +66,7 @@ impl PrefillConfig {
             max_context: 8192,
             prefill_chunk: sluice_engine::DEFAULT_PREFILL_CHUNK,
             node: sluice_runtime::worker_info::this_host(),
+            drain_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -134,7 +137,7 @@ pub async fn run(
                 counters,
                 registration,
             )));
-    serve(listener, routes, worker).await?;
+    serve_draining(listener, routes, worker, config.drain_timeout).await?;
     engine.outcome(&shutdown).await
 }
 

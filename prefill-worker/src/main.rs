@@ -32,6 +32,7 @@ fn main() -> anyhow::Result<()> {
             sluice_prefill::PrefillConfig::new(s.worker_id(Role::Prefill)?, model_name(&s.model));
         config.advertise = s.advertise.clone();
         config.node = s.node();
+        config.drain_timeout = s.drain_timeout();
         config.max_batch_tokens = args.max_batch_tokens;
         config.max_context = args.model.max_context;
         let transports = plan.senders(config.worker_id.as_str());

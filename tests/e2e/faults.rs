@@ -255,3 +255,147 @@ async fn a_killed_prefill_worker_is_ejected_and_no_request_fails() {
     assert_eq!(after.token_ids, expected[1]);
     let _ = c.list_models().await.unwrap();
 }
+
+/// Streams `n` requests of `tokens` tokens each at once; returns them once every one has its
+/// first tokens, to be collected with [`collect`].
+async fn start_streams(
+    cluster: &Cluster,
+    prompts: &[Vec<u32>],
+    tokens: u32,
+) -> Vec<tokio::task::JoinHandle<(Vec<u32>, Option<i32>)>> {
+    let client = cluster.client().await;
+    let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let streams: Vec<_> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mut c = client.clone();
+            let req = greedy(p, tokens);
+            let started = started_tx.clone();
+            tokio::spawn(async move {
+                let mut stream = c.generate_stream(req).await.unwrap();
+                let (mut out, mut finish) = (Vec::new(), None);
+                while let Some(chunk) = stream.next().await {
+                    let chunk = chunk.unwrap_or_else(|e| panic!("stream {i}: {e}"));
+                    out.extend(chunk.token_ids);
+                    if out.len() == 2 {
+                        let _ = started.send(());
+                    }
+                    if chunk.finish_reason != FinishReason::Unspecified as i32 {
+                        finish = Some(chunk.finish_reason);
+                    }
+                }
+                (out, finish)
+            })
+        })
+        .collect();
+    for _ in prompts {
+        tokio::time::timeout(Duration::from_secs(60), started.recv())
+            .await
+            .expect("every stream to start");
+    }
+    streams
+}
+
+/// Waits for the streams and checks each against `expected`: complete, every token equal.
+async fn collect(
+    streams: Vec<tokio::task::JoinHandle<(Vec<u32>, Option<i32>)>>,
+    expected: &[Vec<u32>],
+) {
+    for (i, (stream, want)) in streams.into_iter().zip(expected).enumerate() {
+        let (tokens, finish) = stream.await.unwrap();
+        assert_eq!(&tokens, want, "stream {i}");
+        assert_eq!(finish, Some(FinishReason::Length as i32), "stream {i}");
+    }
+}
+
+/// What an unfaulted cluster answers for `prompts`, one at a time.
+async fn reference(cluster: &Cluster, prompts: &[Vec<u32>], tokens: u32) -> Vec<Vec<u32>> {
+    let mut c = cluster.client().await;
+    let mut out = Vec::new();
+    for p in prompts {
+        out.push(c.generate(greedy(p, tokens)).await.unwrap().token_ids);
+    }
+    out
+}
+
+const MOCK: [&str; 4] = ["--engine", "mock", "--mock-step-ms", "5"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_engine_panic_takes_the_worker_out_and_its_streams_migrate() {
+    let model_dir = tempfile::tempdir().unwrap();
+    let model = model_dir.path();
+    synth("tiny", model);
+    let mut running = ClusterSpec::new(1, 2)
+        .ttl(60)
+        .prefill_args(&MOCK)
+        .decode_args(&MOCK)
+        .process_args("decode0", &["--mock-panic-after-steps", "40"])
+        .start(model);
+    running.cluster.wait_ready(3).await;
+    let prompts: Vec<Vec<u32>> = (0..8).map(|i| prompt(i, 12)).collect();
+    let streams = start_streams(&running.cluster, &prompts, 120).await;
+
+    let victim = running
+        .cluster
+        .procs
+        .iter_mut()
+        .find(|p| p.name == "decode0")
+        .unwrap();
+    let code = tokio::task::block_in_place(|| victim.wait_exit(Duration::from_secs(30)));
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "the worker whose engine panicked exited with {code:?}:\n{}",
+        victim.log()
+    );
+    assert!(victim.log().contains("panicked"), "{}", victim.log());
+    let cluster = &running.cluster;
+    // It left membership at once (its lease revoked), long before the 60 s TTL.
+    eventually(Duration::from_secs(10), "decode0 to leave", || async {
+        let views = cluster.workers().await?;
+        (views.iter().filter(|v| v.role == "decode").count() == 1).then_some(())
+    })
+    .await;
+    let expected = reference(cluster, &prompts, 120).await;
+    collect(streams, &expected).await;
+    let metrics = router_metrics(cluster).await;
+    assert!(
+        counter(&metrics, "sluice_router_migrations_total{reason=\"decode_") >= 1.0,
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sigterm_drains_the_worker_without_losing_a_stream() {
+    let model_dir = tempfile::tempdir().unwrap();
+    let model = model_dir.path();
+    synth("tiny", model);
+    let mut running = ClusterSpec::new(1, 2)
+        .ttl(60)
+        .prefill_args(&MOCK)
+        .decode_args(&MOCK)
+        .decode_args(&["--drain-timeout", "1"])
+        .start(model);
+    running.cluster.wait_ready(3).await;
+    let prompts: Vec<Vec<u32>> = (0..8).map(|i| prompt(i, 12)).collect();
+    // 400 steps of 5 ms: longer than the drain timeout, so what is left migrates.
+    let streams = start_streams(&running.cluster, &prompts, 400).await;
+    let victim = running
+        .cluster
+        .procs
+        .iter_mut()
+        .find(|p| p.name == "decode0")
+        .unwrap();
+    victim.term();
+    let code = tokio::task::block_in_place(|| victim.wait_exit(Duration::from_secs(30)));
+    assert_eq!(code, Some(0), "a drained worker exits 0:\n{}", victim.log());
+    let cluster = &running.cluster;
+    let views = cluster.workers().await.unwrap();
+    assert_eq!(
+        views.iter().filter(|v| v.role == "decode").count(),
+        1,
+        "the drained worker deregistered: {views:?}"
+    );
+    let expected = reference(cluster, &prompts, 400).await;
+    collect(streams, &expected).await;
+}

@@ -23,6 +23,8 @@ pub struct ClusterSpec {
     pub prefill_args: Vec<String>,
     /// Appended to every process's command line.
     pub all_args: Vec<String>,
+    /// Appended to one process's command line, by its name (`decode0`, `prefill1`, ...).
+    pub process_args: Vec<(String, Vec<String>)>,
 }
 
 impl ClusterSpec {
@@ -36,7 +38,22 @@ impl ClusterSpec {
             decode_args: Vec::new(),
             prefill_args: Vec::new(),
             all_args: Vec::new(),
+            process_args: Vec::new(),
         }
+    }
+
+    /// Flags for the one process called `name` (`decode0`, `prefill1`, ...).
+    pub fn process_args(mut self, name: &str, args: &[&str]) -> Self {
+        self.process_args.push((
+            name.to_string(),
+            args.iter().map(|s| s.to_string()).collect(),
+        ));
+        self
+    }
+
+    pub fn prefill_args(mut self, args: &[&str]) -> Self {
+        self.prefill_args.extend(args.iter().map(|s| s.to_string()));
+        self
     }
 
     pub fn experts(mut self, n: usize) -> Self {
@@ -78,6 +95,9 @@ impl ClusterSpec {
                 .arg(format!("127.0.0.1:{metrics_port}"))
                 .args(extra)
                 .args(&self.all_args);
+            for (_, args) in self.process_args.iter().filter(|(n, _)| *n == name) {
+                cmd.args(args);
+            }
             metrics.push((name.clone(), format!("http://127.0.0.1:{metrics_port}")));
             procs.push(Proc::spawn(&name, &mut cmd, logs.path()));
         };

@@ -97,6 +97,29 @@ impl Proc {
         let _ = self.child.wait();
     }
 
+    /// SIGTERM: what Kubernetes sends; the process drains and exits by itself.
+    pub fn term(&mut self) {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -TERM {}", self.name);
+    }
+
+    /// Waits up to `timeout` for the process to exit; its exit code (`None`: still running,
+    /// or ended by a signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }

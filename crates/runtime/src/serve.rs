@@ -70,6 +70,35 @@ pub async fn serve(
         .map_err(|e| RuntimeError::Internal(format!("gRPC server: {e}")))
 }
 
+/// As [`serve`], for a worker that drains: once `shutdown` is cancelled it takes no new call
+/// (its lease, revoked on the same token, has taken it out of routing) and finishes the calls
+/// in flight for up to `drain`; whatever is still running then is cut off, and the router
+/// migrates those requests.
+pub async fn serve_draining(
+    listener: TcpListener,
+    routes: Routes,
+    shutdown: CancellationToken,
+    drain: Duration,
+) -> Result<()> {
+    let server = serve(listener, routes, shutdown.clone());
+    tokio::pin!(server);
+    tokio::select! {
+        r = &mut server => return r,
+        () = shutdown.cancelled() => {}
+    }
+    tracing::info!(?drain, "draining: finishing the calls in flight");
+    match tokio::time::timeout(drain, &mut server).await {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::warn!(
+                ?drain,
+                "drain timeout: cutting off the calls still in flight"
+            );
+            Ok(())
+        }
+    }
+}
+
 /// A channel that connects on first use and reconnects after failures.
 pub fn connect_lazy(address: &str) -> Result<Channel> {
     let endpoint = Endpoint::from_shared(address.to_string())

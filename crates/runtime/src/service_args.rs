@@ -46,6 +46,17 @@ pub struct ServiceArgs {
     /// Serve Prometheus metrics over HTTP at this address (`GET /metrics`); off when unset.
     #[arg(long, env = "SLUICE_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Seconds a prefill or decode worker keeps serving its calls in flight after SIGTERM
+    /// (it deregisters first, so nothing new comes); what is left then is cut off and
+    /// migrates. Keep it below the pod's termination grace period.
+    #[arg(long, env = "SLUICE_DRAIN_TIMEOUT", default_value_t = 30)]
+    pub drain_timeout: u64,
+}
+
+impl ServiceArgs {
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout)
+    }
 }
 
 pub const NO_ETCD: &str = "no etcd endpoints: pass --etcd http://HOST:2379 (or SLUICE_ETCD). \
