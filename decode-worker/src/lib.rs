@@ -354,7 +354,11 @@ impl Decode for DecodeService {
         let req = request.into_inner();
         let params = self.validate(&req)?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let span = tracing::info_span!("request", id = %req.request_id);
+        let span = tracing::info_span!(
+            "request",
+            id = %req.client_request_id,
+            attempt = %req.request_id
+        );
         sluice_runtime::telemetry::continue_trace(&span, &metadata);
         tokio::spawn(
             start_sequence(

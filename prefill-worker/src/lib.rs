@@ -450,7 +450,11 @@ impl Prefill for PrefillService {
         ensure_registered(&self.registration)?;
         let metadata = request.metadata().clone();
         let req = request.into_inner();
-        let span = tracing::info_span!("request", id = %req.request_id);
+        let span = tracing::info_span!(
+            "request",
+            id = %req.client_request_id,
+            attempt = %req.request_id
+        );
         sluice_runtime::telemetry::continue_trace(&span, &metadata);
         Ok(Response::new(
             PrefillService::prefill(self, req).instrument(span).await?,

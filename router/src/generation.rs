@@ -473,6 +473,7 @@ impl Relay {
             prefill: local,
             generated_token_ids: emitter.tokens.clone(),
             rng_state: if sent > 0 { emitter.rng_state } else { None },
+            client_request_id: request.request_id.clone(),
         }));
         match call.await {
             Ok(stream) => Ok(stream.into_inner()),
@@ -507,6 +508,7 @@ impl Relay {
                 decode_address,
                 transfer_id,
                 transport: pair.transport.to_string(),
+                client_request_id: request.request_id.clone(),
             }))
             .await
             .map_err(|status| classify(Role::Prefill, pair.prefill.worker(), status))?

@@ -121,16 +121,20 @@ async fn a_killed_decode_worker_loses_no_stream_and_no_token() {
     victim.kill9();
     let killed = Instant::now();
 
-    let mut worst_gap = Duration::ZERO;
+    // Each stream's longest pause between chunks: for a migrated stream, the client-visible
+    // gap of the migration (reported, not asserted: timing belongs in benchmarks).
+    let mut gaps = Vec::new();
     for (i, (stream, want)) in streams.into_iter().zip(&expected).enumerate() {
-        let (tokens, finish, gaps) = stream.await.unwrap();
+        let (tokens, finish, stream_gaps) = stream.await.unwrap();
         assert_eq!(
             &tokens, want,
             "stream {i}: tokens differ from one local process"
         );
         assert_eq!(finish, Some(FinishReason::Length as i32), "stream {i}");
-        worst_gap = worst_gap.max(gaps.into_iter().max().unwrap_or_default());
+        gaps.push(stream_gaps.into_iter().max().unwrap_or_default());
     }
+    gaps.sort();
+    let (median_gap, worst_gap) = (gaps[gaps.len() / 2], gaps[gaps.len() - 1]);
     let cluster = &running.cluster;
     let metrics = router_metrics(cluster).await;
     let migrated = counter(&metrics, "sluice_router_migrations_total{reason=\"decode_");
@@ -139,8 +143,9 @@ async fn a_killed_decode_worker_loses_no_stream_and_no_token() {
         "no stream migrated (were they all on decode1?):\n{metrics}"
     );
     eprintln!(
-        "decode worker killed: {STREAMS} streams complete and exact, {migrated} migrated, \
-         longest gap between chunks {worst_gap:?}, all done {:?} after the kill",
+        "decode worker killed: {STREAMS} streams complete and exact, {migrated} migrated; \
+         longest pause per stream: median {median_gap:?}, max {worst_gap:?}; all done {:?} \
+         after the kill",
         killed.elapsed()
     );
 
