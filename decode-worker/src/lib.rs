@@ -17,14 +17,12 @@ use sluice_proto::worker::v1::worker_status_server::WorkerStatusServer;
 use sluice_runtime::engine_thread::EngineWatch;
 use sluice_runtime::error::engine_status;
 use sluice_runtime::serve::{advertised_address, serve_draining, standard_routes};
-use sluice_runtime::status::{
-    LoadCounters, WorkerStatusService, ensure_registered, follow_registration,
-};
+use sluice_runtime::status::{LoadCounters, WorkerStatusService, report_health};
 use sluice_runtime::transport::select::TransportPlan;
 use sluice_runtime::transport::{CacheTransferService, InProcessHub};
 use sluice_runtime::{
-    CacheInbox, InboxLimits, Membership, Registration, Result, Role, RuntimeError, TransportKind,
-    WorkerId, WorkerInfo, sampling,
+    CacheInbox, InboxLimits, Membership, Result, Role, RuntimeError, TransportKind, WorkerId,
+    WorkerInfo, sampling,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -167,10 +165,12 @@ pub async fn run(
     let registration = membership.register(info, worker.clone()).await?;
     tracing::info!(worker = %config.worker_id, %address, "decode worker registered");
     let (health, routes) = standard_routes()?;
-    follow_registration(
+    report_health(
         health,
         registration.clone(),
         vec!["sluice.worker.v1.Decode", "sluice.worker.v1.CacheTransfer"],
+        config.worker_id.as_str(),
+        worker.clone(),
     );
     let staged = inbox.clone();
     let status =
@@ -180,7 +180,6 @@ pub async fn run(
         vocab: model.spec().vocab,
         inbox: inbox.clone(),
         commands,
-        registration,
         transfer_timeout: config.transfer_timeout,
         max_context: config.max_context,
     };
@@ -215,7 +214,6 @@ struct DecodeService {
     vocab: usize,
     inbox: Arc<CacheInbox>,
     commands: mpsc::UnboundedSender<Command>,
-    registration: Registration,
     transfer_timeout: Duration,
     max_context: usize,
 }
@@ -349,7 +347,6 @@ impl Decode for DecodeService {
         &self,
         request: Request<pb::DecodeRequest>,
     ) -> Result<Response<Self::DecodeStream>, Status> {
-        ensure_registered(&self.registration)?;
         let metadata = request.metadata().clone();
         let req = request.into_inner();
         let params = self.validate(&req)?;

@@ -11,13 +11,10 @@ use sluice_proto::worker::v1 as pb;
 use sluice_proto::worker::v1::experts_server::{Experts, ExpertsServer};
 use sluice_proto::worker::v1::worker_status_server::WorkerStatusServer;
 use sluice_runtime::serve::{advertised_address, serve, standard_routes};
-use sluice_runtime::status::{
-    LoadCounters, WorkerStatusService, ensure_registered, follow_registration,
-};
+use sluice_runtime::status::{LoadCounters, WorkerStatusService, report_health};
 use sluice_runtime::wire::{bytes_to_f32s, f32s_to_bytes};
 use sluice_runtime::{
-    ExpertPlacement, ExpertShardInfo, Membership, Registration, Result, Role, RuntimeError,
-    WorkerId, WorkerInfo,
+    ExpertPlacement, ExpertShardInfo, Membership, Result, Role, RuntimeError, WorkerId, WorkerInfo,
 };
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -111,15 +108,16 @@ pub async fn run(
     let registration = membership.register(info, shutdown.clone()).await?;
     tracing::info!(worker = %config.worker_id, %address, experts = ?range, "expert worker registered");
     let (health, routes) = standard_routes()?;
-    follow_registration(
+    report_health(
         health,
         registration.clone(),
         vec!["sluice.worker.v1.Experts"],
+        config.worker_id.as_str(),
+        shutdown.clone(),
     );
     let counters = Arc::new(LoadCounters::default());
     let service = ExpertsService {
         shard,
-        registration: registration.clone(),
         counters: counters.clone(),
     };
     let routes = routes
@@ -138,7 +136,6 @@ pub async fn run(
 
 struct ExpertsService {
     shard: Arc<ExpertShard>,
-    registration: Registration,
     counters: Arc<LoadCounters>,
 }
 
@@ -195,7 +192,6 @@ impl Experts for ExpertsService {
         &self,
         request: Request<Streaming<pb::ExpertBatch>>,
     ) -> std::result::Result<Response<Self::DispatchStream>, Status> {
-        ensure_registered(&self.registration)?;
         let mut input = request.into_inner();
         let (tx, rx) = mpsc::channel(4);
         let shard = self.shard.clone();

@@ -20,13 +20,11 @@ use sluice_proto::worker::v1::worker_status_server::WorkerStatusServer;
 use sluice_runtime::engine_thread::EngineWatch;
 use sluice_runtime::error::engine_status;
 use sluice_runtime::serve::{advertised_address, serve_draining, standard_routes};
-use sluice_runtime::status::{
-    LoadCounters, WorkerStatusService, ensure_registered, follow_registration,
-};
+use sluice_runtime::status::{LoadCounters, WorkerStatusService, report_health};
 use sluice_runtime::transport::TransferHeader;
 use sluice_runtime::{
-    CacheTransport, Destination, Handoff, Membership, Registration, Result, Role, RuntimeError,
-    WorkerId, WorkerInfo, sampling,
+    CacheTransport, Destination, Handoff, Membership, Result, Role, RuntimeError, WorkerId,
+    WorkerInfo, sampling,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -115,16 +113,17 @@ pub async fn run(
     let registration = membership.register(info, worker.clone()).await?;
     tracing::info!(worker = %config.worker_id, %address, "prefill worker registered");
     let (health, routes) = standard_routes()?;
-    follow_registration(
+    report_health(
         health,
         registration.clone(),
         vec!["sluice.worker.v1.Prefill"],
+        config.worker_id.as_str(),
+        worker.clone(),
     );
     let service = PrefillService {
         model: model.clone(),
         jobs,
         transports,
-        registration: registration.clone(),
         counters: counters.clone(),
         metrics,
         max_context: config.max_context,
@@ -314,7 +313,6 @@ struct PrefillService {
     model: Arc<dyn LanguageModel>,
     jobs: mpsc::UnboundedSender<Job>,
     transports: Vec<Arc<dyn CacheTransport>>,
-    registration: Registration,
     counters: Arc<LoadCounters>,
     metrics: Arc<PrefillMetrics>,
     max_context: usize,
@@ -447,7 +445,6 @@ impl Prefill for PrefillService {
         &self,
         request: Request<pb::PrefillRequest>,
     ) -> Result<Response<pb::PrefillResponse>, Status> {
-        ensure_registered(&self.registration)?;
         let metadata = request.metadata().clone();
         let req = request.into_inner();
         let span = tracing::info_span!(

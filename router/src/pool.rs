@@ -168,9 +168,10 @@ impl WorkerState {
             .clone()
     }
 
-    /// False when the worker is ejected or said it lost its registration.
+    /// False while the worker is ejected. (A worker whose lease is lost serves on: during an
+    /// etcd outage the routers route on the membership they last saw.)
     pub fn accepting(&self) -> bool {
-        self.health().accepting() && self.load().is_none_or(|l| l.registered)
+        self.health().accepting()
     }
 }
 

@@ -112,12 +112,7 @@ async fn a_killed_decode_worker_loses_no_stream_and_no_token() {
             .expect("every stream to start")
             .unwrap();
     }
-    let victim = running
-        .cluster
-        .procs
-        .iter_mut()
-        .find(|p| p.name == "decode0")
-        .unwrap();
+    let victim = running.cluster.proc_mut("decode0");
     victim.kill9();
     let killed = Instant::now();
 
@@ -170,12 +165,7 @@ async fn a_killed_prefill_worker_is_ejected_and_no_request_fails() {
         .iter()
         .map(|p| local_greedy(model, p, 6, true))
         .collect();
-    let victim = running
-        .cluster
-        .procs
-        .iter_mut()
-        .find(|p| p.name == "prefill0")
-        .unwrap();
+    let victim = running.cluster.proc_mut("prefill0");
     victim.kill9();
     let cluster = &running.cluster;
 
@@ -324,29 +314,29 @@ async fn reference(cluster: &Cluster, prompts: &[Vec<u32>], tokens: u32) -> Vec<
     out
 }
 
-const MOCK: [&str; 4] = ["--engine", "mock", "--mock-step-ms", "5"];
+/// One prefill and two decode workers on the mock engine (5 ms steps), a lease long enough
+/// that only the worker's own leaving can take it out of membership during a test.
+fn mock_cluster() -> ClusterSpec {
+    const MOCK: [&str; 4] = ["--engine", "mock", "--mock-step-ms", "5"];
+    ClusterSpec::new(1, 2)
+        .ttl(60)
+        .prefill_args(&MOCK)
+        .decode_args(&MOCK)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_engine_panic_takes_the_worker_out_and_its_streams_migrate() {
     let model_dir = tempfile::tempdir().unwrap();
     let model = model_dir.path();
     synth("tiny", model);
-    let mut running = ClusterSpec::new(1, 2)
-        .ttl(60)
-        .prefill_args(&MOCK)
-        .decode_args(&MOCK)
+    let mut running = mock_cluster()
         .process_args("decode0", &["--mock-panic-after-steps", "40"])
         .start(model);
     running.cluster.wait_ready(3).await;
     let prompts: Vec<Vec<u32>> = (0..8).map(|i| prompt(i, 12)).collect();
     let streams = start_streams(&running.cluster, &prompts, 120).await;
 
-    let victim = running
-        .cluster
-        .procs
-        .iter_mut()
-        .find(|p| p.name == "decode0")
-        .unwrap();
+    let victim = running.cluster.proc_mut("decode0");
     let code = tokio::task::block_in_place(|| victim.wait_exit(Duration::from_secs(30)));
     assert!(
         matches!(code, Some(c) if c != 0),
@@ -375,22 +365,14 @@ async fn a_sigterm_drains_the_worker_without_losing_a_stream() {
     let model_dir = tempfile::tempdir().unwrap();
     let model = model_dir.path();
     synth("tiny", model);
-    let mut running = ClusterSpec::new(1, 2)
-        .ttl(60)
-        .prefill_args(&MOCK)
-        .decode_args(&MOCK)
+    let mut running = mock_cluster()
         .decode_args(&["--drain-timeout", "1"])
         .start(model);
     running.cluster.wait_ready(3).await;
     let prompts: Vec<Vec<u32>> = (0..8).map(|i| prompt(i, 12)).collect();
     // 400 steps of 5 ms: longer than the drain timeout, so what is left migrates.
     let streams = start_streams(&running.cluster, &prompts, 400).await;
-    let victim = running
-        .cluster
-        .procs
-        .iter_mut()
-        .find(|p| p.name == "decode0")
-        .unwrap();
+    let victim = running.cluster.proc_mut("decode0");
     victim.term();
     let code = tokio::task::block_in_place(|| victim.wait_exit(Duration::from_secs(30)));
     assert_eq!(code, Some(0), "a drained worker exits 0:\n{}", victim.log());
@@ -403,4 +385,75 @@ async fn a_sigterm_drains_the_worker_without_losing_a_stream() {
     );
     let expected = reference(cluster, &prompts, 400).await;
     collect(streams, &expected).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_etcd_stops_no_request() {
+    let model_dir = tempfile::tempdir().unwrap();
+    let model = model_dir.path();
+    synth("tiny", model);
+    // TTL 3 s: every lease is lost several times over during the 20 s pause.
+    let mut running = ClusterSpec::new(1, 1).ttl(3).start(model);
+    running.cluster.wait_ready(2).await;
+    let prompts: Vec<Vec<u32>> = (0..4).map(|i| prompt(i, 30)).collect();
+    let expected: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| local_greedy(model, p, 8, true))
+        .collect();
+
+    running.etcd.pause();
+    let paused = Instant::now();
+    let cluster = &running.cluster;
+    // Two clients, one request after another each, through the pause and 5 s after it.
+    let mut sent = 0;
+    let mut resumed = None;
+    let client = cluster.client().await;
+    while resumed.is_none_or(|r: Instant| r.elapsed() < Duration::from_secs(5)) {
+        let answers = futures::future::join_all((0..2).map(|k| {
+            let mut c = client.clone();
+            let i = (sent + k) % prompts.len();
+            let req = greedy(&prompts[i], 8);
+            async move { (i, c.generate(req).await) }
+        }))
+        .await;
+        for (i, answer) in answers {
+            let answer = answer.unwrap_or_else(|e| {
+                panic!(
+                    "request {sent} failed {:?} after etcd paused: {e}",
+                    paused.elapsed()
+                )
+            });
+            assert_eq!(answer.token_ids, expected[i], "request {sent}");
+            sent += 1;
+        }
+        if resumed.is_none() && paused.elapsed() >= Duration::from_secs(20) {
+            running.etcd.resume();
+            resumed = Some(Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("etcd paused 20 s: {sent} / {sent} requests served, every one exact");
+    assert!(sent >= 20, "only {sent} requests went through");
+
+    // The workers lost their leases, kept serving, and re-registered; the metrics say so.
+    let cluster = &running.cluster;
+    for (name, url) in &cluster.metrics {
+        let address = url.trim_start_matches("http://").to_string();
+        let text = eventually(Duration::from_secs(15), "the lease to be back", || {
+            let address = address.clone();
+            async move {
+                let text = tokio::task::spawn_blocking(move || {
+                    sluice_harness::http::request(&address, "GET", "/metrics", None).body
+                })
+                .await
+                .unwrap();
+                (counter(&text, "sluice_lease_registered{") == 1.0).then_some(text)
+            }
+        })
+        .await;
+        assert!(
+            counter(&text, "sluice_lease_losses_total{") >= 1.0,
+            "{name}: no lease loss counted\n{text}"
+        );
+    }
 }

@@ -148,7 +148,7 @@ impl ClusterSpec {
                 procs,
             },
             _logs: logs,
-            _etcd: etcd,
+            etcd,
         }
     }
 }
@@ -163,14 +163,22 @@ pub struct Cluster {
     pub procs: Vec<Proc>,
 }
 
-/// etcd must outlive the processes; `_etcd` is declared last so it drops last.
+/// etcd must outlive the processes; `etcd` is declared last so it drops last.
 pub struct Running {
     pub cluster: Cluster,
     _logs: tempfile::TempDir,
-    _etcd: Etcd,
+    pub etcd: Etcd,
 }
 
 impl Cluster {
+    /// The process called `name` (`router`, `decode0`, `prefill1`, `expert0`, ...).
+    pub fn proc_mut(&mut self, name: &str) -> &mut Proc {
+        self.procs
+            .iter_mut()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no process called {name}"))
+    }
+
     pub async fn workers(&self) -> Option<Vec<wpb::WorkerView>> {
         let mut c = RouterStatusClient::connect(self.router.clone())
             .await

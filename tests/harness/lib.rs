@@ -99,12 +99,17 @@ impl Proc {
 
     /// SIGTERM: what Kubernetes sends; the process drains and exits by itself.
     pub fn term(&mut self) {
+        self.signal("TERM");
+    }
+
+    /// Sends the signal named `name` (`TERM`, `STOP`, `CONT`, ...).
+    pub fn signal(&mut self, name: &str) {
         let status = Command::new("kill")
-            .arg("-TERM")
+            .arg(format!("-{name}"))
             .arg(self.child.id().to_string())
             .status()
             .unwrap();
-        assert!(status.success(), "kill -TERM {}", self.name);
+        assert!(status.success(), "kill -{name} {}", self.name);
     }
 
     /// Waits up to `timeout` for the process to exit; its exit code (`None`: still running,
@@ -138,7 +143,7 @@ impl Drop for Proc {
 /// etcd on free loopback ports with a temporary data dir.
 pub struct Etcd {
     pub url: String,
-    _proc: Proc,
+    proc: Proc,
     _dir: TempDir,
 }
 
@@ -170,9 +175,20 @@ impl Etcd {
         wait_for_port(client, Duration::from_secs(20), "etcd");
         Etcd {
             url,
-            _proc: proc,
+            proc,
             _dir: dir,
         }
+    }
+
+    /// SIGSTOP: etcd stops answering (connections stay open, nothing replies), as in a long
+    /// GC pause, a frozen VM or a partition.
+    pub fn pause(&mut self) {
+        self.proc.signal("STOP");
+    }
+
+    /// SIGCONT after [`Etcd::pause`].
+    pub fn resume(&mut self) {
+        self.proc.signal("CONT");
     }
 }
 

@@ -23,10 +23,6 @@ pub enum RuntimeError {
     TransferTimeout(String),
     #[error("worker {worker} is unavailable: {message}")]
     Unavailable { worker: String, message: String },
-    #[error(
-        "this worker is not registered (membership lease lost); it takes no work until it has re-registered"
-    )]
-    NotRegistered,
     #[error("overloaded: {0}")]
     Overloaded(String),
     #[error("engine: {0}")]
@@ -88,7 +84,6 @@ impl RuntimeError {
             RuntimeError::TransferCorrupted(_) => Code::DataLoss,
             RuntimeError::TransferTimeout(_) => Code::DeadlineExceeded,
             RuntimeError::Unavailable { .. }
-            | RuntimeError::NotRegistered
             | RuntimeError::Connect { .. }
             | RuntimeError::Etcd(_)
             | RuntimeError::Membership(_) => Code::Unavailable,

@@ -1,5 +1,11 @@
-//! What every worker reports about itself: load counters behind `WorkerStatus.Load`, and its
-//! health following its membership registration (not serving while the lease is lost).
+//! What every worker reports about itself: load counters behind `WorkerStatus.Load`, its
+//! health, and its lease state as a metric.
+//!
+//! Health never follows the lease: a worker whose lease is lost (etcd unreachable, or a late
+//! keep-alive) goes on serving whatever the routers send it — they route on the membership
+//! they last saw — while its keeper re-registers. Liveness (the server's overall status) is
+//! the process and its engine being alive (a dead engine thread stops the process);
+//! readiness (the role's own services) turns NOT_SERVING only when the worker drains.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -10,7 +16,8 @@ use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::error::RuntimeError;
+use tokio_util::sync::CancellationToken;
+
 use crate::membership::Registration;
 
 /// Updated by the worker's engine thread, read by `Load`.
@@ -68,39 +75,59 @@ impl WorkerStatus for WorkerStatusService {
     }
 }
 
-/// Refuses work while the registration is lost.
-pub fn ensure_registered(registration: &Registration) -> Result<(), Status> {
-    if registration.is_registered() {
-        Ok(())
-    } else {
-        Err(RuntimeError::NotRegistered.into())
-    }
-}
-
-/// Keeps the health of `services` (and the server as a whole) in step with the registration.
-pub fn follow_registration(
+/// Health of the server (`""`: liveness) and of `services` (readiness): SERVING from now
+/// on; `services` turn NOT_SERVING once `draining` is cancelled. Also publishes the lease
+/// state of `worker` (`sluice_lease_registered`, `sluice_lease_losses_total`).
+pub fn report_health(
     reporter: HealthReporter,
     mut registration: Registration,
     services: Vec<&'static str>,
+    worker: &str,
+    draining: CancellationToken,
 ) {
+    let r = crate::metrics::registry();
+    let registered = r
+        .gauge(
+            "sluice_lease_registered",
+            "1 while the worker's membership lease is held, 0 while it is lost and being renewed (the worker serves on either way).",
+            &["worker"],
+        )
+        .with(&[worker]);
+    let losses = r
+        .counter(
+            "sluice_lease_losses_total",
+            "Times the worker's membership lease was lost (etcd unreachable or a late keep-alive) and re-registered.",
+            &["worker"],
+        )
+        .with(&[worker]);
     tokio::spawn(async move {
-        let mut registered = registration.is_registered();
+        reporter
+            .set_service_status("", ServingStatus::Serving)
+            .await;
+        for s in &services {
+            reporter
+                .set_service_status(*s, ServingStatus::Serving)
+                .await;
+        }
+        let mut counted = 0;
         loop {
-            let status = if registered {
-                ServingStatus::Serving
+            registered.set(if registration.is_registered() {
+                1.0
             } else {
-                ServingStatus::NotServing
-            };
-            reporter.set_service_status("", status).await;
-            for s in &services {
-                reporter.set_service_status(*s, status).await;
+                0.0
+            });
+            let lost = registration.losses();
+            losses.add((lost - counted) as f64);
+            counted = lost;
+            tokio::select! {
+                _ = registration.changed(), if registration.has_sender() => {}
+                () = draining.cancelled() => break,
             }
-            let next = registration.changed().await;
-            // The keeper is gone once the worker has shut down: nothing will change any more.
-            if next == registered && !registration.has_sender() {
-                return;
-            }
-            registered = next;
+        }
+        for s in &services {
+            reporter
+                .set_service_status(*s, ServingStatus::NotServing)
+                .await;
         }
     });
 }

@@ -437,7 +437,9 @@ impl<'a> Renderer<'a> {
                 "claimName": pvc.claim_name, "readOnly": true}}));
         }
         let mut pod = self.pod_spec(container, volumes);
-        pod["terminationGracePeriodSeconds"] = json!(30);
+        // Workers drain for `--drain-timeout` (30 s by default) after SIGTERM and then exit;
+        // the grace period leaves them that and time to exit before Kubernetes kills them.
+        pod["terminationGracePeriodSeconds"] = json!(45);
         json!({
             "metadata": {
                 "labels": labels(&self.name, component),

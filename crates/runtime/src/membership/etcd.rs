@@ -301,7 +301,7 @@ impl LeaseKeeper {
                     return;
                 }
                 KeepAlive::Lost(reason) => {
-                    tracing::warn!(%key, "membership lease lost ({reason}); refusing work until re-registered");
+                    tracing::warn!(%key, "membership lease lost ({reason}); serving on while re-registering");
                     losses.fetch_add(1, Ordering::Relaxed);
                     let _ = state.send(false);
                     lease = 0;

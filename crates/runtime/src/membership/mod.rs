@@ -59,11 +59,12 @@ pub trait Membership: Send + Sync {
 }
 
 /// A worker's registration. `is_registered` is false while the lease is lost and not yet
-/// re-established: the worker must refuse work then.
+/// re-established; the worker serves on meanwhile (routers route on the membership they last
+/// saw, so an etcd outage stops no request).
 #[derive(Debug, Clone)]
 pub struct Registration {
     registered: watch::Receiver<bool>,
-    /// Times the lease was lost (and the worker stopped taking work).
+    /// Times the lease was lost (and re-registered).
     losses: Arc<AtomicU64>,
 }
 
