@@ -457,3 +457,49 @@ async fn a_paused_etcd_stops_no_request() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_expert_worker_with_a_replica_costs_no_token() {
+    let model_dir = tempfile::tempdir().unwrap();
+    let model = model_dir.path();
+    synth("tiny", model);
+    // Two shards, two replicas each; the lease outlives the test, so only failover helps.
+    let mut running = ClusterSpec::new(1, 1)
+        .experts(2)
+        .expert_replicas(2)
+        .ttl(60)
+        .prefill_args(&["--expert-timeout", "5"])
+        .decode_args(&["--expert-timeout", "5"])
+        .start(model);
+    running.cluster.wait_ready(6).await;
+    let prompts: Vec<Vec<u32>> = (0..4).map(|i| prompt(i, 20)).collect();
+    let expected: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| local_greedy(model, p, 300, true))
+        .collect();
+    let streams = start_streams(&running.cluster, &prompts, 300).await;
+    running.cluster.proc_mut("expert0").kill9();
+    collect(streams, &expected).await;
+
+    // Later requests go on too, on the surviving replica.
+    let cluster = &running.cluster;
+    let mut c = cluster.client().await;
+    let again = c.generate(greedy(&prompts[2], 300)).await.unwrap();
+    assert_eq!(again.token_ids, expected[2]);
+    let decode_metrics = &cluster
+        .metrics
+        .iter()
+        .find(|(n, _)| n == "decode0")
+        .unwrap()
+        .1;
+    let address = decode_metrics.trim_start_matches("http://").to_string();
+    let text = tokio::task::spawn_blocking(move || {
+        sluice_harness::http::request(&address, "GET", "/metrics", None).body
+    })
+    .await
+    .unwrap();
+    assert!(
+        counter(&text, "sluice_expert_failovers_total") >= 1.0,
+        "the decode worker never failed over:\n{text}"
+    );
+}

@@ -17,6 +17,8 @@ pub struct ClusterSpec {
     pub prefill: usize,
     pub decode: usize,
     pub experts: usize,
+    /// Expert workers per shard.
+    pub expert_replicas: usize,
     pub ttl: u64,
     pub router_args: Vec<String>,
     pub decode_args: Vec<String>,
@@ -33,6 +35,7 @@ impl ClusterSpec {
             prefill,
             decode,
             experts: 0,
+            expert_replicas: 1,
             ttl: 10,
             router_args: Vec::new(),
             decode_args: Vec::new(),
@@ -58,6 +61,12 @@ impl ClusterSpec {
 
     pub fn experts(mut self, n: usize) -> Self {
         self.experts = n;
+        self
+    }
+
+    /// `replicas` expert workers for each of the shards: `expert{k}` hosts shard `k % shards`.
+    pub fn expert_replicas(mut self, replicas: usize) -> Self {
+        self.expert_replicas = replicas.max(1);
         self
     }
 
@@ -101,10 +110,10 @@ impl ClusterSpec {
             metrics.push((name.clone(), format!("http://127.0.0.1:{metrics_port}")));
             procs.push(Proc::spawn(&name, &mut cmd, logs.path()));
         };
-        for i in 0..self.experts {
+        for i in 0..self.experts * self.expert_replicas {
             let args = vec![
                 "--shard".to_string(),
-                format!("{i}/{}", self.experts),
+                format!("{}/{}", i % self.experts, self.experts),
                 "--threads".into(),
                 "1".into(),
             ];

@@ -108,7 +108,7 @@ pub fn run(args: UpArgs) -> Result<()> {
         let mode = if args.experts > 0 { ExpertsMode::Remote } else { ExpertsMode::Local };
         // One copy of the weights serves every prefill and decode worker of the process; a
         // mock per worker, since each keeps its own step cadence.
-        let real = if mock { None } else { Some(load_model(&dir, mode, args.model.weights, Some(directory.clone())).await?) };
+        let real = if mock { None } else { Some(load_model(&dir, mode, args.model.weights, Some((directory.clone(), Default::default()))).await?) };
         let model_for_worker = || -> Result<Arc<dyn LanguageModel>> {
             Ok(match &real {
                 Some(m) => m.clone(),

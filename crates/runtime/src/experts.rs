@@ -2,10 +2,18 @@
 //! of one step, every routed row to the expert workers hosting its expert — one message per
 //! expert worker, all workers at once — and returns the weighted outputs in request order.
 //! Each expert worker is reached over one long-lived `Experts.Dispatch` stream.
+//!
+//! Several expert workers may host the same experts (replicas of a shard): dispatches rotate
+//! over them, so they share the load, and a dispatch whose worker fails (dies, stalls past
+//! the dispatch timeout, breaks its stream) is sent again to another replica at once — the
+//! step survives an expert worker's death. A failed worker is avoided for a back-off while any
+//! replica is left. Every replica computes the same bits, so the tokens do not depend on which
+//! one answered.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sluice_engine::{EngineError, ExpertExecutor, ExpertGroup};
 use sluice_proto::worker::v1 as pb;
@@ -21,8 +29,12 @@ use crate::serve::connect_lazy;
 use crate::wire::{bytes_to_f32s, f32s_to_bytes};
 use crate::worker_info::WorkerInfo;
 
-/// How long one layer's dispatch may take before the step fails.
-const DISPATCH_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one layer's dispatch to one expert worker may take before it counts as failed
+/// (`--expert-timeout`).
+pub const DEFAULT_DISPATCH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a failed expert worker is avoided while a replica of its experts is left.
+const FAILED_BACKOFF: Duration = Duration::from_secs(2);
 
 struct DispatchStream {
     tx: mpsc::Sender<pb::ExpertBatch>,
@@ -37,6 +49,12 @@ pub struct RemoteExperts {
     runtime: tokio::runtime::Handle,
     streams: Mutex<HashMap<WorkerId, StreamSlot>>,
     round_trip: Arc<crate::metrics::Histogram>,
+    timeout: Duration,
+    /// Rotates dispatches over replicas.
+    turn: AtomicU64,
+    /// Workers whose last dispatch failed, and when.
+    failed: Mutex<HashMap<WorkerId, Instant>>,
+    failovers: Arc<crate::metrics::Counter>,
 }
 
 /// `sluice_expert_dispatch_seconds`: one MoE layer's dispatch to every expert worker involved
@@ -65,7 +83,38 @@ impl RemoteExperts {
             runtime,
             streams: Mutex::new(HashMap::new()),
             round_trip: dispatch_histogram(),
+            timeout: DEFAULT_DISPATCH_TIMEOUT,
+            turn: AtomicU64::new(0),
+            failed: Mutex::new(HashMap::new()),
+            failovers: crate::metrics::registry()
+                .counter(
+                    "sluice_expert_failovers_total",
+                    "Expert dispatches sent again to another replica after their expert worker failed.",
+                    &[],
+                )
+                .with(&[]),
         }
+    }
+
+    /// How long one dispatch to one expert worker may take before it counts as failed.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    fn recently_failed(&self, worker: &WorkerId) -> bool {
+        self.failed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(worker)
+            .is_some_and(|at| at.elapsed() < FAILED_BACKOFF)
+    }
+
+    fn mark_failed(&self, worker: &WorkerId) {
+        self.failed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(worker.clone(), Instant::now());
     }
 
     fn slot(&self, worker: &WorkerId) -> StreamSlot {
@@ -113,7 +162,7 @@ impl RemoteExperts {
                 .send(batch)
                 .await
                 .map_err(|_| unavailable("dispatch stream closed".into()))?;
-            match tokio::time::timeout(DISPATCH_TIMEOUT, stream.rx.message()).await {
+            match tokio::time::timeout(self.timeout, stream.rx.message()).await {
                 Ok(Ok(Some(result))) => Ok(result),
                 Ok(Ok(None)) => Err(unavailable("dispatch stream ended".into())),
                 Ok(Err(status)) => Err(match status.code() {
@@ -122,9 +171,7 @@ impl RemoteExperts {
                     }
                     _ => unavailable(status.message().to_string()),
                 }),
-                Err(_) => Err(unavailable(format!(
-                    "no answer within {DISPATCH_TIMEOUT:?}"
-                ))),
+                Err(_) => Err(unavailable(format!("no answer within {:?}", self.timeout))),
             }
         }
         .await;
@@ -135,29 +182,43 @@ impl RemoteExperts {
         outcome
     }
 
-    /// Which expert worker serves each group: the first (by id) whose shard holds its expert.
+    /// Which expert worker serves each of `todo` (indices into `groups`): of the workers of
+    /// this model hosting its expert and not in `excluded`, those not failed recently (all of
+    /// them if every one has), in turn. Groups with the same replicas go to the same one.
     fn plan(
         &self,
         layer: usize,
         groups: &[ExpertGroup],
+        todo: &[usize],
+        excluded: &[WorkerId],
     ) -> Result<BTreeMap<WorkerId, (WorkerInfo, Vec<usize>)>> {
         let fingerprint = WorkerInfo::fingerprint_hex(self.fingerprint);
         let workers: Vec<WorkerInfo> = self
             .directory
             .workers(Role::Expert)
             .into_iter()
-            .filter(|w| w.model_fingerprint == fingerprint)
+            .filter(|w| w.model_fingerprint == fingerprint && !excluded.contains(&w.worker_id))
             .collect();
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed) as usize;
         let mut plan: BTreeMap<WorkerId, (WorkerInfo, Vec<usize>)> = BTreeMap::new();
-        for (i, g) in groups.iter().enumerate() {
-            let worker = workers
+        for &i in todo {
+            let expert = groups[i].expert;
+            let hosts: Vec<&WorkerInfo> = workers
                 .iter()
-                .find(|w| w.expert_shard.is_some_and(|s| s.contains(g.expert)))
+                .filter(|w| w.expert_shard.is_some_and(|s| s.contains(expert)))
+                .collect();
+            let healthy: Vec<&WorkerInfo> = hosts
+                .iter()
+                .copied()
+                .filter(|w| !self.recently_failed(&w.worker_id))
+                .collect();
+            let choice = if healthy.is_empty() { &hosts } else { &healthy };
+            let worker = (!choice.is_empty())
+                .then(|| choice[turn % choice.len()])
                 .ok_or_else(|| RuntimeError::Unavailable {
                     worker: "expert".into(),
                     message: format!(
-                        "no registered expert worker of this model hosts expert {} (layer {layer})",
-                        g.expert
+                        "no registered expert worker of this model hosts expert {expert} (layer {layer}) and is still answering"
                     ),
                 })?;
             plan.entry(worker.worker_id.clone())
@@ -169,44 +230,62 @@ impl RemoteExperts {
     }
 
     fn dispatch(&self, layer: usize, groups: &[ExpertGroup]) -> Result<Vec<Vec<f32>>> {
-        let plan = self.plan(layer, groups)?;
         let hidden = groups
             .first()
             .map_or(0, |g| g.x.len() / g.weights.len().max(1));
-        let calls = plan.values().map(|(worker, members)| {
-            let batch = pb::ExpertBatch {
-                layer: layer as u32,
-                hidden: hidden as u32,
-                model_fingerprint: self.fingerprint,
-                groups: members
-                    .iter()
-                    .map(|&i| pb::ExpertRows {
-                        expert: groups[i].expert as u32,
-                        weights: groups[i].weights.clone(),
-                        x: f32s_to_bytes(&groups[i].x),
-                    })
-                    .collect(),
-            };
-            self.exchange(worker, batch)
-        });
+        let mut outputs: Vec<Option<Vec<f32>>> = vec![None; groups.len()];
+        let mut todo: Vec<usize> = (0..groups.len()).collect();
+        // Workers that failed this dispatch: what they had goes to another replica.
+        let mut excluded: Vec<WorkerId> = Vec::new();
         let started = std::time::Instant::now();
-        let results = self.runtime.block_on(futures::future::join_all(calls));
-        self.round_trip.observe(started.elapsed().as_secs_f64());
-        let mut outputs: Vec<Vec<f32>> = vec![Vec::new(); groups.len()];
-        for ((_, members), result) in plan.values().zip(results) {
-            let result = result?;
-            if result.outputs.len() != members.len() {
-                return Err(RuntimeError::Internal(format!(
-                    "expert worker answered {} groups for {}",
-                    result.outputs.len(),
-                    members.len()
-                )));
-            }
-            for (&i, out) in members.iter().zip(result.outputs) {
-                outputs[i] = bytes_to_f32s(&out.y, "y")?;
+        while !todo.is_empty() {
+            let plan = self.plan(layer, groups, &todo, &excluded)?;
+            let calls = plan.values().map(|(worker, members)| {
+                let batch = pb::ExpertBatch {
+                    layer: layer as u32,
+                    hidden: hidden as u32,
+                    model_fingerprint: self.fingerprint,
+                    groups: members
+                        .iter()
+                        .map(|&i| pb::ExpertRows {
+                            expert: groups[i].expert as u32,
+                            weights: groups[i].weights.clone(),
+                            x: f32s_to_bytes(&groups[i].x),
+                        })
+                        .collect(),
+                };
+                self.exchange(worker, batch)
+            });
+            let results = self.runtime.block_on(futures::future::join_all(calls));
+            todo.clear();
+            for ((worker, members), result) in plan.values().zip(results) {
+                let result = match result {
+                    Ok(r) => r,
+                    // The request itself is wrong: no replica would answer otherwise.
+                    Err(e @ RuntimeError::Rpc(_)) => return Err(e),
+                    Err(e) => {
+                        tracing::warn!(worker = %worker.worker_id, "expert dispatch failed, sending it to another replica: {e}");
+                        self.mark_failed(&worker.worker_id);
+                        self.failovers.inc();
+                        excluded.push(worker.worker_id.clone());
+                        todo.extend(members);
+                        continue;
+                    }
+                };
+                if result.outputs.len() != members.len() {
+                    return Err(RuntimeError::Internal(format!(
+                        "expert worker answered {} groups for {}",
+                        result.outputs.len(),
+                        members.len()
+                    )));
+                }
+                for (&i, out) in members.iter().zip(result.outputs) {
+                    outputs[i] = Some(bytes_to_f32s(&out.y, "y")?);
+                }
             }
         }
-        Ok(outputs)
+        self.round_trip.observe(started.elapsed().as_secs_f64());
+        Ok(outputs.into_iter().map(Option::unwrap_or_default).collect())
     }
 }
 

@@ -86,6 +86,10 @@ pub struct ModelWorkerArgs {
     /// Run the routed experts here (`local`) or on expert workers (`remote`).
     #[arg(long, env = "SLUICE_EXPERTS", value_enum, default_value_t = ExpertsMode::Local)]
     pub experts: ExpertsMode,
+    /// With `--experts remote`: seconds one MoE layer's dispatch to an expert worker may take
+    /// before that worker counts as failed and the dispatch goes to a replica of its experts.
+    #[arg(long, env = "SLUICE_EXPERT_TIMEOUT", default_value_t = 30)]
+    pub expert_timeout: u64,
     /// Longest sequence (prompt + output), in tokens.
     #[arg(long, env = "SLUICE_MAX_CONTEXT", default_value_t = 8192)]
     pub max_context: usize,
@@ -128,7 +132,10 @@ impl ModelWorkerArgs {
             tracing::warn!(requested = %self.precision, %effective, "fast precision needs AVX-512 BF16");
         }
         let directory = WorkerDirectory::start(membership, shutdown).await?;
-        Ok(load_model(dir, self.experts, self.weights, Some(directory)).await?)
+        let experts = RemoteExpertsConfig {
+            timeout: Duration::from_secs(self.expert_timeout.max(1)),
+        };
+        Ok(load_model(dir, self.experts, self.weights, Some((directory, experts))).await?)
     }
 }
 
@@ -139,13 +146,28 @@ impl ModelWorkerArgs {
     }
 }
 
-/// Loads `dir` on a blocking thread; with `Remote`, wires the expert dispatcher to
-/// `directory` (which must then be given).
+/// How a model worker reaches its remote experts.
+#[derive(Debug, Clone, Copy)]
+pub struct RemoteExpertsConfig {
+    /// One dispatch's limit before its expert worker counts as failed.
+    pub timeout: Duration,
+}
+
+impl Default for RemoteExpertsConfig {
+    fn default() -> Self {
+        RemoteExpertsConfig {
+            timeout: crate::experts::DEFAULT_DISPATCH_TIMEOUT,
+        }
+    }
+}
+
+/// Loads `dir` on a blocking thread; with `Remote`, wires the expert dispatcher to the
+/// directory in `remote` (which must then be given).
 pub async fn load_model(
     dir: &Path,
     mode: ExpertsMode,
     weights: sluice_engine::WeightFormat,
-    directory: Option<Arc<WorkerDirectory>>,
+    remote: Option<(Arc<WorkerDirectory>, RemoteExpertsConfig)>,
 ) -> Result<Arc<Model>> {
     let dir = dir.to_path_buf();
     let residency = match mode {
@@ -160,15 +182,14 @@ pub async fn load_model(
     .await
     .map_err(|e| crate::RuntimeError::Internal(format!("model loading panicked: {e}")))??;
     if mode == ExpertsMode::Remote {
-        let directory = directory.ok_or_else(|| {
+        let (directory, experts) = remote.ok_or_else(|| {
             crate::RuntimeError::invalid("experts", "remote experts need the cluster membership")
         })?;
         let fingerprint = model.fingerprint();
-        model.set_expert_executor(Arc::new(RemoteExperts::new(
-            directory,
-            fingerprint,
-            tokio::runtime::Handle::current(),
-        )));
+        model.set_expert_executor(Arc::new(
+            RemoteExperts::new(directory, fingerprint, tokio::runtime::Handle::current())
+                .with_timeout(experts.timeout),
+        ));
     }
     Ok(Arc::new(model))
 }
