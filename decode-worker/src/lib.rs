@@ -48,6 +48,8 @@ pub struct DecodeConfig {
     pub kv_blocks: Option<usize>,
     /// Tokens per step: decode tokens plus prompt chunks prefilled here.
     pub max_batch_tokens: usize,
+    /// Sequences waiting to start before new ones are refused.
+    pub max_waiting: usize,
     pub prefill_chunk: usize,
     /// How long a `Decode` call waits for its cache.
     pub transfer_timeout: Duration,
@@ -78,6 +80,11 @@ pub struct DecodeArgs {
     /// prefilled (or recomputed) here while room is left.
     #[arg(long, env = "SLUICE_DECODE_MAX_BATCH_TOKENS", default_value_t = 2048)]
     pub max_batch_tokens: usize,
+    /// Sequences waiting here to start (cache not yet arrived, no slot free, preempted);
+    /// beyond it a new one is refused with RESOURCE_EXHAUSTED and the router tries another
+    /// decode worker.
+    #[arg(long, env = "SLUICE_DECODE_MAX_WAITING", default_value_t = 256)]
+    pub max_waiting: usize,
 }
 
 impl DecodeArgs {
@@ -85,6 +92,7 @@ impl DecodeArgs {
         config.max_sequences = self.max_sequences;
         config.kv_blocks = self.kv_blocks;
         config.max_batch_tokens = self.max_batch_tokens;
+        config.max_waiting = self.max_waiting;
     }
 }
 
@@ -98,6 +106,7 @@ impl DecodeConfig {
             max_context: 8192,
             kv_blocks: None,
             max_batch_tokens: 2048,
+            max_waiting: 256,
             prefill_chunk: sluice_engine::DEFAULT_PREFILL_CHUNK,
             transfer_timeout: Duration::from_secs(60),
             transport: TransportPlan::tcp(),
@@ -146,6 +155,7 @@ pub async fn run(
         transports.push(TransportKind::InProcess);
     }
     let counters = Arc::new(LoadCounters::default());
+    let waiting = counters.clone();
     // Everything the worker runs — registration, server — stops on `worker`: at shutdown,
     // or when the engine thread dies.
     let worker = shutdown.child_token();
@@ -180,12 +190,17 @@ pub async fn run(
         vocab: model.spec().vocab,
         inbox: inbox.clone(),
         commands,
+        counters: waiting,
+        max_waiting: config.max_waiting,
         transfer_timeout: config.transfer_timeout,
         max_context: config.max_context,
     };
     let routes = routes
         .add_service(DecodeServer::new(service))
-        .add_service(CacheTransferServer::new(receiver).max_decoding_message_size(usize::MAX))
+        .add_service(
+            CacheTransferServer::new(receiver)
+                .max_decoding_message_size(sluice_runtime::transport::MAX_PUSH_MESSAGE_BYTES),
+        )
         .add_service(WorkerStatusServer::new(status));
     serve_draining(listener, routes, worker, config.drain_timeout).await?;
     engine.outcome(&shutdown).await
@@ -214,11 +229,31 @@ struct DecodeService {
     vocab: usize,
     inbox: Arc<CacheInbox>,
     commands: mpsc::UnboundedSender<Command>,
+    /// The engine's load (its waiting list), for the bound on waiting sequences.
+    counters: Arc<LoadCounters>,
+    max_waiting: usize,
     transfer_timeout: Duration,
     max_context: usize,
 }
 
 impl DecodeService {
+    /// Refuses a new sequence while `max_waiting` already wait here (the engine's waiting list
+    /// as of its last step, and calls waiting for their cache).
+    fn check_room(&self) -> Result<()> {
+        let waiting = self
+            .counters
+            .waiting
+            .load(std::sync::atomic::Ordering::Relaxed) as usize
+            + self.inbox.waiting();
+        if waiting >= self.max_waiting {
+            return Err(RuntimeError::Overloaded(format!(
+                "{waiting} sequences already wait on this decode worker (--max-waiting {})",
+                self.max_waiting
+            )));
+        }
+        Ok(())
+    }
+
     fn validate(&self, req: &pb::DecodeRequest) -> Result<SamplingParams> {
         if req.transfer_id.is_empty() && !req.prefill {
             return Err(RuntimeError::invalid(
@@ -350,6 +385,7 @@ impl Decode for DecodeService {
         let metadata = request.metadata().clone();
         let req = request.into_inner();
         let params = self.validate(&req)?;
+        self.check_room()?;
         let (tx, rx) = mpsc::unbounded_channel();
         let span = tracing::info_span!(
             "request",

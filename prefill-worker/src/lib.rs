@@ -43,6 +43,8 @@ pub struct PrefillConfig {
     pub max_batch_tokens: usize,
     /// Prompts in one batch.
     pub max_batch_prompts: usize,
+    /// Prompts queued here before new ones are refused (RESOURCE_EXHAUSTED).
+    pub max_waiting: usize,
     /// Longest prompt accepted.
     pub max_context: usize,
     /// Prompt tokens per forward pass of one sequence.
@@ -61,6 +63,7 @@ impl PrefillConfig {
             model_name,
             max_batch_tokens: 4096,
             max_batch_prompts: 8,
+            max_waiting: 64,
             max_context: 8192,
             prefill_chunk: sluice_engine::DEFAULT_PREFILL_CHUNK,
             node: sluice_runtime::worker_info::this_host(),
@@ -127,6 +130,7 @@ pub async fn run(
         counters: counters.clone(),
         metrics,
         max_context: config.max_context,
+        max_waiting: config.max_waiting,
     };
     let routes =
         routes
@@ -316,6 +320,7 @@ struct PrefillService {
     counters: Arc<LoadCounters>,
     metrics: Arc<PrefillMetrics>,
     max_context: usize,
+    max_waiting: usize,
 }
 
 impl PrefillService {
@@ -367,6 +372,13 @@ impl PrefillService {
             None
         };
 
+        let waiting = self.counters.waiting.load(Ordering::Relaxed) as usize;
+        if waiting >= self.max_waiting {
+            return Err(RuntimeError::Overloaded(format!(
+                "{waiting} prompts already queued on this prefill worker (--max-waiting {})",
+                self.max_waiting
+            )));
+        }
         let (reply, result) = oneshot::channel();
         self.counters.waiting.fetch_add(1, Ordering::Relaxed);
         let sent = self.jobs.send(Job {

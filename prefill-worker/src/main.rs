@@ -16,6 +16,10 @@ struct Args {
     /// Prompt tokens per batch.
     #[arg(long, env = "SLUICE_MAX_BATCH_TOKENS", default_value_t = 4096)]
     max_batch_tokens: usize,
+    /// Prompts queued here; beyond it a new one is refused with RESOURCE_EXHAUSTED and the
+    /// router tries another prefill worker.
+    #[arg(long, env = "SLUICE_PREFILL_MAX_WAITING", default_value_t = 64)]
+    max_waiting: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -34,6 +38,7 @@ fn main() -> anyhow::Result<()> {
         config.node = s.node();
         config.drain_timeout = s.drain_timeout();
         config.max_batch_tokens = args.max_batch_tokens;
+        config.max_waiting = args.max_waiting;
         config.max_context = args.model.max_context;
         let transports = plan.senders(config.worker_id.as_str());
         sluice_prefill::run(

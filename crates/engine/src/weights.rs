@@ -104,37 +104,8 @@ impl WeightStore {
             path: path.clone(),
             message,
         };
-        if mmap.len() < 8 {
-            return Err(bad(format!("truncated: {} bytes, no header", mmap.len())));
-        }
-        let mut len_bytes = [0u8; 8];
-        len_bytes.copy_from_slice(&mmap[..8]);
-        let header_len = u64::from_le_bytes(len_bytes) as usize;
-        let data_start = 8usize.saturating_add(header_len);
-        if data_start > mmap.len() {
-            return Err(bad(format!(
-                "truncated: header of {header_len} bytes but the file has {}",
-                mmap.len()
-            )));
-        }
-        let header: HashMap<String, Value> = serde_json::from_slice(&mmap[8..data_start])
-            .map_err(|e| bad(format!("malformed header: {e}")))?;
-        let file_index = self.files.len();
-        for (name, info) in header {
-            if name == "__metadata__" {
-                continue;
-            }
-            let entry = parse_entry(&info, file_index, data_start)
-                .map_err(|m| bad(format!("tensor `{name}`: {m}")))?;
-            if entry.end > mmap.len() {
-                return Err(bad(format!(
-                    "truncated: tensor `{name}` ends at byte {} but the file has {}",
-                    entry.end,
-                    mmap.len()
-                )));
-            }
-            self.tensors.insert(name, entry);
-        }
+        let (_, entries) = parse_header(&mmap, self.files.len()).map_err(bad)?;
+        self.tensors.extend(entries);
         self.files.push((path, mmap));
         Ok(())
     }
@@ -212,6 +183,57 @@ impl WeightStore {
     }
 }
 
+/// Checks a whole safetensors file given as bytes, as opening it does; returns how many
+/// tensors it holds, or the problem. Never panics, whatever the bytes (fuzzed:
+/// `fuzz/fuzz_targets/safetensors_header.rs`).
+pub fn check_safetensors(bytes: &[u8]) -> std::result::Result<usize, String> {
+    parse_header(bytes, 0).map(|(_, entries)| entries.len())
+}
+
+/// Its 8-byte header length, the JSON header, every tensor's dtype, shape and byte range
+/// inside the file: where the data starts and each tensor's entry (for the file numbered
+/// `file`), or a message for the caller to put after the file's name.
+fn parse_header(
+    bytes: &[u8],
+    file: usize,
+) -> std::result::Result<(usize, Vec<(String, TensorEntry)>), String> {
+    if bytes.len() < 8 {
+        return Err(format!("truncated: {} bytes, no header", bytes.len()));
+    }
+    let mut len_bytes = [0u8; 8];
+    len_bytes.copy_from_slice(&bytes[..8]);
+    let header_len = u64::from_le_bytes(len_bytes);
+    let data_start = usize::try_from(header_len)
+        .ok()
+        .and_then(|l| l.checked_add(8))
+        .filter(|&s| s <= bytes.len())
+        .ok_or_else(|| {
+            format!(
+                "truncated: header of {header_len} bytes but the file has {}",
+                bytes.len()
+            )
+        })?;
+    let header: HashMap<String, Value> = serde_json::from_slice(&bytes[8..data_start])
+        .map_err(|e| format!("malformed header: {e}"))?;
+    let mut entries = Vec::with_capacity(header.len());
+    for (name, info) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let entry =
+            parse_entry(&info, file, data_start).map_err(|m| format!("tensor `{name}`: {m}"))?;
+        if entry.end > bytes.len() {
+            return Err(format!(
+                "truncated: tensor `{name}` ends at byte {} but the file has {}",
+                entry.end,
+                bytes.len()
+            ));
+        }
+        entries.push((name, entry));
+    }
+    Ok((data_start, entries))
+}
+
 fn parse_entry(
     info: &Value,
     file: usize,
@@ -248,7 +270,10 @@ fn parse_entry(
         return Err(format!("data_offsets [{begin}, {end}] run backwards"));
     }
     if let Some(dt) = DType::from_safetensors(&dtype) {
-        let want = shape.iter().product::<usize>() * dt.size();
+        let want = shape
+            .iter()
+            .try_fold(dt.size(), |n, &d| n.checked_mul(d))
+            .ok_or_else(|| format!("shape {shape:?} of {dtype} overflows the address space"))?;
         if end - begin != want {
             return Err(format!(
                 "{} bytes for shape {shape:?} of {dtype} ({want} expected)",
@@ -256,12 +281,18 @@ fn parse_entry(
             ));
         }
     }
+    let (Some(start), Some(end)) = (data_start.checked_add(begin), data_start.checked_add(end))
+    else {
+        return Err(format!(
+            "data_offsets [{begin}, {end}] run past the address space"
+        ));
+    };
     Ok(TensorEntry {
         file,
         dtype,
         shape,
-        start: data_start + begin,
-        end: data_start + end,
+        start,
+        end,
     })
 }
 

@@ -40,7 +40,7 @@ pub use in_process::{InProcessHub, InProcessTransport};
 pub use nccl::{CommunicatorPool, DEFAULT_COMMUNICATORS, NcclReceiver, NcclTransport};
 pub use select::TransportChoice;
 pub use service::CacheTransferService;
-pub use tcp::TcpTransport;
+pub use tcp::{MAX_PUSH_MESSAGE_BYTES, PushAssembly, TcpTransport};
 
 use crate::error::{Result, RuntimeError};
 

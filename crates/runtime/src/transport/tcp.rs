@@ -20,6 +20,10 @@ use crate::serve::connect_lazy;
 
 const CHUNK_BYTES: usize = 1 << 20;
 
+/// The largest `CacheTransfer` message a receiver accepts: a data chunk with its framing, or a
+/// header (a few bytes per region). Anything larger is refused by gRPC before it is buffered.
+pub const MAX_PUSH_MESSAGE_BYTES: usize = 4 * CHUNK_BYTES;
+
 /// One HTTP/2 connection per destination, reused by every transport's `CacheTransfer` calls.
 #[derive(Default)]
 pub(super) struct Channels {
@@ -118,43 +122,71 @@ pub(super) async fn receive(
     inbox: &CacheInbox,
     mut stream: Streaming<pb::CacheChunk>,
 ) -> Result<pb::PushAck, Status> {
-    let header = match stream.message().await? {
-        Some(pb::CacheChunk {
-            kind: Some(pb::cache_chunk::Kind::Header(h)),
-        }) => h,
-        _ => {
+    let mut assembly = match stream.message().await? {
+        Some(first) => PushAssembly::start(inbox, first)?,
+        None => PushAssembly::start(inbox, pb::CacheChunk { kind: None })?,
+    };
+    while let Some(chunk) = stream.message().await? {
+        assembly.chunk(chunk)?;
+    }
+    assembly.finish()
+}
+
+/// One cache push being received: the header checked against the receiver before anything
+/// is allocated, then every data chunk placed (crc checked, bounds checked), then the whole
+/// delivered. The `Push` handler drives it; so does the fuzz target of the push stream
+/// (`fuzz/fuzz_targets/cache_push.rs`): no message sequence makes it panic or allocate more
+/// than the receiver's limits allow.
+pub struct PushAssembly<'a> {
+    inbox: &'a CacheInbox,
+    header: TransferHeader,
+    regions: Vec<Vec<u8>>,
+    received: u64,
+}
+
+impl<'a> PushAssembly<'a> {
+    /// Takes the stream's first message, which must be the header.
+    pub fn start(inbox: &'a CacheInbox, first: pb::CacheChunk) -> Result<Self, Status> {
+        let Some(pb::cache_chunk::Kind::Header(header)) = first.kind else {
             return Err(Status::invalid_argument(
                 "the first message of a cache push must be its header",
             ));
-        }
-    };
-    let header = header_from_pb(&header)?;
-    // Nothing is read or allocated for a cache this worker could not use.
-    inbox.check(&header)?;
-    let mut regions: Vec<Vec<u8>> = header
-        .layout
-        .regions
-        .iter()
-        .map(|r| vec![0u8; r.elements * 4])
-        .collect();
-    let mut received = 0u64;
-    while let Some(chunk) = stream.message().await? {
+        };
+        let header = header_from_pb(&header)?;
+        // Nothing is read or allocated for a cache this worker could not use.
+        inbox.check(&header)?;
+        let regions = header
+            .layout
+            .regions
+            .iter()
+            .map(|r| vec![0u8; r.elements * 4])
+            .collect();
+        Ok(PushAssembly {
+            inbox,
+            header,
+            regions,
+            received: 0,
+        })
+    }
+
+    /// Places one data chunk.
+    pub fn chunk(&mut self, chunk: pb::CacheChunk) -> Result<(), Status> {
         let Some(pb::cache_chunk::Kind::Data(d)) = chunk.kind else {
             return Err(Status::invalid_argument(
                 "a second header in one cache push",
             ));
         };
-        let region = regions.get_mut(d.region as usize).ok_or_else(|| {
+        let region = self.regions.get_mut(d.region as usize).ok_or_else(|| {
             Status::invalid_argument(format!(
                 "chunk names region {}, the layout has fewer",
                 d.region
             ))
         })?;
-        let start = d.offset as usize;
-        let end = start
-            .checked_add(d.data.len())
-            .filter(|&e| e <= region.len());
-        let Some(end) = end else {
+        let end = usize::try_from(d.offset)
+            .ok()
+            .and_then(|start| Some((start, start.checked_add(d.data.len())?)))
+            .filter(|&(_, e)| e <= region.len());
+        let Some((start, end)) = end else {
             return Err(Status::invalid_argument(format!(
                 "chunk of region {} at offset {} overruns it",
                 d.region, d.offset
@@ -168,23 +200,29 @@ pub(super) async fn receive(
             .into());
         }
         region[start..end].copy_from_slice(&d.data);
-        received += d.data.len() as u64;
+        self.received += d.data.len() as u64;
+        Ok(())
     }
-    let expected: u64 = regions.iter().map(|r| r.len() as u64).sum();
-    if received != expected {
-        return Err(RuntimeError::TransferCorrupted(format!(
-            "received {received} of {expected} bytes"
-        ))
-        .into());
+
+    /// Checks the byte count and hands the cache to the inbox.
+    pub fn finish(self) -> Result<pb::PushAck, Status> {
+        let expected: u64 = self.regions.iter().map(|r| r.len() as u64).sum();
+        if self.received != expected {
+            return Err(RuntimeError::TransferCorrupted(format!(
+                "received {} of {expected} bytes",
+                self.received
+            ))
+            .into());
+        }
+        let transfer_id = self.header.transfer_id.clone();
+        let snapshot = CacheSnapshot {
+            layout: self.header.layout.clone(),
+            regions: self.regions,
+        };
+        self.inbox.deliver(self.header, snapshot)?;
+        Ok(pb::PushAck {
+            transfer_id,
+            bytes: self.received,
+        })
     }
-    let transfer_id = header.transfer_id.clone();
-    let snapshot = CacheSnapshot {
-        layout: header.layout.clone(),
-        regions,
-    };
-    inbox.deliver(header, snapshot)?;
-    Ok(pb::PushAck {
-        transfer_id,
-        bytes: received,
-    })
 }
