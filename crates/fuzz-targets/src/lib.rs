@@ -19,8 +19,11 @@ use sluice_router::validate::ModelContext;
 use sluice_runtime::transport::PushAssembly;
 use sluice_runtime::{CacheInbox, InboxLimits};
 
+/// A target: takes any bytes, must not panic.
+pub type Target = fn(&[u8]);
+
 /// The targets, by the name of their `fuzz/fuzz_targets/NAME.rs` and corpus folder.
-pub const TARGETS: [(&str, fn(&[u8])); 5] = [
+pub const TARGETS: [(&str, Target); 5] = [
     ("config_json", config_json),
     ("safetensors_header", safetensors_header),
     ("cache_push", cache_push),
