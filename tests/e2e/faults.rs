@@ -73,63 +73,10 @@ async fn a_killed_decode_worker_loses_no_stream_and_no_token() {
         .map(|p| local_greedy(model, p, TOKENS as usize, true))
         .collect();
 
-    let client = cluster.client().await;
-    let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
-    let streams: Vec<_> = prompts
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            let mut c = client.clone();
-            let req = greedy(p, TOKENS);
-            let progress = progress_tx.clone();
-            tokio::spawn(async move {
-                let mut stream = c.generate_stream(req).await.unwrap();
-                let mut tokens = Vec::new();
-                let mut finish = None;
-                let mut gaps = Vec::new();
-                let mut last = Instant::now();
-                while let Some(chunk) = stream.next().await {
-                    let chunk = chunk.unwrap_or_else(|e| panic!("stream {i}: {e}"));
-                    gaps.push(last.elapsed());
-                    last = Instant::now();
-                    tokens.extend(chunk.token_ids);
-                    if tokens.len() == 3 {
-                        let _ = progress.send(i);
-                    }
-                    if chunk.finish_reason != FinishReason::Unspecified as i32 {
-                        finish = Some(chunk.finish_reason);
-                    }
-                }
-                (tokens, finish, gaps)
-            })
-        })
-        .collect();
-    drop(progress_tx);
-    // Every stream has tokens: each is running somewhere when the worker dies.
-    for _ in 0..STREAMS {
-        tokio::time::timeout(Duration::from_secs(60), progress_rx.recv())
-            .await
-            .expect("every stream to start")
-            .unwrap();
-    }
-    let victim = running.cluster.proc_mut("decode0");
-    victim.kill9();
+    let streams = start_streams(cluster, &prompts, TOKENS).await;
+    running.cluster.proc_mut("decode0").kill9();
     let killed = Instant::now();
-
-    // Each stream's longest pause between chunks: for a migrated stream, the client-visible
-    // gap of the migration (reported, not asserted: timing belongs in benchmarks).
-    let mut gaps = Vec::new();
-    for (i, (stream, want)) in streams.into_iter().zip(&expected).enumerate() {
-        let (tokens, finish, stream_gaps) = stream.await.unwrap();
-        assert_eq!(
-            &tokens, want,
-            "stream {i}: tokens differ from one local process"
-        );
-        assert_eq!(finish, Some(FinishReason::Length as i32), "stream {i}");
-        gaps.push(stream_gaps.into_iter().max().unwrap_or_default());
-    }
-    gaps.sort();
-    let (median_gap, worst_gap) = (gaps[gaps.len() / 2], gaps[gaps.len() - 1]);
+    let pauses = collect(streams, &expected).await;
     let cluster = &running.cluster;
     let metrics = router_metrics(cluster).await;
     let migrated = counter(&metrics, "sluice_router_migrations_total{reason=\"decode_");
@@ -139,8 +86,7 @@ async fn a_killed_decode_worker_loses_no_stream_and_no_token() {
     );
     eprintln!(
         "decode worker killed: {STREAMS} streams complete and exact, {migrated} migrated; \
-         longest pause per stream: median {median_gap:?}, max {worst_gap:?}; all done {:?} \
-         after the kill",
+         {pauses}; all done {:?} after the kill",
         killed.elapsed()
     );
 
@@ -251,13 +197,19 @@ async fn a_killed_prefill_worker_is_ejected_and_no_request_fails() {
     let _ = c.list_models().await.unwrap();
 }
 
-/// Streams `n` requests of `tokens` tokens each at once; returns them once every one has its
-/// first tokens, to be collected with [`collect`].
-async fn start_streams(
-    cluster: &Cluster,
-    prompts: &[Vec<u32>],
-    tokens: u32,
-) -> Vec<tokio::task::JoinHandle<(Vec<u32>, Option<i32>)>> {
+/// What one stream got: its tokens, its finish reason, and its longest pause between chunks
+/// once started (for a stream that moved, the client-visible gap of the move).
+struct StreamOutcome {
+    tokens: Vec<u32>,
+    finish: Option<i32>,
+    longest_pause: Duration,
+}
+
+type Streams = Vec<tokio::task::JoinHandle<StreamOutcome>>;
+
+/// Streams every prompt (`tokens` tokens each) at once; returns once every one has its first
+/// tokens (so each is running somewhere when a fault comes), to be checked with [`collect`].
+async fn start_streams(cluster: &Cluster, prompts: &[Vec<u32>], tokens: u32) -> Streams {
     let client = cluster.client().await;
     let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel::<()>();
     let streams: Vec<_> = prompts
@@ -269,18 +221,29 @@ async fn start_streams(
             let started = started_tx.clone();
             tokio::spawn(async move {
                 let mut stream = c.generate_stream(req).await.unwrap();
-                let (mut out, mut finish) = (Vec::new(), None);
+                let mut out = StreamOutcome {
+                    tokens: Vec::new(),
+                    finish: None,
+                    longest_pause: Duration::ZERO,
+                };
+                let mut last = None;
                 while let Some(chunk) = stream.next().await {
                     let chunk = chunk.unwrap_or_else(|e| panic!("stream {i}: {e}"));
-                    out.extend(chunk.token_ids);
-                    if out.len() == 2 {
+                    if let Some(at) = last {
+                        out.longest_pause = out.longest_pause.max(Instant::now() - at);
+                    }
+                    out.tokens.extend(chunk.token_ids);
+                    if out.tokens.len() == 2 {
                         let _ = started.send(());
+                        last = Some(Instant::now());
+                    } else if last.is_some() {
+                        last = Some(Instant::now());
                     }
                     if chunk.finish_reason != FinishReason::Unspecified as i32 {
-                        finish = Some(chunk.finish_reason);
+                        out.finish = Some(chunk.finish_reason);
                     }
                 }
-                (out, finish)
+                out
             })
         })
         .collect();
@@ -292,15 +255,44 @@ async fn start_streams(
     streams
 }
 
+/// Durations summarised: the longest pause of each stream, or each request's latency
+/// (reported, never asserted: timing belongs in benchmarks).
+struct Pauses {
+    of: &'static str,
+    values: Vec<Duration>,
+}
+
+impl std::fmt::Display for Pauses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut p = self.values.clone();
+        p.sort();
+        let at = |q: f64| p[((p.len() - 1) as f64 * q).round() as usize];
+        write!(
+            f,
+            "{} over {}: p50 {:?}, p99 {:?}",
+            self.of,
+            p.len(),
+            at(0.5),
+            at(0.99)
+        )
+    }
+}
+
 /// Waits for the streams and checks each against `expected`: complete, every token equal.
-async fn collect(
-    streams: Vec<tokio::task::JoinHandle<(Vec<u32>, Option<i32>)>>,
-    expected: &[Vec<u32>],
-) {
+async fn collect(streams: Streams, expected: &[Vec<u32>]) -> Pauses {
+    let mut pauses = Vec::new();
     for (i, (stream, want)) in streams.into_iter().zip(expected).enumerate() {
-        let (tokens, finish) = stream.await.unwrap();
-        assert_eq!(&tokens, want, "stream {i}");
-        assert_eq!(finish, Some(FinishReason::Length as i32), "stream {i}");
+        let out = stream.await.unwrap();
+        assert_eq!(
+            &out.tokens, want,
+            "stream {i}: tokens differ from the reference"
+        );
+        assert_eq!(out.finish, Some(FinishReason::Length as i32), "stream {i}");
+        pauses.push(out.longest_pause);
+    }
+    Pauses {
+        of: "longest pause per stream",
+        values: pauses,
     }
 }
 
@@ -352,7 +344,11 @@ async fn an_engine_panic_takes_the_worker_out_and_its_streams_migrate() {
     })
     .await;
     let expected = reference(cluster, &prompts, 120).await;
-    collect(streams, &expected).await;
+    let pauses = collect(streams, &expected).await;
+    eprintln!(
+        "engine panic: {} streams complete and exact; {pauses}",
+        prompts.len()
+    );
     let metrics = router_metrics(cluster).await;
     assert!(
         counter(&metrics, "sluice_router_migrations_total{reason=\"decode_") >= 1.0,
@@ -384,7 +380,11 @@ async fn a_sigterm_drains_the_worker_without_losing_a_stream() {
         "the drained worker deregistered: {views:?}"
     );
     let expected = reference(cluster, &prompts, 400).await;
-    collect(streams, &expected).await;
+    let pauses = collect(streams, &expected).await;
+    eprintln!(
+        "SIGTERM: {} streams complete and exact; {pauses}",
+        prompts.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -407,16 +407,22 @@ async fn a_paused_etcd_stops_no_request() {
     // Two clients, one request after another each, through the pause and 5 s after it.
     let mut sent = 0;
     let mut resumed = None;
+    let mut latencies = Vec::new();
     let client = cluster.client().await;
     while resumed.is_none_or(|r: Instant| r.elapsed() < Duration::from_secs(5)) {
         let answers = futures::future::join_all((0..2).map(|k| {
             let mut c = client.clone();
             let i = (sent + k) % prompts.len();
             let req = greedy(&prompts[i], 8);
-            async move { (i, c.generate(req).await) }
+            async move {
+                let start = Instant::now();
+                let answer = c.generate(req).await;
+                (i, answer, start.elapsed())
+            }
         }))
         .await;
-        for (i, answer) in answers {
+        for (i, answer, took) in answers {
+            latencies.push(took);
             let answer = answer.unwrap_or_else(|e| {
                 panic!(
                     "request {sent} failed {:?} after etcd paused: {e}",
@@ -432,7 +438,13 @@ async fn a_paused_etcd_stops_no_request() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    eprintln!("etcd paused 20 s: {sent} / {sent} requests served, every one exact");
+    eprintln!(
+        "etcd paused 20 s: {sent} / {sent} requests served, every one exact; {}",
+        Pauses {
+            of: "request latency",
+            values: latencies,
+        }
+    );
     assert!(sent >= 20, "only {sent} requests went through");
 
     // The workers lost their leases, kept serving, and re-registered; the metrics say so.
@@ -479,7 +491,11 @@ async fn a_killed_expert_worker_with_a_replica_costs_no_token() {
         .collect();
     let streams = start_streams(&running.cluster, &prompts, 300).await;
     running.cluster.proc_mut("expert0").kill9();
-    collect(streams, &expected).await;
+    let pauses = collect(streams, &expected).await;
+    eprintln!(
+        "expert worker killed: {} streams complete and exact; {pauses}",
+        prompts.len()
+    );
 
     // Later requests go on too, on the surviving replica.
     let cluster = &running.cluster;
