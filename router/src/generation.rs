@@ -4,7 +4,8 @@
 //! ```text
 //! Routing ──pair──▶ Prefilling ──first token──▶ Decoding ──finish──▶ done
 //!    ▲  └──local (short prompt, or a migration)──────▶ │
-//!    └──────────── an attempt failed (retry / migrate) ◀┘
+//!    │                                                  ▼ an attempt failed
+//!    └──────────── next attempt ──────────────── Migrating ──too many moves──▶ error
 //! ```
 //!
 //! Disaggregated: open the decode stream, run the prompt on the prefill worker (which pushes
@@ -172,6 +173,9 @@ enum Phase {
         stream: Streaming<wpb::TokenChunk>,
         abort: AbortOnDrop,
     },
+    /// An attempt failed: the request goes back to routing (paired again before its first
+    /// token, migrated after it) unless it has moved too often.
+    Migrating(Failure),
 }
 
 enum Next {
@@ -362,36 +366,51 @@ impl Relay {
                     .decode(&decode, &mut stream, &mut abort, emitter)
                     .await
                     .map(Next::Done),
+                Phase::Migrating(failure) => self
+                    .migrate(failure, &mut key, &mut excluded, emitter)
+                    .map(|next| Next::Phase(Box::new(next)))
+                    .map_err(Stop::Final),
             };
             phase = match step {
                 Ok(Next::Phase(next)) => *next,
                 Ok(Next::Done(reason)) => return Ok(reason),
                 Err(Stop::Final(e)) => return Err(e),
-                Err(Stop::Moved(failure)) => {
-                    let worker = &failure.worker;
-                    if let Some(outcome) = failure.outcome
-                        && worker.record(outcome)
-                    {
-                        self.metrics.ejected(worker.info.role.as_str());
-                    }
-                    if key.attempt() as usize >= self.migration_limit {
-                        return Err(failure.error);
-                    }
-                    tracing::warn!(
-                        attempt = %key,
-                        worker = %worker.info.worker_id,
-                        sent = emitter.tokens.len(),
-                        "{}; moving the request ({})",
-                        failure.error,
-                        failure.reason
-                    );
-                    self.metrics.migrated(failure.reason);
-                    excluded.push(worker.info.worker_id.clone());
-                    key = key.next();
-                    Phase::Routing
-                }
+                Err(Stop::Moved(failure)) => Phase::Migrating(failure),
             };
         }
+    }
+
+    /// After a failed attempt: counts it against its worker, then sends the request back to
+    /// routing with the next attempt key and the worker excluded — or ends it when it has
+    /// moved `migration_limit` times.
+    fn migrate(
+        &self,
+        failure: Failure,
+        key: &mut AttemptKey,
+        excluded: &mut Vec<WorkerId>,
+        emitter: &Emitter<'_>,
+    ) -> Result<Phase, RouterError> {
+        let worker = &failure.worker;
+        if let Some(outcome) = failure.outcome
+            && worker.record(outcome)
+        {
+            self.metrics.ejected(worker.info.role.as_str());
+        }
+        if key.attempt() as usize >= self.migration_limit {
+            return Err(failure.error);
+        }
+        tracing::warn!(
+            attempt = %key,
+            worker = %worker.info.worker_id,
+            sent = emitter.tokens.len(),
+            "{}; moving the request ({})",
+            failure.error,
+            failure.reason
+        );
+        self.metrics.migrated(failure.reason);
+        excluded.push(worker.info.worker_id.clone());
+        *key = key.next();
+        Ok(Phase::Routing)
     }
 
     /// Chooses the workers of attempt `key` and opens its decode stream.
