@@ -85,9 +85,22 @@ pub struct WorkerState {
     pub info: WorkerInfo,
     pub channel: Channel,
     in_flight: AtomicUsize,
-    load: Mutex<Option<pb::LoadReport>>,
+    /// The latest load report and when it came.
+    load: Mutex<Option<(pb::LoadReport, Instant)>>,
     health: Mutex<Health>,
 }
+
+/// How one load poll went.
+enum Poll {
+    Answered(pb::LoadReport),
+    /// No answer within the poll period: the worker may just be busy.
+    Slow,
+    /// The connection failed.
+    Unreachable,
+}
+
+/// A load report older than this is stale: the worker's load is unknown.
+const STALE_REPORT: Duration = Duration::from_secs(3);
 
 impl WorkerState {
     fn new(info: WorkerInfo, channel: Channel) -> Self {
@@ -125,25 +138,42 @@ impl WorkerState {
         ejected
     }
 
-    /// Records a load poll: an answer lets an ejected worker back after its back-off, two
-    /// unanswered polls in a row eject it (its last report is stale, never read as idle).
-    fn record_poll(&self, report: Option<pb::LoadReport>) -> bool {
-        let answered = report.is_some();
-        if let Some(r) = report {
-            *self.load.lock().unwrap_or_else(PoisonError::into_inner) = Some(r);
-        }
+    /// Records a load poll: an answer lets an ejected worker back after its back-off; two
+    /// polls in a row whose connection failed eject it. A poll that only took too long (a
+    /// busy or starved process) ejects nothing, but leaves the last report stale, and a
+    /// stale report is never read as idle ([`WorkerState::reported_load`]).
+    fn record_poll(&self, poll: Poll) -> bool {
         let mut h = self.health();
-        if answered {
-            h.failed_polls = 0;
-            h.polled_since = true;
-            false
-        } else {
-            h.failed_polls += 1;
-            let ejected = h.failed_polls >= 2 && h.eject("load polls unanswered");
-            if ejected {
-                tracing::warn!(worker = %self.info.worker_id, role = %self.info.role, "worker ejected from routing: load polls unanswered");
+        match poll {
+            Poll::Answered(report) => {
+                *self.load.lock().unwrap_or_else(PoisonError::into_inner) =
+                    Some((report, Instant::now()));
+                h.failed_polls = 0;
+                h.polled_since = true;
+                false
             }
-            ejected
+            Poll::Slow => false,
+            Poll::Unreachable => {
+                h.failed_polls += 1;
+                let ejected = h.failed_polls >= 2 && h.eject("load polls cannot connect");
+                if ejected {
+                    tracing::warn!(worker = %self.info.worker_id, role = %self.info.role, "worker ejected from routing: load polls cannot connect");
+                }
+                ejected
+            }
+        }
+    }
+
+    /// Requests the worker last reported (running + waiting), or `None` when it has not
+    /// answered a poll for [`STALE_REPORT`]: then nobody knows, and the worker is no
+    /// candidate for "least loaded".
+    pub fn reported_load(&self) -> Option<usize> {
+        let load = self.load.lock().unwrap_or_else(PoisonError::into_inner);
+        match &*load {
+            Some((r, at)) if at.elapsed() <= STALE_REPORT => Some((r.running + r.waiting) as usize),
+            Some(_) => None,
+            // Not polled yet: a worker that just joined is idle.
+            None => Some(0),
         }
     }
 
@@ -165,7 +195,8 @@ impl WorkerState {
         self.load
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+            .as_ref()
+            .map(|(r, _)| r.clone())
     }
 
     /// False while the worker is ejected. (A worker whose lease is lost serves on: during an
@@ -201,14 +232,17 @@ pub trait SchedulingPolicy: Send + Sync {
 }
 
 /// Fewest requests: the larger of what this router has in flight there and what the worker
-/// last reported (other routers' requests included); ties go to the lower worker id.
+/// last reported (other routers' requests included), workers whose load is unknown (stale
+/// report) after all others; ties go to the lower worker id.
 pub struct LeastLoaded;
 
 impl SchedulingPolicy for LeastLoaded {
     fn pick(&self, _role: Role, candidates: &[Arc<WorkerState>]) -> Option<usize> {
-        let score = |w: &Arc<WorkerState>| {
-            let reported = w.load().map_or(0, |l| (l.running + l.waiting) as usize);
-            w.in_flight().max(reported)
+        // A worker whose load is unknown (stale report) comes after every worker whose load
+        // is known.
+        let score = |w: &Arc<WorkerState>| match w.reported_load() {
+            Some(reported) => (false, w.in_flight().max(reported)),
+            None => (true, w.in_flight()),
         };
         (0..candidates.len())
             .min_by_key(|&i| (score(&candidates[i]), candidates[i].info.worker_id.clone()))
@@ -276,12 +310,30 @@ impl WorkerPool {
         self.choose_decode(excluded).map(Assignment::new)
     }
 
-    fn choose_decode(&self, excluded: &[WorkerId]) -> Result<Arc<WorkerState>, RouterError> {
-        let decodes: Vec<_> = self
-            .workers(Role::Decode)
+    /// The workers of `role` a request may use: not in `excluded` and matching `fits`; those
+    /// not ejected if there are any, else the ejected ones too — ejection is a guess about a
+    /// worker's health that steers requests elsewhere, never the reason one fails (a dead
+    /// worker refuses the connection at once, and the request moves on).
+    fn candidates(
+        &self,
+        role: Role,
+        excluded: &[WorkerId],
+        fits: impl Fn(&WorkerState) -> bool,
+    ) -> Vec<Arc<WorkerState>> {
+        let usable: Vec<_> = self
+            .workers(role)
             .into_iter()
-            .filter(|w| w.accepting() && !excluded.contains(&w.info.worker_id))
+            .filter(|w| !excluded.contains(&w.info.worker_id) && fits(w))
             .collect();
+        if usable.iter().any(|w| w.accepting()) {
+            usable.into_iter().filter(|w| w.accepting()).collect()
+        } else {
+            usable
+        }
+    }
+
+    fn choose_decode(&self, excluded: &[WorkerId]) -> Result<Arc<WorkerState>, RouterError> {
+        let decodes = self.candidates(Role::Decode, excluded, |_| true);
         let d = self
             .policy
             .pick(Role::Decode, &decodes)
@@ -293,16 +345,10 @@ impl WorkerPool {
     /// none of `excluded`.
     pub fn pick_pair(&self, excluded: &[WorkerId]) -> Result<Pair, RouterError> {
         let decode = self.choose_decode(excluded)?;
-        let prefills: Vec<_> = self
-            .workers(Role::Prefill)
-            .into_iter()
-            .filter(|p| {
-                p.accepting()
-                    && !excluded.contains(&p.info.worker_id)
-                    && p.info.model_fingerprint == decode.info.model_fingerprint
-                    && shared_transport(&p.info, &decode.info).is_some()
-            })
-            .collect();
+        let prefills = self.candidates(Role::Prefill, excluded, |p| {
+            p.info.model_fingerprint == decode.info.model_fingerprint
+                && shared_transport(&p.info, &decode.info).is_some()
+        });
         let p = self
             .policy
             .pick(Role::Prefill, &prefills)
@@ -338,11 +384,14 @@ impl WorkerPool {
                     let mut client = WorkerStatusClient::new(w.channel.clone());
                     let report =
                         tokio::time::timeout(period, client.load(pb::LoadRequest {})).await;
-                    let report = match report {
-                        Ok(Ok(r)) => Some(r.into_inner()),
-                        _ => None,
+                    let poll = match report {
+                        Ok(Ok(r)) => Poll::Answered(r.into_inner()),
+                        Ok(Err(status)) if std::error::Error::source(&status).is_some() => {
+                            Poll::Unreachable
+                        }
+                        _ => Poll::Slow,
                     };
-                    if w.record_poll(report) {
+                    if w.record_poll(poll) {
                         ejected(w);
                     }
                 });

@@ -519,3 +519,39 @@ async fn a_killed_expert_worker_with_a_replica_costs_no_token() {
         "the decode worker never failed over:\n{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancelled_request_never_touches_its_twin_with_the_same_client_id() {
+    let model_dir = tempfile::tempdir().unwrap();
+    let model = model_dir.path();
+    synth("tiny", model);
+    // One decode worker: both requests share it. The router aborts the cancelled one there by
+    // its own attempt key; keyed by the client's id, the abort would end the twin too.
+    let running = ClusterSpec::new(1, 1)
+        .prefill_args(&["--engine", "mock", "--mock-step-ms", "5"])
+        .decode_args(&["--engine", "mock", "--mock-step-ms", "5"])
+        .start(model);
+    running.cluster.wait_ready(2).await;
+    let client = running.cluster.client().await;
+    let twin = |tokens| GenerateRequest {
+        request_id: "same-id".into(),
+        ..greedy(&prompt(1, 12), tokens)
+    };
+    let mut cancelled = client.clone().generate_stream(twin(400)).await.unwrap();
+    let mut survivor = client.clone().generate_stream(twin(200)).await.unwrap();
+    cancelled.next().await.unwrap().unwrap();
+    survivor.next().await.unwrap().unwrap();
+    drop(cancelled);
+    let mut tokens = 1;
+    let mut finish = None;
+    while let Some(chunk) = survivor.next().await {
+        let chunk = chunk.unwrap_or_else(|e| panic!("the twin failed: {e}"));
+        assert_eq!(chunk.request_id, "same-id");
+        tokens += chunk.token_ids.len();
+        if chunk.finish_reason != FinishReason::Unspecified as i32 {
+            finish = Some(chunk.finish_reason);
+        }
+    }
+    assert_eq!((tokens, finish), (200, Some(FinishReason::Length as i32)));
+    running.cluster.wait_idle().await;
+}
