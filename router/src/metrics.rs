@@ -60,7 +60,7 @@ impl RouterMetrics {
             ),
             ejections: r.counter(
                 "sluice_router_worker_ejections_total",
-                "Workers taken out of routing (connection failure, consecutive failures, unanswered load polls), by role.",
+                "Workers taken out of routing (connection failure, consecutive failures, load polls that cannot connect), by role.",
                 &["role"],
             ),
             queue_depth: r

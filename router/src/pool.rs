@@ -1,14 +1,14 @@
 //! The router's view of the workers: the membership directory plus, per worker, a gRPC
 //! channel, the requests this router has in flight on it, its latest load report (polled)
-//! and whether it is ejected. Scheduling policies pick from the workers not ejected; the
-//! default is least-loaded.
+//! and whether it is ejected. Scheduling policies pick from the workers not ejected (all of
+//! them when every one is); the default is least-loaded.
 //!
 //! Ejection is how a dead worker stops receiving requests before its lease expires: a call
-//! that breaks at the connection ejects its worker at once, consecutive failed requests or
-//! load polls eject it too. An ejected worker comes back once its back-off has passed and a
-//! load poll has answered since (or when it re-registers with a new record); the back-off
-//! doubles with each ejection in a row, so a worker that answers polls but fails every
-//! request is tried ever more rarely.
+//! that breaks at the connection ejects its worker at once; consecutive failed requests, or
+//! load polls that cannot connect, eject it too (a poll that is only slow makes its report
+//! stale instead). An ejected worker comes back once its back-off has passed and a load poll
+//! has answered since; the back-off doubles with each ejection in a row, so a worker that
+//! answers polls but fails every request is tried ever more rarely.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -24,7 +24,7 @@ use tonic::transport::Channel;
 
 use crate::error::RouterError;
 
-/// Consecutive failed requests (or load polls) that eject a worker.
+/// Consecutive failed requests that eject a worker.
 const FAILURES_TO_EJECT: u32 = 3;
 /// An ejected worker's first back-off; it doubles per ejection in a row, up to the maximum.
 const EJECT_BACKOFF: Duration = Duration::from_secs(1);
