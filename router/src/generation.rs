@@ -193,12 +193,63 @@ enum Stop {
 
 struct Failure {
     worker: Arc<WorkerState>,
-    /// What this says of the worker's health (`None`: a refusal, nothing against it).
-    outcome: Option<CallOutcome>,
+    kind: FailureKind,
     /// The `reason` label of `sluice_router_migrations_total`.
     reason: &'static str,
     /// What the client gets if the request cannot move any more.
     error: RouterError,
+}
+
+/// How an attempt's worker failed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FailureKind {
+    /// The connection failed or broke.
+    Unreachable,
+    /// A refusal with a meaning of its own (full, or a cache it cannot take): nothing against
+    /// the worker.
+    Refused,
+    /// An error status of the worker's own.
+    Failed,
+    /// No token for the token timeout.
+    Stalled,
+    /// The token stream ended without a finish reason.
+    StreamEnded,
+}
+
+impl FailureKind {
+    /// What the failure says of the worker's health (`None`: nothing).
+    fn outcome(self) -> Option<CallOutcome> {
+        match self {
+            FailureKind::Refused => None,
+            FailureKind::Unreachable => Some(CallOutcome::Unreachable),
+            FailureKind::Failed | FailureKind::Stalled | FailureKind::StreamEnded => {
+                Some(CallOutcome::Failed)
+            }
+        }
+    }
+
+    fn label(self, role: Role) -> &'static str {
+        use FailureKind::*;
+        match (role, self) {
+            (Role::Prefill, Unreachable) => "prefill_unreachable",
+            (Role::Prefill, Refused) => "prefill_refused",
+            (Role::Prefill, _) => "prefill_failed",
+            (_, Unreachable) => "decode_unreachable",
+            (_, Refused) => "decode_refused",
+            (_, Failed) => "decode_failed",
+            (_, Stalled) => "decode_stalled",
+            (_, StreamEnded) => "decode_stream_ended",
+        }
+    }
+}
+
+fn failure(role: Role, worker: &Arc<WorkerState>, kind: FailureKind, error: RouterError) -> Stop {
+    Stop::Moved(Failure {
+        worker: worker.clone(),
+        kind,
+        reason: kind.label(role),
+        error,
+    })
 }
 
 /// Classifies a worker's failed call once: the request's fault, a refusal, or the worker's.
@@ -207,53 +258,35 @@ fn classify(role: Role, worker: &Arc<WorkerState>, status: Status) -> Stop {
     // A status the worker sent has no source; one made here from a broken or refused
     // connection has the transport error as its source.
     let unreachable = std::error::Error::source(&status).is_some();
-    let (outcome, kind) = match code {
+    let kind = match code {
         tonic::Code::InvalidArgument => return Stop::Final(RouterError::Runtime(status.into())),
-        tonic::Code::ResourceExhausted | tonic::Code::FailedPrecondition => (None, "refused"),
-        _ if unreachable => (Some(CallOutcome::Unreachable), "unreachable"),
-        _ => (Some(CallOutcome::Failed), "failed"),
+        tonic::Code::ResourceExhausted | tonic::Code::FailedPrecondition => {
+            return failure(
+                role,
+                worker,
+                FailureKind::Refused,
+                RouterError::Runtime(status.into()),
+            );
+        }
+        _ if unreachable => FailureKind::Unreachable,
+        _ => FailureKind::Failed,
     };
-    let error = match outcome {
-        None => RouterError::Runtime(status.into()),
-        Some(_) => RouterError::WorkerFailed {
-            role: role.as_str(),
-            worker: worker.info.worker_id.to_string(),
-            message: format!("{:?}: {}", code, status.message()),
-        },
-    };
-    Stop::Moved(Failure {
-        worker: worker.clone(),
-        outcome,
-        reason: reason_label(role, kind),
-        error,
-    })
+    let message = format!("{:?}: {}", code, status.message());
+    failure(role, worker, kind, worker_failed(role, worker, message))
 }
 
-fn reason_label(role: Role, kind: &str) -> &'static str {
-    match (role, kind) {
-        (Role::Prefill, "unreachable") => "prefill_unreachable",
-        (Role::Prefill, "refused") => "prefill_refused",
-        (Role::Prefill, _) => "prefill_failed",
-        (_, "unreachable") => "decode_unreachable",
-        (_, "refused") => "decode_refused",
-        (_, "stalled") => "decode_stalled",
-        (_, "stream_ended") => "decode_stream_ended",
-        _ => "decode_failed",
+fn worker_failed(role: Role, worker: &WorkerState, message: String) -> RouterError {
+    RouterError::WorkerFailed {
+        role: role.as_str(),
+        worker: worker.info.worker_id.to_string(),
+        message,
     }
 }
 
 /// A decode worker's own failure that is no status: a stall or a stream cut short.
-fn decode_failure(worker: &Arc<WorkerState>, kind: &'static str, message: String) -> Stop {
-    Stop::Moved(Failure {
-        worker: worker.clone(),
-        outcome: Some(CallOutcome::Failed),
-        reason: reason_label(Role::Decode, kind),
-        error: RouterError::WorkerFailed {
-            role: "decode",
-            worker: worker.info.worker_id.to_string(),
-            message,
-        },
-    })
+fn decode_failure(worker: &Arc<WorkerState>, kind: FailureKind, message: String) -> Stop {
+    let error = worker_failed(Role::Decode, worker, message);
+    failure(Role::Decode, worker, kind, error)
 }
 
 /// Aborts an attempt's sequence on its decode worker when dropped armed: whatever ends the
@@ -391,7 +424,7 @@ impl Relay {
         emitter: &Emitter<'_>,
     ) -> Result<Phase, RouterError> {
         let worker = &failure.worker;
-        if let Some(outcome) = failure.outcome
+        if let Some(outcome) = failure.kind.outcome()
             && worker.record(outcome)
         {
             self.metrics.ejected(worker.info.role.as_str());
@@ -568,7 +601,7 @@ impl Relay {
                 Err(_) => {
                     return Err(decode_failure(
                         worker,
-                        "stalled",
+                        FailureKind::Stalled,
                         format!("no token for {:?}", self.token_timeout),
                     ));
                 }
@@ -576,7 +609,7 @@ impl Relay {
                 Ok(Ok(None)) => {
                     return Err(decode_failure(
                         worker,
-                        "stream_ended",
+                        FailureKind::StreamEnded,
                         "the token stream ended without a finish reason".into(),
                     ));
                 }

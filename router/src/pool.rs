@@ -165,8 +165,8 @@ impl WorkerState {
     }
 
     /// Requests the worker last reported (running + waiting), or `None` when it has not
-    /// answered a poll for [`STALE_REPORT`]: then nobody knows, and the worker is no
-    /// candidate for "least loaded".
+    /// answered a poll for [`STALE_REPORT`]: then nobody knows, and "least loaded" ranks it
+    /// after every worker whose load is known.
     pub fn reported_load(&self) -> Option<usize> {
         let load = self.load.lock().unwrap_or_else(PoisonError::into_inner);
         match &*load {
@@ -442,4 +442,47 @@ impl WorkerPool {
 
 fn shared_transport(prefill: &WorkerInfo, decode: &WorkerInfo) -> Option<TransportKind> {
     prefill.shared_transport(decode, &TRANSPORT_PREFERENCE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Moves an ejection's start `by` into the past, as if that much time had passed.
+    fn age(h: &mut Health, by: Duration) {
+        if let Some((at, backoff, why)) = h.ejected {
+            h.ejected = Some((at - by, backoff, why));
+        }
+    }
+
+    #[test]
+    fn an_ejected_worker_comes_back_only_after_its_backoff_and_an_answered_poll() {
+        let mut h = Health::default();
+        assert!(h.accepting());
+        assert!(h.eject("connection failed"));
+        assert!(!h.eject("again"), "an ejected worker is not ejected twice");
+        assert!(!h.accepting());
+        // The back-off has passed, but no poll has answered since.
+        age(&mut h, EJECT_BACKOFF);
+        assert!(!h.accepting());
+        h.polled_since = true;
+        assert!(h.accepting());
+        // The next ejection in a row waits twice as long.
+        assert!(h.eject("connection failed"));
+        h.polled_since = true;
+        age(&mut h, EJECT_BACKOFF);
+        assert!(!h.accepting());
+        age(&mut h, EJECT_BACKOFF);
+        assert!(h.accepting());
+    }
+
+    #[test]
+    fn the_backoff_stops_growing_at_its_maximum() {
+        let mut h = Health {
+            ejections: 40,
+            ..Health::default()
+        };
+        assert!(h.eject("consecutive failures"));
+        assert_eq!(h.ejected.map(|(_, b, _)| b), Some(EJECT_BACKOFF_MAX));
+    }
 }

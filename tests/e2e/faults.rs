@@ -30,14 +30,19 @@ fn prompt(i: u32, len: u32) -> Vec<u32> {
     (0..len).map(|j| (i * 131 + j * 37 + 5) % 1000).collect()
 }
 
-/// The router's `/metrics` text.
-async fn router_metrics(cluster: &Cluster) -> String {
-    let http = cluster.http.clone();
+/// The `/metrics` text served at `address` (`host:port`, or an `http://` URL).
+async fn metrics_at(address: &str) -> String {
+    let address = address.trim_start_matches("http://").to_string();
     tokio::task::spawn_blocking(move || {
-        sluice_harness::http::request(&http, "GET", "/metrics", None).body
+        sluice_harness::http::request(&address, "GET", "/metrics", None).body
     })
     .await
     .unwrap()
+}
+
+/// The router's `/metrics` text.
+async fn router_metrics(cluster: &Cluster) -> String {
+    metrics_at(&cluster.http).await
 }
 
 /// Sum of a counter's series whose line starts with `prefix`.
@@ -450,17 +455,9 @@ async fn a_paused_etcd_stops_no_request() {
     // The workers lost their leases, kept serving, and re-registered; the metrics say so.
     let cluster = &running.cluster;
     for (name, url) in &cluster.metrics {
-        let address = url.trim_start_matches("http://").to_string();
-        let text = eventually(Duration::from_secs(15), "the lease to be back", || {
-            let address = address.clone();
-            async move {
-                let text = tokio::task::spawn_blocking(move || {
-                    sluice_harness::http::request(&address, "GET", "/metrics", None).body
-                })
-                .await
-                .unwrap();
-                (counter(&text, "sluice_lease_registered{") == 1.0).then_some(text)
-            }
+        let text = eventually(Duration::from_secs(15), "the lease to be back", || async {
+            let text = metrics_at(url).await;
+            (counter(&text, "sluice_lease_registered{") == 1.0).then_some(text)
         })
         .await;
         assert!(
@@ -508,12 +505,7 @@ async fn a_killed_expert_worker_with_a_replica_costs_no_token() {
         .find(|(n, _)| n == "decode0")
         .unwrap()
         .1;
-    let address = decode_metrics.trim_start_matches("http://").to_string();
-    let text = tokio::task::spawn_blocking(move || {
-        sluice_harness::http::request(&address, "GET", "/metrics", None).body
-    })
-    .await
-    .unwrap();
+    let text = metrics_at(decode_metrics).await;
     assert!(
         counter(&text, "sluice_expert_failovers_total") >= 1.0,
         "the decode worker never failed over:\n{text}"

@@ -200,6 +200,12 @@ impl RemoteExperts {
             .filter(|w| w.model_fingerprint == fingerprint && !excluded.contains(&w.worker_id))
             .collect();
         let turn = self.turn.fetch_add(1, Ordering::Relaxed) as usize;
+        // One look at the failed set per plan, not one per group and host.
+        let failed: Vec<&WorkerId> = workers
+            .iter()
+            .map(|w| &w.worker_id)
+            .filter(|id| self.recently_failed(id))
+            .collect();
         let mut plan: BTreeMap<WorkerId, (WorkerInfo, Vec<usize>)> = BTreeMap::new();
         for &i in todo {
             let expert = groups[i].expert;
@@ -210,7 +216,7 @@ impl RemoteExperts {
             let healthy: Vec<&WorkerInfo> = hosts
                 .iter()
                 .copied()
-                .filter(|w| !self.recently_failed(&w.worker_id))
+                .filter(|w| !failed.contains(&&w.worker_id))
                 .collect();
             let choice = if healthy.is_empty() { &hosts } else { &healthy };
             let worker = (!choice.is_empty())
