@@ -17,7 +17,7 @@ use sluice_proto::worker::v1::worker_status_server::WorkerStatusServer;
 use sluice_runtime::engine_thread::EngineWatch;
 use sluice_runtime::error::engine_status;
 use sluice_runtime::serve::{advertised_address, serve_draining, standard_routes};
-use sluice_runtime::status::{LoadCounters, WorkerStatusService, report_health};
+use sluice_runtime::status::{LoadCounters, WorkerLimits, WorkerStatusService, report_health};
 use sluice_runtime::transport::select::TransportPlan;
 use sluice_runtime::transport::{CacheTransferService, InProcessHub};
 use sluice_runtime::{
@@ -154,12 +154,19 @@ pub async fn run(
         hub.register(&address, inbox.clone());
         transports.push(TransportKind::InProcess);
     }
-    let counters = Arc::new(LoadCounters::default());
+    let counters = Arc::new(LoadCounters::new(WorkerLimits {
+        capacity: config.max_sequences.max(1),
+        max_waiting: config.max_waiting,
+        max_batch_tokens: config.max_batch_tokens,
+        prefill_chunk: config.prefill_chunk,
+    }));
     let waiting = counters.clone();
     // Everything the worker runs — registration, server — stops on `worker`: at shutdown,
     // or when the engine thread dies.
     let worker = shutdown.child_token();
-    let (commands, engine) = start_engine(model.clone(), &config, counters.clone())?;
+    let arriving = inbox.clone();
+    let extra_waiting = Box::new(move || arriving.staged() + arriving.waiting());
+    let (commands, engine) = start_engine(model.clone(), &config, counters.clone(), extra_waiting)?;
     let engine = EngineWatch::start("decode engine", engine, worker.clone());
     let info = WorkerInfo {
         worker_id: config.worker_id.clone(),
@@ -210,6 +217,7 @@ fn start_engine(
     model: Arc<dyn LanguageModel>,
     config: &DecodeConfig,
     counters: Arc<LoadCounters>,
+    extra_waiting: Box<dyn Fn() -> usize + Send>,
 ) -> Result<(mpsc::UnboundedSender<Command>, std::thread::JoinHandle<()>)> {
     let (tx, rx) = mpsc::unbounded_channel();
     let cache = model.new_cache(config.cache_config())?;
@@ -218,7 +226,7 @@ fn start_engine(
         max_batch_tokens: config.max_batch_tokens,
         prefill_chunk: config.prefill_chunk,
     };
-    let mut scheduler = Scheduler::new(model, cache, limits, counters, metrics);
+    let mut scheduler = Scheduler::new(model, cache, limits, counters, metrics, extra_waiting);
     let engine = std::thread::Builder::new()
         .name("sluice-decode-engine".into())
         .spawn(move || scheduler.run(rx))?;

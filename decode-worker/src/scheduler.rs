@@ -17,6 +17,7 @@ use sluice_engine::{
 use sluice_proto::v1::FinishReason;
 use sluice_proto::worker::v1 as pb;
 use sluice_runtime::error::engine_status;
+use sluice_runtime::estimate::{CostModel, DecodeQueue, StepCost};
 use sluice_runtime::sampling::token_logprobs;
 use sluice_runtime::status::LoadCounters;
 use tokio::sync::{mpsc, oneshot};
@@ -91,6 +92,21 @@ impl Sequence {
         start..end
     }
 
+    /// Steps until this sequence finishes if nothing preempts it: prompt chunks and generated
+    /// tokens still to (re)compute, then one step per token still to generate.
+    fn steps_left(&self, chunk: usize) -> usize {
+        if self.pending.is_some() {
+            return self.remaining;
+        }
+        let prompt = self.prompt_len.saturating_sub(self.cached).div_ceil(chunk);
+        let recompute = self
+            .tokens
+            .len()
+            .saturating_sub(self.cached.max(self.prompt_len))
+            .saturating_sub(1);
+        prompt + recompute + self.remaining
+    }
+
     /// Tokens the cache holds once this sequence is running again.
     fn resume_tokens(&self) -> usize {
         self.pending
@@ -112,6 +128,10 @@ pub struct Scheduler {
     metrics: Arc<DecodeMetrics>,
     /// The last step's logits, `[sequences fed, vocab]`; kept so steps reuse the buffer.
     logits: Vec<f32>,
+    /// Measured cost of a step, for the start-delay estimate in the load report.
+    cost: StepCost,
+    /// Sequences waiting outside the engine (calls whose cache has not come yet).
+    extra_waiting: Box<dyn Fn() -> usize + Send>,
 }
 
 impl Scheduler {
@@ -121,6 +141,7 @@ impl Scheduler {
         limits: SchedulerLimits,
         counters: Arc<LoadCounters>,
         metrics: Arc<DecodeMetrics>,
+        extra_waiting: Box<dyn Fn() -> usize + Send>,
     ) -> Self {
         LoadCounters::set(&counters.kv_blocks_total, cache.config().num_blocks);
         Scheduler {
@@ -136,6 +157,8 @@ impl Scheduler {
             counters,
             metrics,
             logits: Vec::new(),
+            cost: StepCost::default(),
+            extra_waiting,
         }
     }
 
@@ -183,6 +206,29 @@ impl Scheduler {
             total - self.cache.free_blocks(),
             total,
         );
+        c.set_start_delay(self.start_delay());
+    }
+
+    /// How long a sequence arriving now would wait for a slot: the running ones finish at
+    /// their remaining steps, the waiting ones (and those whose cache is still on its way,
+    /// counted at the mean length) take the slots first, each step at the measured cost of
+    /// a full batch.
+    fn start_delay(&self) -> std::time::Duration {
+        let chunk = self.limits.prefill_chunk;
+        let capacity = self.cache.config().max_sequences;
+        let mut queue = DecodeQueue {
+            capacity,
+            running_steps: self.running.iter().map(|s| s.steps_left(chunk)).collect(),
+            waiting_steps: self.waiting.iter().map(|s| s.steps_left(chunk)).collect(),
+        };
+        let extra = (self.extra_waiting)();
+        if extra > 0 {
+            let hold = queue.mean_hold_steps().round() as usize;
+            queue.waiting_steps.extend(std::iter::repeat_n(hold, extra));
+        }
+        let batch = (queue.running_steps.len() + queue.waiting_steps.len()).min(capacity);
+        let step = CostModel::from(&self.cost).seconds(batch.max(1));
+        std::time::Duration::from_secs_f64(queue.steps_to_start() as f64 * step)
     }
 
     fn handle(&mut self, cmd: Command) {
@@ -379,7 +425,10 @@ impl Scheduler {
             }
             return;
         }
-        self.metrics.step(fed, started.elapsed().as_secs_f64());
+        let seconds = started.elapsed().as_secs_f64();
+        self.metrics.step(fed, seconds);
+        self.cost.observe(fed, seconds);
+        self.counters.set_step_cost(CostModel::from(&self.cost));
         let vocab = self.model.spec().vocab;
         let mut row = 0;
         let mut finished = Vec::new();

@@ -8,7 +8,7 @@ mod metrics;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sluice_engine::{
     CacheConfig, CacheSnapshot, EngineError, LanguageModel, LogitsMode, Sampled, Sampler,
@@ -19,8 +19,9 @@ use sluice_proto::worker::v1::prefill_server::{Prefill, PrefillServer};
 use sluice_proto::worker::v1::worker_status_server::WorkerStatusServer;
 use sluice_runtime::engine_thread::EngineWatch;
 use sluice_runtime::error::engine_status;
+use sluice_runtime::estimate::{CostModel, StepCost, prefill_wait};
 use sluice_runtime::serve::{advertised_address, serve_draining, standard_routes};
-use sluice_runtime::status::{LoadCounters, WorkerStatusService, report_health};
+use sluice_runtime::status::{LoadCounters, WorkerLimits, WorkerStatusService, report_health};
 use sluice_runtime::transport::TransferHeader;
 use sluice_runtime::{
     CacheTransport, Destination, Handoff, Membership, Result, Role, RuntimeError, WorkerId,
@@ -82,8 +83,17 @@ struct Prefilled {
 struct Job {
     prompt: Vec<u32>,
     params: SamplingParams,
+    /// When it was queued, and how long it may wait before it is shed unrun.
+    queued: Instant,
+    budget: Option<Duration>,
+    reply: oneshot::Sender<Result<Prefilled, JobError>>,
+}
+
+enum JobError {
     /// Shared: one failed batch fails every prompt in it with the same error.
-    reply: oneshot::Sender<Result<Prefilled, Arc<EngineError>>>,
+    Engine(Arc<EngineError>),
+    /// It waited longer than its budget: shed before any work was spent on it.
+    Shed(Duration),
 }
 
 /// Serves `Prefill` on `listener` and registers in `membership` until `shutdown`.
@@ -96,7 +106,12 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let address = advertised_address(listener.local_addr()?, config.advertise.as_deref());
-    let counters = Arc::new(LoadCounters::default());
+    let counters = Arc::new(LoadCounters::new(WorkerLimits {
+        capacity: config.max_batch_prompts.max(1),
+        max_waiting: config.max_waiting,
+        max_batch_tokens: config.max_batch_tokens.max(1),
+        prefill_chunk: config.prefill_chunk.max(1),
+    }));
     let metrics = Arc::new(PrefillMetrics::new(config.worker_id.as_str()));
     // Registration and server stop on `worker`: at shutdown, or when the engine thread dies.
     let worker = shutdown.child_token();
@@ -165,6 +180,7 @@ fn start_engine(
         max_batch_prompts: config.max_batch_prompts.max(1),
         counters,
         metrics,
+        cost: StepCost::default(),
     };
     let engine = std::thread::Builder::new()
         .name("sluice-prefill-engine".into())
@@ -180,6 +196,24 @@ struct PrefillEngine {
     max_batch_prompts: usize,
     counters: Arc<LoadCounters>,
     metrics: Arc<PrefillMetrics>,
+    /// Measured cost of a step, published for admission.
+    cost: StepCost,
+}
+
+/// Publishes how long a prompt queued now would wait: every prompt queued or running ahead
+/// of it, in batches, at the measured step cost.
+fn publish_wait(counters: &LoadCounters) {
+    let l = counters.limits;
+    let prompts = (counters.waiting.load(Ordering::Relaxed)
+        + counters.running.load(Ordering::Relaxed)) as usize;
+    let tokens = counters.queued_tokens.load(Ordering::Relaxed) as usize;
+    counters.set_start_delay(prefill_wait(
+        prompts,
+        tokens,
+        l.capacity,
+        l.max_batch_tokens,
+        counters.step_cost(),
+    ));
 }
 
 impl PrefillEngine {
@@ -210,6 +244,19 @@ impl PrefillEngine {
                 }
             }
             batch.retain(|j| !j.reply.is_closed());
+            // Prompts that waited past their budget are shed unrun: their time to first
+            // token is already lost, and running them would only delay the others.
+            let mut kept = Vec::with_capacity(batch.len());
+            for job in batch {
+                match job.budget {
+                    Some(budget) if job.queued.elapsed() > budget => {
+                        self.metrics.shed.inc();
+                        let _ = job.reply.send(Err(JobError::Shed(job.queued.elapsed())));
+                    }
+                    _ => kept.push(job),
+                }
+            }
+            let batch = kept;
             if batch.is_empty() {
                 continue;
             }
@@ -217,7 +264,7 @@ impl PrefillEngine {
             self.metrics.load.running.set(batch.len() as f64);
             let results = self.prefill(&batch);
             for (job, result) in batch.into_iter().zip(results) {
-                let _ = job.reply.send(result);
+                let _ = job.reply.send(result.map_err(JobError::Engine));
             }
             LoadCounters::set(&self.counters.running, 0);
             self.metrics.load.running.set(0.0);
@@ -225,6 +272,7 @@ impl PrefillEngine {
                 .waiting
                 .store(rx.len() as u32, Ordering::Relaxed);
             self.metrics.load.waiting.set(rx.len() as f64);
+            publish_wait(&self.counters);
         }
     }
 
@@ -289,7 +337,10 @@ impl PrefillEngine {
             let logits =
                 self.model
                     .forward(&mut self.cache, &chunks, LogitsMode::LastPerSequence)?;
-            self.metrics.step(fed, started.elapsed().as_secs_f64());
+            let seconds = started.elapsed().as_secs_f64();
+            self.metrics.step(fed, seconds);
+            self.cost.observe(fed, seconds);
+            self.counters.set_step_cost(CostModel::from(&self.cost));
             for (row, (&i, c)) in active.iter().zip(&chunks).enumerate() {
                 done[i] += c.tokens.len();
                 if done[i] == batch[i].prompt.len() {
@@ -380,10 +431,20 @@ impl PrefillService {
             )));
         }
         let (reply, result) = oneshot::channel();
+        let tokens = req.prompt_token_ids.len() as u64;
         self.counters.waiting.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .queued_tokens
+            .fetch_add(tokens, Ordering::Relaxed);
+        publish_wait(&self.counters);
+        // Counted until answered (or abandoned by the caller).
+        let _queued = QueuedTokens(&self.counters, tokens);
         let sent = self.jobs.send(Job {
             prompt: req.prompt_token_ids.clone(),
             params,
+            queued: Instant::now(),
+            budget: (req.queue_budget_ms > 0)
+                .then(|| Duration::from_millis(req.queue_budget_ms.into())),
             reply,
         });
         let prefilled = match sent {
@@ -399,9 +460,22 @@ impl PrefillService {
             .counters
             .waiting
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| w.checked_sub(1));
-        let prefilled = prefilled
-            .map_err(|_| RuntimeError::Internal("the prefill engine dropped the request".into()))?
-            .map_err(|e| engine_status(&e))?;
+        let prefilled = match prefilled {
+            Ok(Ok(p)) => p,
+            Ok(Err(JobError::Engine(e))) => return Err(engine_status(&e).into()),
+            Ok(Err(JobError::Shed(waited))) => {
+                return Err(RuntimeError::Overloaded(format!(
+                    "shed unrun: waited {} ms in this prefill worker's queue, past the request's budget of {} ms",
+                    waited.as_millis(),
+                    req.queue_budget_ms
+                )));
+            }
+            Err(_) => {
+                return Err(RuntimeError::Internal(
+                    "the prefill engine dropped the request".into(),
+                ));
+            }
+        };
         let first_logprobs = req
             .sampling
             .as_ref()
@@ -468,5 +542,83 @@ impl Prefill for PrefillService {
         Ok(Response::new(
             PrefillService::prefill(self, req).instrument(span).await?,
         ))
+    }
+}
+
+/// Prompt tokens counted in the queue until this drops.
+struct QueuedTokens<'a>(&'a LoadCounters, u64);
+
+impl Drop for QueuedTokens<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .0
+            .queued_tokens
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                Some(t.saturating_sub(self.1))
+            });
+        publish_wait(self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_engine::{MockModel, MockTiming};
+
+    fn engine(step_ms: u64) -> (mpsc::UnboundedSender<Job>, Arc<LoadCounters>) {
+        let config = sluice_engine::synth::preset_config(sluice_engine::synth::Preset::Tiny);
+        let spec = sluice_engine::config::parse_spec(&config).unwrap();
+        let timing = MockTiming {
+            step: Duration::from_millis(step_ms),
+            prefill_tokens_per_s: 0.0,
+        };
+        let model: Arc<dyn LanguageModel> = Arc::new(MockModel::new(&spec, timing));
+        let mut config = PrefillConfig::new(WorkerId::new("p").unwrap(), "m".into());
+        config.max_batch_prompts = 1;
+        let counters = Arc::new(LoadCounters::new(WorkerLimits {
+            capacity: 1,
+            max_waiting: 8,
+            max_batch_tokens: config.max_batch_tokens,
+            prefill_chunk: config.prefill_chunk,
+        }));
+        let metrics = Arc::new(PrefillMetrics::new("p"));
+        let (jobs, _engine) = start_engine(model, &config, counters.clone(), metrics).unwrap();
+        (jobs, counters)
+    }
+
+    fn job(budget: Option<Duration>) -> (Job, oneshot::Receiver<Result<Prefilled, JobError>>) {
+        let (reply, rx) = oneshot::channel();
+        let job = Job {
+            prompt: vec![1, 2, 3],
+            params: SamplingParams::default(),
+            queued: Instant::now(),
+            budget,
+            reply,
+        };
+        (job, rx)
+    }
+
+    #[test]
+    fn a_prompt_queued_past_its_budget_is_shed_unrun_and_the_step_cost_is_measured() {
+        let (jobs, counters) = engine(50);
+        // One prompt a batch, 50 ms a step: the second waits ~50 ms behind the first, past
+        // its 10 ms budget; the third has no budget and runs.
+        let (first, first_rx) = job(Some(Duration::from_secs(5)));
+        let (second, second_rx) = job(Some(Duration::from_millis(10)));
+        let (third, third_rx) = job(None);
+        for j in [first, second, third] {
+            jobs.send(j).unwrap();
+        }
+        assert!(matches!(first_rx.blocking_recv(), Ok(Ok(_))));
+        assert!(
+            matches!(second_rx.blocking_recv(), Ok(Err(JobError::Shed(w))) if w >= Duration::from_millis(10))
+        );
+        assert!(matches!(third_rx.blocking_recv(), Ok(Ok(_))));
+        // Two steps of 50 ms measured (the shed prompt cost none).
+        let cost = counters.step_cost();
+        assert!(
+            (0.045..0.2).contains(&cost.fixed) && cost.per_token == 0.0,
+            "{cost:?}"
+        );
     }
 }

@@ -10,6 +10,8 @@ pub struct PrefillMetrics {
     tokens_per_second: Arc<Gauge>,
     transfer_bytes: Arc<Counter>,
     transfer_seconds: Arc<Histogram>,
+    /// Prompts shed unrun (their queue budget passed).
+    pub shed: Arc<Counter>,
 }
 
 impl PrefillMetrics {
@@ -41,6 +43,13 @@ impl PrefillMetrics {
                     "Duration of one cache push to a decode worker.",
                     l,
                     LATENCY_BUCKETS,
+                )
+                .with(&[worker]),
+            shed: r
+                .counter(
+                    "sluice_prefill_shed_total",
+                    "Prompts shed unrun: they waited in the queue past the router's time-to-first-token budget.",
+                    l,
                 )
                 .with(&[worker]),
         }

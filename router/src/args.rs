@@ -4,16 +4,28 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::RouterConfig;
+use crate::admission::Targets;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct RouterArgs {
-    /// Requests running at once; more wait in the admission queue.
-    #[arg(long, env = "SLUICE_MAX_IN_FLIGHT", default_value_t = 256)]
-    pub max_in_flight: usize,
+    /// Requests running at once; more wait in the admission queue. Unset: the slots plus
+    /// waiting room the decode workers report (each one's --max-sequences + --max-waiting).
+    #[arg(long, env = "SLUICE_MAX_IN_FLIGHT")]
+    pub max_in_flight: Option<usize>,
     /// Requests waiting for admission; beyond this they are refused at once
-    /// (gRPC RESOURCE_EXHAUSTED, HTTP 429 with Retry-After).
-    #[arg(long, env = "SLUICE_MAX_QUEUE", default_value_t = 1024)]
-    pub max_queue: usize,
+    /// (gRPC RESOURCE_EXHAUSTED, HTTP 429 with Retry-After). Unset: as many as may run.
+    #[arg(long, env = "SLUICE_MAX_QUEUE")]
+    pub max_queue: Option<usize>,
+    /// Time-to-first-token target, milliseconds: a request the cluster's queues would start
+    /// later is refused at once (RESOURCE_EXHAUSTED / HTTP 429 with Retry-After), and one
+    /// queued past it is shed. 0 turns the check off.
+    #[arg(long, env = "SLUICE_SLO_TTFT", default_value_t = 5000)]
+    pub slo_ttft: u64,
+    /// Time-per-output-token target, milliseconds: a request whose decode worker would start
+    /// it so late after its first token that its tokens average more is refused. Unset:
+    /// not checked.
+    #[arg(long, env = "SLUICE_SLO_TPOT")]
+    pub slo_tpot: Option<u64>,
     /// Prompt + output tokens accepted.
     #[arg(long, env = "SLUICE_MAX_CONTEXT", default_value_t = 8192)]
     pub max_context: usize,
@@ -42,6 +54,10 @@ impl RouterArgs {
     pub fn apply(&self, config: &mut RouterConfig) {
         config.max_in_flight = self.max_in_flight;
         config.max_queue = self.max_queue;
+        config.targets = Targets {
+            ttft: (self.slo_ttft > 0).then(|| Duration::from_millis(self.slo_ttft)),
+            tpot: self.slo_tpot.filter(|&t| t > 0).map(Duration::from_millis),
+        };
         config.max_context = self.max_context;
         config.max_tokens_limit = self.max_tokens_limit;
         config.default_deadline = Duration::from_secs(self.default_deadline);

@@ -10,8 +10,13 @@ pub enum RouterError {
         field: &'static str,
         message: String,
     },
-    #[error("overloaded, retry later: {0}")]
-    Overloaded(String),
+    /// Refused for load (never for the request itself): `retry_after` is when the queues
+    /// should have room again, as estimated.
+    #[error("overloaded, retry later: {message}")]
+    Overloaded {
+        message: String,
+        retry_after: Option<std::time::Duration>,
+    },
     #[error("no {0} worker is available")]
     NoWorker(&'static str),
     #[error("{role} worker {worker} failed: {message}")]
@@ -35,7 +40,7 @@ impl RouterError {
     pub fn outcome(&self) -> &'static str {
         match self {
             RouterError::InvalidArgument { .. } => "invalid",
-            RouterError::Overloaded(_) => "overloaded",
+            RouterError::Overloaded { .. } => "overloaded",
             RouterError::NoWorker(_) | RouterError::WorkerFailed { .. } => "unavailable",
             RouterError::DeadlineExceeded(_) => "deadline",
             RouterError::Cancelled => "cancelled",
@@ -54,12 +59,20 @@ impl RouterError {
     pub fn code(&self) -> Code {
         match self {
             RouterError::InvalidArgument { .. } => Code::InvalidArgument,
-            RouterError::Overloaded(_) => Code::ResourceExhausted,
+            RouterError::Overloaded { .. } => Code::ResourceExhausted,
             RouterError::NoWorker(_) | RouterError::WorkerFailed { .. } => Code::Unavailable,
             RouterError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             RouterError::Cancelled => Code::Cancelled,
             RouterError::Runtime(e) => e.code(),
             RouterError::Internal(_) => Code::Internal,
+        }
+    }
+
+    /// Seconds a refused client should wait before retrying, if this error says.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            RouterError::Overloaded { retry_after, .. } => *retry_after,
+            _ => None,
         }
     }
 
@@ -73,9 +86,17 @@ impl RouterError {
 
 impl From<RouterError> for Status {
     fn from(e: RouterError) -> Status {
-        match e {
+        let retry_after = e.retry_after();
+        let mut status = match e {
             RouterError::Runtime(r) => r.into(),
             e => Status::new(e.code(), e.to_string()),
+        };
+        // As HTTP's header, in whole seconds: gRPC clients read it from the trailers.
+        if let Some(after) = retry_after
+            && let Ok(value) = after.as_secs().max(1).to_string().parse()
+        {
+            status.metadata_mut().insert("retry-after", value);
         }
+        status
     }
 }

@@ -39,10 +39,11 @@ use tokio::sync::mpsc;
 use tonic::transport::Channel;
 use tonic::{Status, Streaming};
 
+use crate::admission::Targets;
 use crate::error::RouterError;
 use crate::key::AttemptKey;
 use crate::metrics::RouterMetrics;
-use crate::pool::{Assignment, CallOutcome, Pair, WorkerPool, WorkerState};
+use crate::pool::{Assignment, CallOutcome, Pair, Work, WorkerPool, WorkerState};
 use crate::stop::StopMatcher;
 use crate::validate::{ModelContext, ValidRequest};
 
@@ -59,6 +60,9 @@ pub struct Relay {
     /// Moves one request may make to other workers: re-pairings before its first token and
     /// migrations after it.
     pub migration_limit: usize,
+    /// What requests were admitted against: a request not started within its
+    /// time-to-first-token target is not moved again but refused.
+    pub targets: Targets,
     pub metrics: Arc<RouterMetrics>,
 }
 
@@ -432,6 +436,19 @@ impl Relay {
         if key.attempt() as usize >= self.migration_limit {
             return Err(failure.error);
         }
+        // Before its first token, a request past its time-to-first-token target is lost to
+        // the client's patience: moving it would spend work on nobody.
+        if emitter.tokens.is_empty()
+            && self.targets.ttft_left(emitter.arrived.elapsed()) == Some(Duration::ZERO)
+        {
+            return Err(RouterError::Overloaded {
+                message: format!(
+                    "not started within its time-to-first-token target ({})",
+                    failure.error
+                ),
+                retry_after: Some(Duration::from_secs(1)),
+            });
+        }
         tracing::warn!(
             attempt = %key,
             worker = %worker.info.worker_id,
@@ -456,8 +473,12 @@ impl Relay {
     ) -> Result<Next, Stop> {
         // A request with tokens sent continues on a decode worker that recomputes them.
         let mut local = !emitter.tokens.is_empty() || request.prompt.len() < self.disagg_min_tokens;
+        let work = Work {
+            prompt_tokens: request.prompt.len(),
+            output_tokens: request.sampling.max_tokens - emitter.tokens.len(),
+        };
         if !local {
-            match self.pool.pick_pair(excluded) {
+            match self.pool.pick_pair(excluded, work) {
                 Ok(pair) => {
                     let stream = if request.sampling.max_tokens > 1 {
                         Some(
@@ -481,7 +502,7 @@ impl Relay {
             }
         }
         debug_assert!(local);
-        let decode = self.pool.pick_decode(excluded).map_err(Stop::Final)?;
+        let decode = self.pool.pick_decode(excluded, work).map_err(Stop::Final)?;
         let stream = self
             .open_decode(key, &decode, true, request, emitter)
             .await?;
@@ -561,6 +582,11 @@ impl Relay {
                 transfer_id,
                 transport: pair.transport.to_string(),
                 client_request_id: request.request_id.clone(),
+                // Queued past what is left of its time-to-first-token target, it is shed.
+                queue_budget_ms: self
+                    .targets
+                    .ttft_left(emitter.arrived.elapsed())
+                    .map_or(0, |left| left.as_millis().clamp(1, u32::MAX.into()) as u32),
             }))
             .await
             .map_err(|status| classify(Role::Prefill, pair.prefill.worker(), status))?

@@ -69,6 +69,8 @@ pub async fn serve(
 pub struct ApiError {
     status: StatusCode,
     body: ErrorBody,
+    /// Seconds for `Retry-After` (overload and missing workers are transient).
+    retry_after: Option<u64>,
 }
 
 impl From<RouterError> for ApiError {
@@ -105,6 +107,12 @@ impl From<RouterError> for ApiError {
             )) => Some(field.to_string()),
             _ => None,
         };
+        let retry_after = match status {
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
+                Some(e.retry_after().map_or(1, |d| d.as_secs().max(1)))
+            }
+            _ => None,
+        };
         ApiError {
             status,
             body: ErrorBody {
@@ -115,6 +123,7 @@ impl From<RouterError> for ApiError {
                     code,
                 },
             },
+            retry_after,
         }
     }
 }
@@ -131,22 +140,18 @@ impl From<JsonRejection> for ApiError {
                     code: None,
                 },
             },
+            retry_after: None,
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let retry = matches!(
-            self.status,
-            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
-        );
         let mut response = (self.status, Json(self.body)).into_response();
-        if retry {
-            // Overload and missing workers are transient: clients back off and retry.
+        if let Some(after) = self.retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, HeaderValue::from(after));
         }
         response
     }
@@ -188,6 +193,7 @@ fn check_model(frontend: &Frontend, model: Option<&str>) -> Result<String, ApiEr
                     code: Some("model_not_found"),
                 },
             },
+            retry_after: None,
         }),
     }
 }

@@ -29,19 +29,30 @@ use tonic_health::ServingStatus;
 
 pub use error::RouterError;
 
-use crate::admission::Admission;
+use crate::admission::{Admission, Targets};
 use crate::generation::Relay;
 use crate::metrics::RouterMetrics;
 use crate::pool::{LeastLoaded, WorkerPool};
 use crate::service::{Frontend, InferenceService, RouterStatusService};
 use crate::validate::ModelContext;
 
+/// The time-to-first-token target of a router told none: past it an interactive user has
+/// given up, and a queue that long only delays everyone behind it.
+pub const DEFAULT_TTFT_TARGET: Duration = Duration::from_secs(5);
+
+/// How often the router asks every worker for its load report.
+const LOAD_POLL_PERIOD: Duration = Duration::from_millis(200);
+
 #[derive(Debug, Clone)]
 pub struct RouterConfig {
     /// Checkpoint directory: its tokenizer, chat template and config.
     pub model: PathBuf,
-    pub max_in_flight: usize,
-    pub max_queue: usize,
+    /// Requests running at once; `None`: what the decode workers report they hold.
+    pub max_in_flight: Option<usize>,
+    /// Requests waiting for a place; `None`: as many as may run.
+    pub max_queue: Option<usize>,
+    /// What requests are admitted against.
+    pub targets: Targets,
     pub max_context: usize,
     pub max_tokens_limit: usize,
     /// Deadline of requests whose caller sets none.
@@ -61,8 +72,12 @@ impl RouterConfig {
     pub fn new(model: PathBuf) -> Self {
         RouterConfig {
             model,
-            max_in_flight: 256,
-            max_queue: 1024,
+            max_in_flight: None,
+            max_queue: None,
+            targets: Targets {
+                ttft: Some(DEFAULT_TTFT_TARGET),
+                tpot: None,
+            },
             max_context: 8192,
             max_tokens_limit: 4096,
             default_deadline: Duration::from_secs(600),
@@ -90,7 +105,7 @@ pub async fn run(
     let directory = WorkerDirectory::start(membership, shutdown.clone()).await?;
     let pool = WorkerPool::new(directory.clone(), Box::new(LeastLoaded));
     let metrics = Arc::new(RouterMetrics::new());
-    pool.poll_loads(Duration::from_millis(500), shutdown.clone(), {
+    pool.poll_loads(LOAD_POLL_PERIOD, shutdown.clone(), {
         let metrics = metrics.clone();
         move |w| metrics.ejected(w.info.role.as_str())
     });
@@ -126,10 +141,13 @@ pub async fn run(
             token_timeout: config.token_timeout,
             disagg_min_tokens: config.disagg_min_tokens,
             migration_limit: config.migration_limit,
+            targets: config.targets,
             metrics,
         }),
-        admission: Arc::new(Admission::new(config.max_in_flight, config.max_queue)),
+        admission: Admission::new(),
         default_deadline: config.default_deadline,
+        max_in_flight: config.max_in_flight,
+        max_queue: config.max_queue,
     });
     let mut http_server = None;
     if let Some(http) = http {

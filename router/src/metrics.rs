@@ -16,6 +16,11 @@ pub struct RouterMetrics {
     ejections: CounterFamily,
     pub queue_depth: Arc<Gauge>,
     pub in_flight: Arc<Gauge>,
+    /// The in-flight limit in force (fixed by flag, or what the decode workers hold).
+    pub admission_limit: Arc<Gauge>,
+    /// Each judged request's estimated start.
+    pub estimated_start: Arc<Histogram>,
+    refusals: CounterFamily,
     pub prompt_tokens: Arc<Counter>,
     pub generated_tokens: Arc<Counter>,
 }
@@ -77,6 +82,26 @@ impl RouterMetrics {
                     &[],
                 )
                 .with(&[]),
+            admission_limit: r
+                .gauge(
+                    "sluice_router_admission_limit",
+                    "Requests the router lets run at once: --max-in-flight, or the slots and waiting room the decode workers report.",
+                    &[],
+                )
+                .with(&[]),
+            estimated_start: r
+                .histogram(
+                    "sluice_router_estimated_start_seconds",
+                    "Admission's estimate of when each request would start (first token out and its decode worker stepping it), from the workers' load reports.",
+                    &[],
+                    LATENCY_BUCKETS,
+                )
+                .with(&[]),
+            refusals: r.counter(
+                "sluice_router_refusals_total",
+                "Requests refused for load, by reason: estimate (the queues would make it miss its targets or deadline), limit (in-flight limit and queue full), shed (queued past its time-to-first-token budget).",
+                &["reason"],
+            ),
             prompt_tokens: r
                 .counter("sluice_prompt_tokens_total", "Prompt tokens of admitted requests.", &[])
                 .with(&[]),
@@ -88,6 +113,10 @@ impl RouterMetrics {
 
     pub fn outcome(&self, outcome: &str) {
         self.requests.with(&[outcome]).inc();
+    }
+
+    pub fn refused(&self, reason: &str) {
+        self.refusals.with(&[reason]).inc();
     }
 
     pub fn migrated(&self, reason: &str) {

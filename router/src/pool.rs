@@ -10,7 +10,7 @@
 //! has answered since; the back-off doubles with each ejection in a row, so a worker that
 //! answers polls but fails every request is tried ever more rarely.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -85,15 +85,33 @@ pub struct WorkerState {
     pub info: WorkerInfo,
     pub channel: Channel,
     in_flight: AtomicUsize,
-    /// The latest load report and when it came.
-    load: Mutex<Option<(pb::LoadReport, Instant)>>,
+    /// The latest load report, when it came, and when its poll was sent.
+    load: Mutex<Option<Report>>,
+    /// Requests this router sent here lately, with their work (tokens): those sent after
+    /// the latest report's poll are not in it yet.
+    sent: Mutex<VecDeque<(Instant, usize)>>,
     health: Mutex<Health>,
+}
+
+struct Report {
+    report: pb::LoadReport,
+    at: Instant,
+    asked: Instant,
+}
+
+/// Requests sent to a worker since its latest load report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Unreported {
+    pub requests: usize,
+    /// Their work: output tokens (decode) or prompt tokens (prefill).
+    pub tokens: usize,
 }
 
 /// How one load poll went.
 enum Poll {
-    Answered(pb::LoadReport),
-    /// No answer within the poll period: the worker may just be busy.
+    /// The report, and when its poll was sent.
+    Answered(pb::LoadReport, Instant),
+    /// No answer within [`POLL_TIMEOUT`]: the worker may just be busy.
     Slow,
     /// The connection failed.
     Unreachable,
@@ -101,6 +119,15 @@ enum Poll {
 
 /// A load report older than this is stale: the worker's load is unknown.
 const STALE_REPORT: Duration = Duration::from_secs(3);
+/// A load poll not answered within this is slow (the worker may just be busy).
+const POLL_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// What a request asks of the workers it is sent to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Work {
+    pub prompt_tokens: usize,
+    pub output_tokens: usize,
+}
 
 impl WorkerState {
     fn new(info: WorkerInfo, channel: Channel) -> Self {
@@ -109,6 +136,7 @@ impl WorkerState {
             channel,
             in_flight: AtomicUsize::new(0),
             load: Mutex::new(None),
+            sent: Mutex::new(VecDeque::new()),
             health: Mutex::new(Health::default()),
         }
     }
@@ -145,9 +173,17 @@ impl WorkerState {
     fn record_poll(&self, poll: Poll) -> bool {
         let mut h = self.health();
         match poll {
-            Poll::Answered(report) => {
-                *self.load.lock().unwrap_or_else(PoisonError::into_inner) =
-                    Some((report, Instant::now()));
+            Poll::Answered(report, asked) => {
+                *self.load.lock().unwrap_or_else(PoisonError::into_inner) = Some(Report {
+                    report,
+                    at: Instant::now(),
+                    asked,
+                });
+                // What was sent before this poll is in the report (or finished).
+                self.sent
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .retain(|(at, _)| *at >= asked);
                 h.failed_polls = 0;
                 h.polled_since = true;
                 false
@@ -170,11 +206,48 @@ impl WorkerState {
     pub fn reported_load(&self) -> Option<usize> {
         let load = self.load.lock().unwrap_or_else(PoisonError::into_inner);
         match &*load {
-            Some((r, at)) if at.elapsed() <= STALE_REPORT => Some((r.running + r.waiting) as usize),
+            Some(r) if r.at.elapsed() <= STALE_REPORT => {
+                Some((r.report.running + r.report.waiting) as usize)
+            }
             Some(_) => None,
             // Not polled yet: a worker that just joined is idle.
             None => Some(0),
         }
+    }
+
+    /// The latest load report unless it is stale, and the requests sent here since its poll.
+    pub fn fresh_report(&self) -> (Option<pb::LoadReport>, Unreported) {
+        let report = self
+            .load
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .filter(|r| r.at.elapsed() <= STALE_REPORT)
+            .map(|r| (r.report.clone(), r.asked));
+        let sent = self.sent.lock().unwrap_or_else(PoisonError::into_inner);
+        let since = report.as_ref().map(|(_, asked)| *asked);
+        let mut unreported = Unreported::default();
+        for (at, tokens) in sent.iter() {
+            if since.is_none_or(|asked| *at >= asked) {
+                unreported.requests += 1;
+                unreported.tokens += tokens;
+            }
+        }
+        (report.map(|(r, _)| r), unreported)
+    }
+
+    /// Notes a request sent here with `tokens` of work.
+    fn sent(&self, tokens: usize) {
+        let mut sent = self.sent.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        // Without answered polls nothing would ever leave: keep the last few seconds.
+        while sent
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > STALE_REPORT)
+        {
+            sent.pop_front();
+        }
+        sent.push_back((now, tokens));
     }
 
     /// Why the worker is out of routing now, if it is.
@@ -196,7 +269,7 @@ impl WorkerState {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .as_ref()
-            .map(|(r, _)| r.clone())
+            .map(|r| r.report.clone())
     }
 
     /// False while the worker is ejected. (A worker whose lease is lost serves on: during an
@@ -210,8 +283,10 @@ impl WorkerState {
 pub struct Assignment(Arc<WorkerState>);
 
 impl Assignment {
-    pub fn new(state: Arc<WorkerState>) -> Self {
+    /// A request of `tokens` work (output tokens to decode, or prompt tokens to prefill).
+    pub fn new(state: Arc<WorkerState>, tokens: usize) -> Self {
         state.in_flight.fetch_add(1, Ordering::Relaxed);
+        state.sent(tokens);
         Assignment(state)
     }
 
@@ -305,16 +380,22 @@ impl WorkerPool {
             .collect()
     }
 
-    /// Chooses a decode worker alone (for prompts it prefills itself), none of `excluded`.
-    pub fn pick_decode(&self, excluded: &[WorkerId]) -> Result<Assignment, RouterError> {
-        self.choose_decode(excluded).map(Assignment::new)
+    /// Chooses a decode worker alone (for prompts it prefills itself), none of `excluded`,
+    /// for a request of `work`.
+    pub fn pick_decode(
+        &self,
+        excluded: &[WorkerId],
+        work: Work,
+    ) -> Result<Assignment, RouterError> {
+        self.choose_decode(excluded)
+            .map(|d| Assignment::new(d, work.output_tokens))
     }
 
     /// The workers of `role` a request may use: not in `excluded` and matching `fits`; those
     /// not ejected if there are any, else the ejected ones too — ejection is a guess about a
     /// worker's health that steers requests elsewhere, never the reason one fails (a dead
     /// worker refuses the connection at once, and the request moves on).
-    fn candidates(
+    pub(crate) fn candidates(
         &self,
         role: Role,
         excluded: &[WorkerId],
@@ -342,8 +423,8 @@ impl WorkerPool {
     }
 
     /// Chooses a decode worker, then a prefill worker of the same model sharing a transport;
-    /// none of `excluded`.
-    pub fn pick_pair(&self, excluded: &[WorkerId]) -> Result<Pair, RouterError> {
+    /// none of `excluded`; for a request of `work`.
+    pub fn pick_pair(&self, excluded: &[WorkerId], work: Work) -> Result<Pair, RouterError> {
         let decode = self.choose_decode(excluded)?;
         let prefills = self.candidates(Role::Prefill, excluded, |p| {
             p.info.model_fingerprint == decode.info.model_fingerprint
@@ -358,8 +439,8 @@ impl WorkerPool {
         let prefill = prefills[p].clone();
         let transport = shared_transport(&prefill.info, &decode.info).unwrap_or(TransportKind::Tcp);
         Ok(Pair {
-            prefill: Assignment::new(prefill),
-            decode: Assignment::new(decode),
+            prefill: Assignment::new(prefill, work.prompt_tokens),
+            decode: Assignment::new(decode, work.output_tokens),
             transport,
         })
     }
@@ -382,10 +463,11 @@ impl WorkerPool {
                 let ejected = &ejected;
                 let polls = workers.iter().map(|w| async move {
                     let mut client = WorkerStatusClient::new(w.channel.clone());
+                    let asked = Instant::now();
                     let report =
-                        tokio::time::timeout(period, client.load(pb::LoadRequest {})).await;
+                        tokio::time::timeout(POLL_TIMEOUT, client.load(pb::LoadRequest {})).await;
                     let poll = match report {
-                        Ok(Ok(r)) => Poll::Answered(r.into_inner()),
+                        Ok(Ok(r)) => Poll::Answered(r.into_inner(), asked),
                         Ok(Err(status)) if std::error::Error::source(&status).is_some() => {
                             Poll::Unreachable
                         }
@@ -403,6 +485,19 @@ impl WorkerPool {
                 }
             }
         });
+    }
+
+    /// Requests the decode workers can hold: each one's slots plus its waiting room, as
+    /// reported (before its first report: twice the slots in its membership record).
+    pub fn decode_room(&self) -> usize {
+        self.workers(Role::Decode)
+            .iter()
+            .map(|w| match w.fresh_report().0 {
+                Some(r) if r.capacity > 0 => (r.capacity + r.max_waiting) as usize,
+                _ => 2 * w.info.capacity.max(1),
+            })
+            .sum::<usize>()
+            .max(1)
     }
 
     /// Forgets workers no longer in the directory.
@@ -474,6 +569,53 @@ mod tests {
         assert!(!h.accepting());
         age(&mut h, EJECT_BACKOFF);
         assert!(h.accepting());
+    }
+
+    #[tokio::test]
+    async fn requests_sent_after_a_reports_poll_count_until_the_next_report() {
+        let info = WorkerInfo {
+            worker_id: WorkerId::new("d0").unwrap(),
+            role: Role::Decode,
+            address: "http://127.0.0.1:1".into(),
+            model_fingerprint: String::new(),
+            model: "m".into(),
+            capacity: 4,
+            transports: vec![TransportKind::Tcp],
+            node: "n".into(),
+            expert_shard: None,
+        };
+        let w = WorkerState::new(info, connect_lazy("http://127.0.0.1:1").unwrap());
+        // No report yet: everything sent counts.
+        w.sent(5);
+        let asked = Instant::now();
+        w.sent(7);
+        let (report, unreported) = w.fresh_report();
+        assert!(report.is_none());
+        assert_eq!(
+            unreported,
+            Unreported {
+                requests: 2,
+                tokens: 12
+            }
+        );
+        // The report whose poll was sent at `asked` counts the first; the second is still
+        // this router's to add.
+        let load = pb::LoadReport {
+            running: 1,
+            ..Default::default()
+        };
+        w.record_poll(Poll::Answered(load, asked));
+        let (report, unreported) = w.fresh_report();
+        assert_eq!(report.map(|r| r.running), Some(1));
+        assert_eq!(
+            unreported,
+            Unreported {
+                requests: 1,
+                tokens: 7
+            }
+        );
+        w.record_poll(Poll::Answered(pb::LoadReport::default(), Instant::now()));
+        assert_eq!(w.fresh_report().1, Unreported::default());
     }
 
     #[test]

@@ -16,11 +16,11 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::admission::Admission;
+use crate::admission::{Admission, estimate};
 use crate::error::RouterError;
 use crate::generation::Relay;
 use crate::metrics::RouterMetrics;
-use crate::pool::WorkerPool;
+use crate::pool::{Work, WorkerPool};
 use crate::validate::{ModelContext, ValidRequest};
 
 /// The router's core, shared by the gRPC and HTTP front ends: admission, then the relay of
@@ -30,6 +30,10 @@ pub struct Frontend {
     pub admission: Arc<Admission>,
     /// Deadline of requests whose caller sets none.
     pub default_deadline: Duration,
+    /// Requests running at once and waiting for a place: fixed, or (`None`) what the decode
+    /// workers report they hold.
+    pub max_in_flight: Option<usize>,
+    pub max_queue: Option<usize>,
 }
 
 pub type ChunkRx = mpsc::Receiver<Result<pb::GenerateChunk, Status>>;
@@ -62,9 +66,41 @@ impl Frontend {
         let arrived = Instant::now();
         let deadline = deadline.unwrap_or(self.default_deadline);
         let metrics = self.relay.metrics.clone();
+        let targets = self.relay.targets;
+        let work = Work {
+            prompt_tokens: request.prompt.len(),
+            output_tokens: request.sampling.max_tokens,
+        };
+        let local = request.prompt.len() < self.relay.disagg_min_tokens;
+        if let Some(e) = estimate(&self.relay.pool, work, local) {
+            metrics.estimated_start.observe(e.start().as_secs_f64());
+            if let Err(refused) = targets.judge(&e, work.output_tokens, deadline) {
+                metrics.refused("estimate");
+                self.refused(&refused);
+                return Err(refused);
+            }
+        }
         let admission = self.admission.clone();
+        let limit = self
+            .max_in_flight
+            .unwrap_or_else(|| self.relay.pool.decode_room());
+        let queue = self.max_queue.unwrap_or(limit);
+        metrics.admission_limit.set(limit as f64);
+        // A queued request waits at most its time-to-first-token budget (or its deadline).
+        let budget = targets.ttft_left(Duration::ZERO);
+        let patience = budget.map_or(deadline, |b| b.min(deadline));
+        let shed = || match budget {
+            Some(b) if b <= deadline => RouterError::Overloaded {
+                message: format!(
+                    "shed: no place among the {limit} requests running within its {} ms time-to-first-token target",
+                    b.as_millis()
+                ),
+                retry_after: Some(Duration::from_secs(1)),
+            },
+            _ => RouterError::DeadlineExceeded("waiting in the admission queue".into()),
+        };
         let admitted = {
-            let queued = admission.admit(deadline);
+            let queued = admission.admit(limit, queue, patience, shed);
             metrics.queue_depth.set(admission.queued() as f64);
             let admitted = queued.await;
             metrics.queue_depth.set(admission.queued() as f64);
@@ -72,7 +108,8 @@ impl Frontend {
         };
         let admitted = match admitted {
             Ok(a) => a,
-            Err(e) => {
+            Err((reason, e)) => {
+                metrics.refused(reason);
                 self.refused(&e);
                 return Err(e);
             }

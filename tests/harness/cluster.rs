@@ -20,6 +20,8 @@ pub struct ClusterSpec {
     /// Expert workers per shard.
     pub expert_replicas: usize,
     pub ttl: u64,
+    /// Routers in front of the same workers (`router`, `router1`, ...).
+    pub routers: usize,
     pub router_args: Vec<String>,
     pub decode_args: Vec<String>,
     pub prefill_args: Vec<String>,
@@ -37,6 +39,7 @@ impl ClusterSpec {
             experts: 0,
             expert_replicas: 1,
             ttl: 10,
+            routers: 1,
             router_args: Vec::new(),
             decode_args: Vec::new(),
             prefill_args: Vec::new(),
@@ -72,6 +75,11 @@ impl ClusterSpec {
 
     pub fn ttl(mut self, ttl: u64) -> Self {
         self.ttl = ttl;
+        self
+    }
+
+    pub fn routers(mut self, n: usize) -> Self {
+        self.routers = n.max(1);
         self
     }
 
@@ -141,18 +149,30 @@ impl ClusterSpec {
                 &model_args(&self.decode_args),
             );
         }
-        let port = free_port();
-        let http_port = free_port();
-        let mut cmd = service("sluice-router", &etcd.url, model, port, self.ttl);
-        cmd.arg("--http-listen")
-            .arg(format!("127.0.0.1:{http_port}"))
-            .args(&self.router_args)
-            .args(&self.all_args);
-        procs.push(Proc::spawn("router", &mut cmd, logs.path()));
+        let mut routers = Vec::new();
+        let mut https = Vec::new();
+        for i in 0..self.routers {
+            let port = free_port();
+            let http_port = free_port();
+            let mut cmd = service("sluice-router", &etcd.url, model, port, self.ttl);
+            cmd.arg("--http-listen")
+                .arg(format!("127.0.0.1:{http_port}"))
+                .args(&self.router_args)
+                .args(&self.all_args);
+            let name = if i == 0 {
+                "router".to_string()
+            } else {
+                format!("router{i}")
+            };
+            procs.push(Proc::spawn(&name, &mut cmd, logs.path()));
+            routers.push(format!("http://127.0.0.1:{port}"));
+            https.push(format!("127.0.0.1:{http_port}"));
+        }
         Running {
             cluster: Cluster {
-                router: format!("http://127.0.0.1:{port}"),
-                http: format!("127.0.0.1:{http_port}"),
+                router: routers[0].clone(),
+                http: https[0].clone(),
+                routers,
                 metrics,
                 procs,
             },
@@ -167,6 +187,8 @@ pub struct Cluster {
     pub router: String,
     /// The router's HTTP address (host:port).
     pub http: String,
+    /// Every router's gRPC endpoint (the first is `router`).
+    pub routers: Vec<String>,
     /// Each worker's `/metrics` base URL, by process name.
     pub metrics: Vec<(String, String)>,
     pub procs: Vec<Proc>,
@@ -189,7 +211,12 @@ impl Cluster {
     }
 
     pub async fn workers(&self) -> Option<Vec<wpb::WorkerView>> {
-        let mut c = RouterStatusClient::connect(self.router.clone())
+        Self::workers_at(&self.router).await
+    }
+
+    /// The workers the router at `endpoint` schedules on.
+    pub async fn workers_at(endpoint: &str) -> Option<Vec<wpb::WorkerView>> {
+        let mut c = RouterStatusClient::connect(endpoint.to_string())
             .await
             .ok()?;
         Some(
@@ -201,18 +228,26 @@ impl Cluster {
         )
     }
 
-    /// Waits until the router sees `n` workers, each with a load report where it has one.
+    /// Waits until every router sees `n` workers, each with a load report where it has one;
+    /// the first router's view.
     pub async fn wait_ready(&self, n: usize) -> Vec<wpb::WorkerView> {
         eventually(
             Duration::from_secs(60),
             "every worker registered",
             || async {
-                let w = self.workers().await?;
-                let reported = w
-                    .iter()
-                    .filter(|v| v.role == "expert" || v.load.is_some())
-                    .count();
-                (w.len() == n && reported == n).then_some(w)
+                let mut first = None;
+                for endpoint in &self.routers {
+                    let w = Self::workers_at(endpoint).await?;
+                    let reported = w
+                        .iter()
+                        .filter(|v| v.role == "expert" || v.load.is_some())
+                        .count();
+                    if w.len() != n || reported != n {
+                        return None;
+                    }
+                    first.get_or_insert(w);
+                }
+                first
             },
         )
         .await

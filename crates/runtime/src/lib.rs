@@ -8,6 +8,7 @@ pub mod cli;
 pub mod directory;
 pub mod engine_thread;
 pub mod error;
+pub mod estimate;
 pub mod experts;
 pub mod keys;
 pub mod membership;

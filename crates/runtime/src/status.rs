@@ -8,7 +8,7 @@
 //! readiness (the role's own services) turns NOT_SERVING only when the worker drains.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use sluice_proto::worker::v1 as pb;
 use sluice_proto::worker::v1::worker_status_server::WorkerStatus;
@@ -18,20 +18,70 @@ use tonic_health::server::HealthReporter;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::estimate::CostModel;
 use crate::membership::Registration;
+use std::time::Duration;
 
-/// Updated by the worker's engine thread, read by `Load`.
+/// Updated by the worker's engine thread (and its service, as requests queue), read by
+/// `Load`. The seconds are `f64` bits.
 #[derive(Debug, Default)]
 pub struct LoadCounters {
     pub running: AtomicU32,
     pub waiting: AtomicU32,
     pub kv_blocks_used: AtomicU32,
     pub kv_blocks_total: AtomicU32,
+    /// Fixed for the worker's life: what admission reads besides the live counts.
+    pub limits: WorkerLimits,
+    pub queued_tokens: AtomicU64,
+    start_delay: AtomicU64,
+    step_fixed: AtomicU64,
+    step_token: AtomicU64,
+}
+
+/// A worker's batch shape and queue bound, as its load report tells the routers.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct WorkerLimits {
+    pub capacity: usize,
+    pub max_waiting: usize,
+    pub max_batch_tokens: usize,
+    pub prefill_chunk: usize,
 }
 
 impl LoadCounters {
+    pub fn new(limits: WorkerLimits) -> Self {
+        LoadCounters {
+            limits,
+            ..LoadCounters::default()
+        }
+    }
+
     pub fn set(counter: &AtomicU32, value: usize) {
         counter.store(value.min(u32::MAX as usize) as u32, Ordering::Relaxed);
+    }
+
+    /// The worker's estimate of how long a request arriving now waits to start.
+    pub fn set_start_delay(&self, delay: Duration) {
+        self.start_delay
+            .store(delay.as_secs_f64().to_bits(), Ordering::Relaxed);
+    }
+
+    pub fn start_delay(&self) -> Duration {
+        Duration::try_from_secs_f64(f64::from_bits(self.start_delay.load(Ordering::Relaxed)))
+            .unwrap_or_default()
+    }
+
+    pub fn set_step_cost(&self, cost: CostModel) {
+        self.step_fixed
+            .store(cost.fixed.to_bits(), Ordering::Relaxed);
+        self.step_token
+            .store(cost.per_token.to_bits(), Ordering::Relaxed);
+    }
+
+    pub fn step_cost(&self) -> CostModel {
+        CostModel {
+            fixed: f64::from_bits(self.step_fixed.load(Ordering::Relaxed)),
+            per_token: f64::from_bits(self.step_token.load(Ordering::Relaxed)),
+        }
     }
 }
 
@@ -64,6 +114,8 @@ impl WorkerStatus for WorkerStatusService {
     async fn load(&self, _: Request<pb::LoadRequest>) -> Result<Response<pb::LoadReport>, Status> {
         let c = &self.counters;
         let extra = self.extra_waiting.as_ref().map_or(0, |f| f()) as u32;
+        let cost = c.step_cost();
+        let u32_of = |v: usize| v.min(u32::MAX as usize) as u32;
         Ok(Response::new(pb::LoadReport {
             worker_id: self.worker_id.clone(),
             running: c.running.load(Ordering::Relaxed),
@@ -71,6 +123,14 @@ impl WorkerStatus for WorkerStatusService {
             kv_blocks_used: c.kv_blocks_used.load(Ordering::Relaxed),
             kv_blocks_total: c.kv_blocks_total.load(Ordering::Relaxed),
             registered: self.registration.is_registered(),
+            capacity: u32_of(c.limits.capacity),
+            max_waiting: u32_of(c.limits.max_waiting),
+            start_delay_seconds: c.start_delay().as_secs_f64(),
+            step_fixed_seconds: cost.fixed,
+            step_token_seconds: cost.per_token,
+            queued_tokens: c.queued_tokens.load(Ordering::Relaxed),
+            max_batch_tokens: u32_of(c.limits.max_batch_tokens),
+            prefill_chunk: u32_of(c.limits.prefill_chunk),
         }))
     }
 }

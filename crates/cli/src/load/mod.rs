@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 
 use crate::progress::Progress;
 use report::{Outcome, Sample, Slo, Stats};
-use workload::{Length, Prompt, PromptSource, Rng};
+use workload::{Length, Phases, Prompt, PromptSource, Rng};
 
 #[derive(clap::Args, Debug)]
 pub struct LoadArgs {
@@ -43,6 +43,10 @@ pub struct LoadArgs {
     /// Open loop: requests per second, Poisson arrivals, whatever is still in flight.
     #[arg(long)]
     pub rps: Option<f64>,
+    /// Open loop whose rate changes: RPS:SECONDS,... in turn (e.g. `100:10,1000:10,100:20`
+    /// for a tenfold flash crowd); the run lasts their sum unless --duration says otherwise.
+    #[arg(long, conflicts_with = "rps")]
+    pub phases: Option<Phases>,
     /// Stop issuing requests after this many seconds (those in flight finish and count).
     #[arg(long)]
     pub duration: Option<f64>,
@@ -226,10 +230,10 @@ async fn grpc_request(client: &mut Client, spec: &RequestSpec) -> Outcome {
 }
 
 /// How requests are issued.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Pace {
     Closed { concurrency: usize },
-    Open { rps: f64 },
+    Open { phases: Phases },
 }
 
 /// When to stop issuing.
@@ -264,10 +268,13 @@ impl Workload {
 
     async fn one(self: &Arc<Self>, index: usize) -> Sample {
         let spec = self.spec(index);
+        let issued = Instant::now();
         let outcome = self.target.send(index, &spec).await;
         Sample {
             prompt_tokens: spec.prompt_tokens(),
             outcome,
+            issued,
+            latency: issued.elapsed(),
         }
     }
 }
@@ -296,10 +303,11 @@ async fn drive(
                 });
             }
         }
-        Pace::Open { rps } => {
+        Pace::Open { phases } => {
             let mut rng = Rng::new(workload.seed.wrapping_add(1));
             // Arrivals follow an absolute schedule, so a slow send never delays the next.
-            let mut next = tokio::time::Instant::now();
+            let start = tokio::time::Instant::now();
+            let mut next = start;
             let mut index = 0;
             while limit.allows(index) {
                 tokio::time::sleep_until(next).await;
@@ -308,7 +316,7 @@ async fn drive(
                     let _ = samples.send(w.one(index).await);
                 });
                 index += 1;
-                next += rng.exponential_gap(rps);
+                next += rng.exponential_gap(phases.rate_at((next - start).as_secs_f64()));
                 // Reap finished tasks as we go; the set holds only those in flight.
                 while tasks.try_join_next().is_some() {}
             }
@@ -385,12 +393,14 @@ pub fn run(args: LoadArgs) -> Result<()> {
             output: args.output_tokens,
             seed: args.seed,
         });
-        let pace = match args.rps {
-            Some(rps) => Pace::Open { rps },
-            None => Pace::Closed {
+        let pace = match (&args.phases, args.rps) {
+            (Some(phases), _) => Pace::Open { phases: phases.clone() },
+            (None, Some(rps)) => Pace::Open { phases: Phases(vec![(rps, f64::INFINITY)]) },
+            (None, None) => Pace::Closed {
                 concurrency: args.concurrency,
             },
         };
+        let duration = args.duration.or(args.phases.as_ref().map(Phases::seconds));
         if args.warmup > 0 {
             let (tx, mut rx) = mpsc::unbounded_channel();
             let limit = Limit { requests: Some(args.warmup), until: None };
@@ -398,20 +408,21 @@ pub fn run(args: LoadArgs) -> Result<()> {
             drive(workload.clone(), closed, limit, tx).await;
             while rx.try_recv().is_ok() {}
         }
-        let requests = match (args.requests, args.duration) {
+        let requests = match (args.requests, duration) {
             (None, None) => Some(100),
             (n, _) => n,
         };
         let ms = |v: Option<f64>| v.map(|m| Duration::from_secs_f64(m / 1000.0));
-        let mut stats = Stats::new(Slo { ttft: ms(args.slo_ttft), tpot: ms(args.slo_tpot) });
         let cpu_before = cpu_time();
         let started = Instant::now();
+        let mut stats =
+            Stats::new(Slo { ttft: ms(args.slo_ttft), tpot: ms(args.slo_tpot) }, started);
         let limit = Limit {
             requests,
-            until: args.duration.map(|d| started + Duration::from_secs_f64(d)),
+            until: duration.map(|d| started + Duration::from_secs_f64(d)),
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let driver = tokio::spawn(drive(workload.clone(), pace, limit, tx));
+        let driver = tokio::spawn(drive(workload.clone(), pace.clone(), limit, tx));
         let mut progress = Progress::new("load");
         let mut last_draw = Instant::now();
         let mut finished = started;
@@ -420,7 +431,7 @@ pub fn run(args: LoadArgs) -> Result<()> {
             finished = Instant::now();
             if finished - last_draw > Duration::from_millis(200) {
                 last_draw = finished;
-                match (requests, args.duration) {
+                match (requests, duration) {
                     (Some(n), _) => progress.update(stats.completed() as usize + stats.failed() as usize, n),
                     (None, Some(d)) => progress.update(
                         (started.elapsed().as_secs_f64() * 10.0).min(d * 10.0) as usize,
@@ -435,9 +446,12 @@ pub fn run(args: LoadArgs) -> Result<()> {
         let cpu = cpu_time().saturating_sub(cpu_before);
         let api = if args.http.is_some() { "http" } else { "grpc" };
         let address = args.http.as_deref().unwrap_or(&args.endpoint);
-        let pace_text = match pace {
+        let pace_text = match &pace {
             Pace::Closed { concurrency } => format!("closed loop, {concurrency} concurrent"),
-            Pace::Open { rps } => format!("open loop, {rps} req/s Poisson"),
+            Pace::Open { .. } if args.phases.is_some() => {
+                format!("open loop, phases {} (req/s:s) Poisson", args.phases.as_ref().map(|p| p.to_string()).unwrap_or_default())
+            }
+            Pace::Open { .. } => format!("open loop, {} req/s Poisson", args.rps.unwrap_or(0.0)),
         };
         let prompts = match &args.prompts {
             Some(p) => format!("prompts from {}", p.display()),
@@ -449,8 +463,9 @@ pub fn run(args: LoadArgs) -> Result<()> {
             "address": address,
             "concurrency": matches!(pace, Pace::Closed { .. }).then_some(args.concurrency),
             "rps": args.rps,
+            "phases": args.phases.as_ref().map(|p| p.to_string()),
             "requests": requests,
-            "duration_limit_s": args.duration,
+            "duration_limit_s": duration,
             "prompt_tokens": args.prompt_tokens.to_string(),
             "output_tokens": args.output_tokens.to_string(),
             "warmup": args.warmup,

@@ -1,8 +1,10 @@
 //! What `sluice load` measured: latency distributions (HDR histograms, microseconds),
-//! throughput, errors by status and goodput under the SLOs.
+//! throughput, errors by status, how fast refusals came back, and goodput under the SLOs —
+//! overall and second by second (by when each request was issued), so a flash crowd and
+//! the recovery after it show.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use hdrhistogram::Histogram;
@@ -13,6 +15,24 @@ use serde_json::{Value, json};
 pub struct Sample {
     pub prompt_tokens: u32,
     pub outcome: Outcome,
+    /// When it was sent, and how long until it finished (or was refused).
+    pub issued: Instant,
+    pub latency: Duration,
+}
+
+/// Statuses that mean "refused for load": the server said no at once, by design.
+pub fn is_refusal(status: &str) -> bool {
+    matches!(status, "RESOURCE_EXHAUSTED" | "HTTP 429")
+}
+
+/// One second of the run, by issue time.
+#[derive(Debug, Clone, Copy, Default)]
+struct Second {
+    issued: u64,
+    good: u64,
+    completed: u64,
+    refused: u64,
+    failed: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -47,7 +67,10 @@ pub struct Stats {
     prompt_tokens: u64,
     output_tokens: u64,
     errors: BTreeMap<String, (u64, String)>,
+    refusal: Histogram<u64>,
     slo: Slo,
+    origin: Instant,
+    seconds: Vec<Second>,
 }
 
 fn histogram() -> Histogram<u64> {
@@ -69,7 +92,8 @@ pub fn tpot(ttft: Duration, e2e: Duration, output_tokens: u32) -> Option<Duratio
 }
 
 impl Stats {
-    pub fn new(slo: Slo) -> Self {
+    /// Seconds of the timeline count from `origin`.
+    pub fn new(slo: Slo, origin: Instant) -> Self {
         Stats {
             ttft: histogram(),
             itl: histogram(),
@@ -80,8 +104,19 @@ impl Stats {
             prompt_tokens: 0,
             output_tokens: 0,
             errors: BTreeMap::new(),
+            refusal: histogram(),
             slo,
+            origin,
+            seconds: Vec::new(),
         }
+    }
+
+    fn second(&mut self, issued: Instant) -> &mut Second {
+        let i = issued.saturating_duration_since(self.origin).as_secs() as usize;
+        if self.seconds.len() <= i {
+            self.seconds.resize(i + 1, Second::default());
+        }
+        &mut self.seconds[i]
     }
 
     pub fn completed(&self) -> u64 {
@@ -93,6 +128,7 @@ impl Stats {
     }
 
     pub fn record(&mut self, sample: Sample) {
+        self.second(sample.issued).issued += 1;
         match sample.outcome {
             Outcome::Done {
                 ttft,
@@ -118,11 +154,25 @@ impl Stats {
                     .slo
                     .tpot
                     .is_none_or(|limit| per_token.is_none_or(|t| t <= limit));
-                if ttft_ok && tpot_ok {
+                let good = ttft_ok && tpot_ok;
+                if good {
                     self.good += 1;
                 }
+                let second = self.second(sample.issued);
+                second.completed += 1;
+                second.good += u64::from(good);
             }
             Outcome::Failed { status, message } => {
+                let refused = is_refusal(&status);
+                if refused {
+                    self.refusal.saturating_record(micros(sample.latency));
+                }
+                let second = self.second(sample.issued);
+                if refused {
+                    second.refused += 1;
+                } else {
+                    second.failed += 1;
+                }
                 let entry = self.errors.entry(status).or_insert((0, message));
                 entry.0 += 1;
             }
@@ -152,6 +202,17 @@ impl Stats {
             .map(|(status, (n, message))| (status.clone(), json!({"count": n, "example": message})))
             .collect();
         let slo_given = self.slo.ttft.is_some() || self.slo.tpot.is_some();
+        let timeline: Vec<Value> = self
+            .seconds
+            .iter()
+            .enumerate()
+            .map(|(t, s)| {
+                json!({
+                    "t": t, "issued": s.issued, "completed": s.completed, "good": s.good,
+                    "refused": s.refused, "failed": s.failed,
+                })
+            })
+            .collect();
         json!({
             "setup": setup,
             "duration_s": secs,
@@ -166,12 +227,18 @@ impl Stats {
             "itl_ms": latency(&self.itl),
             "tpot_ms": latency(&self.tpot),
             "e2e_ms": latency(&self.e2e),
+            // From sending a request to its refusal (RESOURCE_EXHAUSTED, HTTP 429).
+            "refusal_ms": latency(&self.refusal),
+            // Per second of issue time: requests issued, completed, good (within every SLO;
+            // all completed when none is given), refused and failed otherwise.
+            "timeline": timeline,
             "goodput": if slo_given {
                 json!({
                     "slo_ttft_ms": self.slo.ttft.map(|d| d.as_secs_f64() * 1000.0),
                     "slo_tpot_ms": self.slo.tpot.map(|d| d.as_secs_f64() * 1000.0),
                     // Failed requests count against the share: they met no objective.
                     "share": if total > 0 { self.good as f64 / total as f64 } else { 0.0 },
+                    "good": self.good,
                     "requests_per_s": self.good as f64 / secs,
                 })
             } else {
@@ -235,6 +302,7 @@ pub fn human(report: &Value, out: &mut impl std::io::Write) -> Result<()> {
         ("ITL", "itl_ms"),
         ("TPOT", "tpot_ms"),
         ("E2E", "e2e_ms"),
+        ("refusal", "refusal_ms"),
     ] {
         let l = &report[key];
         if l.is_null() {
@@ -263,6 +331,21 @@ pub fn human(report: &Value, out: &mut impl std::io::Write) -> Result<()> {
             f(&g["requests_per_s"])
         )?;
     }
+    if let Some(timeline) = report["timeline"].as_array()
+        && timeline.len() > 1
+    {
+        // Good requests per second of issue time, then refused ones: a flash crowd and the
+        // recovery after it, at a glance.
+        let row = |key: &str| {
+            timeline
+                .iter()
+                .map(|s| s[key].as_u64().unwrap_or(0).to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        writeln!(out, "  good/s     {}", row("good"))?;
+        writeln!(out, "  refused/s  {}", row("refused"))?;
+    }
     let gen_cpu = &report["generator"];
     writeln!(
         out,
@@ -277,7 +360,7 @@ pub fn human(report: &Value, out: &mut impl std::io::Write) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn done(ttft_ms: u64, e2e_ms: u64, tokens: u32) -> Sample {
+    fn done(origin: Instant, ttft_ms: u64, e2e_ms: u64, tokens: u32) -> Sample {
         let ttft = Duration::from_millis(ttft_ms);
         let e2e = Duration::from_millis(e2e_ms);
         let gap = (e2e - ttft) / (tokens - 1).max(1);
@@ -289,18 +372,26 @@ mod tests {
                 itl: vec![gap; tokens as usize - 1],
                 output_tokens: tokens,
             },
+            // Request i is issued at i × 10 ms.
+            issued: origin + Duration::from_millis(ttft_ms * 10),
+            latency: e2e,
         }
     }
 
     #[test]
     fn percentiles_throughput_and_goodput() {
-        let mut s = Stats::new(Slo {
-            ttft: Some(Duration::from_millis(50)),
-            tpot: Some(Duration::from_millis(10)),
-        });
-        // 100 requests: TTFT 1..=100 ms, 11 tokens, 5 ms per token after the first.
+        let origin = Instant::now();
+        let mut s = Stats::new(
+            Slo {
+                ttft: Some(Duration::from_millis(50)),
+                tpot: Some(Duration::from_millis(10)),
+            },
+            origin,
+        );
+        // 100 requests: TTFT 1..=100 ms, 11 tokens, 5 ms per token after the first, issued
+        // 10 ms × their TTFT after the start (TTFT ≤ 50 ms: the first half second).
         for i in 1..=100u64 {
-            s.record(done(i, i + 50, 11));
+            s.record(done(origin, i, i + 50, 11));
         }
         s.record(Sample {
             prompt_tokens: 10,
@@ -308,6 +399,8 @@ mod tests {
                 status: "RESOURCE_EXHAUSTED".into(),
                 message: "full".into(),
             },
+            issued: origin + Duration::from_millis(1500),
+            latency: Duration::from_millis(2),
         });
         let r = s.report(
             Duration::from_secs(2),
@@ -331,6 +424,16 @@ mod tests {
             r["goodput"]
         );
         assert!(close(&r["generator"]["cpu_per_request_ms"], 1.0));
+        // The refusal took 2 ms; by second: 99 issued in the first (the 50 good ones among
+        // them: TTFT ≤ 50 ms), request 100 at exactly 1 s, the refusal at 1.5 s.
+        assert!(close(&r["refusal_ms"]["p99"], 2.0), "{}", r["refusal_ms"]);
+        let t = &r["timeline"];
+        assert_eq!(t[0]["issued"], 99, "{t}");
+        assert_eq!(t[0]["good"], 50, "{t}");
+        assert_eq!(t[0]["completed"], 99, "{t}");
+        assert_eq!(t[1]["issued"], 2, "{t}");
+        assert_eq!(t[1]["good"], 0, "{t}");
+        assert_eq!(t[1]["refused"], 1, "{t}");
         let mut text = Vec::new();
         human(&r, &mut text).unwrap();
         let text = String::from_utf8(text).unwrap();

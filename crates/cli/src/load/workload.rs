@@ -37,6 +37,55 @@ impl FromStr for Length {
     }
 }
 
+/// An open loop's rates over time: `RPS:SECONDS,RPS:SECONDS,...` (e.g. `100:10,1000:10,100:20`
+/// for a tenfold flash crowd of 10 s between two calm stretches).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Phases(pub Vec<(f64, f64)>);
+
+impl FromStr for Phases {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("`{s}`: expected RPS:SECONDS[,RPS:SECONDS...], each positive");
+        let mut phases = Vec::new();
+        for part in s.split(',') {
+            let (rps, secs) = part.split_once(':').ok_or_else(bad)?;
+            let rps: f64 = rps.trim().parse().map_err(|_| bad())?;
+            let secs: f64 = secs.trim().parse().map_err(|_| bad())?;
+            if !(rps.is_finite() && rps > 0.0 && secs.is_finite() && secs > 0.0) {
+                return Err(bad());
+            }
+            phases.push((rps, secs));
+        }
+        Ok(Phases(phases))
+    }
+}
+
+impl Phases {
+    /// The rate `t` seconds into the run (the last phase's once they are over).
+    pub fn rate_at(&self, t: f64) -> f64 {
+        let mut end = 0.0;
+        for &(rps, secs) in &self.0 {
+            end += secs;
+            if t < end {
+                return rps;
+            }
+        }
+        self.0.last().map_or(1.0, |p| p.0)
+    }
+
+    pub fn seconds(&self) -> f64 {
+        self.0.iter().map(|p| p.1).sum()
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self.0.iter().map(|(r, s)| format!("{r}:{s}")).collect();
+        write!(f, "{}", parts.join(","))
+    }
+}
+
 impl std::fmt::Display for Length {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.min == self.max {
@@ -133,6 +182,21 @@ impl PromptSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn phases_parse_and_give_the_rate_of_each_stretch() {
+        let p: Phases = "100:10,1000:2.5,50:5".parse().unwrap();
+        assert_eq!(p.0, vec![(100.0, 10.0), (1000.0, 2.5), (50.0, 5.0)]);
+        assert_eq!(p.seconds(), 17.5);
+        assert_eq!(p.rate_at(0.0), 100.0);
+        assert_eq!(p.rate_at(10.0), 1000.0);
+        assert_eq!(p.rate_at(12.4), 1000.0);
+        assert_eq!(p.rate_at(12.5), 50.0);
+        assert_eq!(p.rate_at(99.0), 50.0);
+        for bad in ["", "100", "100:0", "-1:5", "1:5,x:2"] {
+            assert!(bad.parse::<Phases>().is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn lengths_parse_fixed_and_ranges() {
