@@ -321,6 +321,9 @@ async fn start_sequence(
     tx: ChunkSender,
 ) {
     let logprobs = req.sampling.as_ref().is_some_and(|s| s.logprobs.is_some());
+    // Only a sequence that has sent nothing may be shed (a migrated one has).
+    let shed_at = (req.prefill && req.generated_token_ids.is_empty() && req.queue_budget_ms > 0)
+        .then(|| std::time::Instant::now() + Duration::from_millis(req.queue_budget_ms.into()));
     let prepared = if req.prefill {
         match req.rng_state {
             // A migrated request continues the sampling it had reached elsewhere.
@@ -371,6 +374,7 @@ async fn start_sequence(
         max_new_tokens: req.max_new_tokens as usize,
         stop_ids: req.eos_token_ids,
         logprobs,
+        shed_at,
         tx,
     };
     if let Err(mpsc::error::SendError(Command::Start(new))) =

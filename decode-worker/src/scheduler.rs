@@ -40,6 +40,9 @@ pub struct NewSequence {
     pub max_new_tokens: usize,
     pub stop_ids: Vec<u32>,
     pub logprobs: bool,
+    /// A sequence prefilled here that has sent nothing yet is shed unrun if it has not
+    /// started by then.
+    pub shed_at: Option<std::time::Instant>,
     pub tx: ChunkSender,
 }
 
@@ -76,6 +79,8 @@ struct Sequence {
     remaining: usize,
     stop_ids: Vec<u32>,
     logprobs: bool,
+    /// Until it first starts: when it is shed if still waiting.
+    shed_at: Option<std::time::Instant>,
     tx: ChunkSender,
 }
 
@@ -184,6 +189,7 @@ impl Scheduler {
                 });
             }
             self.cache.reclaim();
+            self.shed_expired();
             self.admit_waiting();
             self.publish_load();
             if !self.running.is_empty() {
@@ -279,6 +285,7 @@ impl Scheduler {
             remaining: new.max_new_tokens,
             stop_ids: new.stop_ids,
             logprobs: new.logprobs,
+            shed_at: new.shed_at,
             tx: new.tx,
         };
         let total = self.cache.config().num_blocks;
@@ -295,6 +302,21 @@ impl Scheduler {
         self.waiting.push(seq);
     }
 
+    /// Drops waiting sequences that never started and whose budget has passed: their time
+    /// to first token is lost already, and starting them would only delay the rest.
+    fn shed_expired(&mut self) {
+        let now = std::time::Instant::now();
+        self.waiting.retain(|s| match s.shed_at {
+            Some(at) if now >= at => {
+                let _ = s.tx.send(Err(Status::resource_exhausted(
+                    "shed unrun: it waited on this decode worker past the request's time-to-first-token budget",
+                )));
+                false
+            }
+            _ => true,
+        });
+    }
+
     /// Starts waiting sequences, oldest first, while state slots and blocks allow.
     fn admit_waiting(&mut self) {
         while let Some(next) = self.waiting.first() {
@@ -308,6 +330,8 @@ impl Scheduler {
                 return;
             }
             let mut seq = self.waiting.remove(0);
+            // Started: from now on it is preempted and resumed, never shed.
+            seq.shed_at = None;
             let leased = match seq.pending.take() {
                 Some(snapshot) => {
                     seq.cached = snapshot.layout.tokens;

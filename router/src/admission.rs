@@ -201,8 +201,9 @@ impl Targets {
                 return Err(refusal(
                     wait - allowed,
                     format!(
-                        "the cluster's queues would start this request in about {} ms, past the {} ms time-to-first-token target",
+                        "the cluster's queues would start this request in about {} ms; admission plans for {} ms of its {} ms time-to-first-token target",
                         ms(start),
+                        ms(allowed + e.own),
                         ms(target)
                     ),
                 ));

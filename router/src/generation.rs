@@ -463,6 +463,14 @@ impl Relay {
         Ok(Phase::Routing)
     }
 
+    /// What is left of the request's time-to-first-token target, for a worker's queue (0:
+    /// no target; at least 1 ms otherwise).
+    fn queue_budget_ms(&self, emitter: &Emitter<'_>) -> u32 {
+        self.targets
+            .ttft_left(emitter.arrived.elapsed())
+            .map_or(0, |left| left.as_millis().clamp(1, u32::MAX.into()) as u32)
+    }
+
     /// Chooses the workers of attempt `key` and opens its decode stream.
     async fn route(
         &self,
@@ -547,6 +555,12 @@ impl Relay {
             generated_token_ids: emitter.tokens.clone(),
             rng_state: if sent > 0 { emitter.rng_state } else { None },
             client_request_id: request.request_id.clone(),
+            // Prefilled here with nothing sent yet: shed if it waits past its budget.
+            queue_budget_ms: if local && sent == 0 {
+                self.queue_budget_ms(emitter)
+            } else {
+                0
+            },
         }));
         match call.await {
             Ok(stream) => Ok(stream.into_inner()),
@@ -583,10 +597,7 @@ impl Relay {
                 transport: pair.transport.to_string(),
                 client_request_id: request.request_id.clone(),
                 // Queued past what is left of its time-to-first-token target, it is shed.
-                queue_budget_ms: self
-                    .targets
-                    .ttft_left(emitter.arrived.elapsed())
-                    .map_or(0, |left| left.as_millis().clamp(1, u32::MAX.into()) as u32),
+                queue_budget_ms: self.queue_budget_ms(emitter),
             }))
             .await
             .map_err(|status| classify(Role::Prefill, pair.prefill.worker(), status))?
