@@ -119,47 +119,63 @@ pub fn prefill_done(
 /// worker that answers first. Workers without a fresh report count as idle only when no
 /// worker of their role has one. `None` when a role has no worker (routing reports that).
 pub fn estimate(pool: &WorkerPool, work: Work, local: bool) -> Option<Estimate> {
-    let best = |role: Role, f: &dyn Fn(&pb::LoadReport, Unreported) -> (Duration, Duration)| {
-        let workers = pool.candidates(role, &[], |_| true);
-        if workers.is_empty() {
-            return None;
-        }
-        let known = workers
-            .iter()
-            .filter_map(|w| match w.fresh_report() {
-                (Some(r), u) => Some(f(&r, u)),
-                (None, _) => None,
-            })
-            .min_by_key(|(wait, own)| *wait + *own);
-        Some(known.unwrap_or_default())
-    };
-    let (decode_wait_, step) = best(Role::Decode, &decode_wait)?;
+    let prompt = work.prompt_tokens;
+    // For each decode worker: its wait, its step, and its own prefill of this prompt (used
+    // when it prefills the prompt itself); the worker with the soonest start wins.
+    let (decode_wait_, step, own_here) = best(
+        pool,
+        Role::Decode,
+        |r, u| {
+            let (wait, step) = decode_wait(r, u);
+            let own = seconds(cost_of(r).prefill_seconds(prompt, r.prefill_chunk as usize));
+            (wait, step, own)
+        },
+        |&(wait, step, _)| wait + step,
+    )?;
     if local {
         // The decode worker prefills it: first token after its wait and its own prompt.
-        let own = pool
-            .candidates(Role::Decode, &[], |_| true)
-            .iter()
-            .find_map(|w| w.fresh_report().0)
-            .map(|r| {
-                seconds(cost_of(&r).prefill_seconds(work.prompt_tokens, r.prefill_chunk as usize))
-            })
-            .unwrap_or_default();
-        let first_token = decode_wait_ + own;
+        let first_token = decode_wait_ + own_here;
         return Some(Estimate {
             first_token,
             decode_start: first_token,
-            own,
+            own: own_here,
             step,
         });
     }
-    let prompt = work.prompt_tokens;
-    let (prefill_wait_, own) = best(Role::Prefill, &|r, u| prefill_done(r, u, prompt))?;
+    let (prefill_wait_, own) = best(
+        pool,
+        Role::Prefill,
+        |r, u| prefill_done(r, u, prompt),
+        |&(wait, own)| wait + own,
+    )?;
     Some(Estimate {
         first_token: prefill_wait_ + own,
         decode_start: decode_wait_,
         own,
         step,
     })
+}
+
+/// `f` of the worker of `role` with the least `key`, over the workers with a fresh report;
+/// the default (all zero: idle) when none has one; `None` when the role has no worker.
+fn best<T: Default>(
+    pool: &WorkerPool,
+    role: Role,
+    f: impl Fn(&pb::LoadReport, Unreported) -> T,
+    key: impl Fn(&T) -> Duration,
+) -> Option<T> {
+    let workers = pool.candidates(role, &[], |_| true);
+    if workers.is_empty() {
+        return None;
+    }
+    let known = workers
+        .iter()
+        .filter_map(|w| match w.fresh_report() {
+            (Some(r), u) => Some(f(&r, u)),
+            (None, _) => None,
+        })
+        .min_by_key(key);
+    Some(known.unwrap_or_default())
 }
 
 fn refusal(excess: Duration, message: String) -> RouterError {

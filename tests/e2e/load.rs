@@ -3,25 +3,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::Command;
-
 use serde_json::Value;
-use sluice_harness::{Up, bin, synth};
+use sluice_harness::{Up, load_report, synth};
 
 /// Runs `sluice load --json` with `args`; the parsed report.
 fn load(args: &[&str]) -> Value {
-    let out = Command::new(bin("sluice"))
-        .arg("load")
-        .args(args)
-        .arg("--json")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "sluice load failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    load_report(args)
 }
 
 fn f(v: &Value) -> f64 {

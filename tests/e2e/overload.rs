@@ -10,10 +10,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::Command;
-
 use serde_json::Value;
-use sluice_harness::{ClusterSpec, Up, bin, synth};
+use sluice_harness::{ClusterSpec, Up, load_report, synth};
 
 const SLOTS: f64 = 4.0;
 const STEP_MS: f64 = 20.0;
@@ -51,21 +49,16 @@ fn targets() -> Vec<String> {
 
 /// `sluice load --json` against `endpoint` with `pace` (e.g. `--rps 20 --duration 4`).
 fn load(endpoint: &str, pace: &[String]) -> Value {
-    let out = Command::new(bin("sluice"))
-        .arg("load")
-        .args(["--endpoint", endpoint, "--prompt-tokens", "16"])
-        .args(["--output-tokens", &OUTPUT.to_string()])
-        .args(targets())
-        .args(pace)
-        .args(["--connections", "2", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "sluice load failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let output = OUTPUT.to_string();
+    let mut args: Vec<String> = ["--endpoint", endpoint, "--prompt-tokens", "16"]
+        .into_iter()
+        .chain(["--output-tokens", &output])
+        .map(String::from)
+        .collect();
+    args.extend(targets());
+    args.extend(pace.iter().cloned());
+    args.extend(["--connections".into(), "2".into()]);
+    load_report(&args)
 }
 
 fn open_loop(rps: f64, seconds: f64) -> Vec<String> {

@@ -36,6 +36,23 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// Runs `sluice load` with `args` and `--json`; the parsed report (panics with its stderr
+/// when it fails).
+pub fn load_report<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> serde_json::Value {
+    let out = std::process::Command::new(bin("sluice"))
+        .arg("load")
+        .args(args)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "sluice load failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// A port nothing listens on now, never the same twice in this process: the kernel may hand
 /// a just-released port out again before the child it was meant for has bound it.
 pub fn free_port() -> u16 {

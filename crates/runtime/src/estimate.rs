@@ -10,7 +10,7 @@ use std::time::Duration;
 /// One forward step's cost as `fixed + per_token × tokens fed`, fitted online by least
 /// squares over recent steps (exponentially weighted, so it follows a machine whose speed
 /// changes). Hand-written: the fit is five running sums, no crate is worth it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct StepCost {
     w: f64,
     x: f64,
@@ -21,18 +21,6 @@ pub struct StepCost {
 
 /// The weight an observation keeps after each newer one (≈ the last 50 steps count).
 const DECAY: f64 = 0.98;
-
-impl Default for StepCost {
-    fn default() -> Self {
-        StepCost {
-            w: 0.0,
-            x: 0.0,
-            y: 0.0,
-            xx: 0.0,
-            xy: 0.0,
-        }
-    }
-}
 
 impl StepCost {
     /// A step that fed `tokens` took `seconds`.
