@@ -46,8 +46,12 @@ fn main() -> anyhow::Result<()> {
             })?;
         let range = shard_range(experts, shard.0, shard.1)?;
         let weights = args.weights;
+        let backend = sluice_engine::backend::CpuBackend::new(sluice_engine::backend::CpuOptions {
+            threads: args.threads,
+            ..Default::default()
+        });
         let loaded = tokio::task::spawn_blocking(move || -> sluice_engine::Result<ExpertShard> {
-            let mut shard = ExpertShard::load(&dir, range)?;
+            let mut shard = ExpertShard::load_on(backend, &dir, range)?;
             shard.set_weight_format(weights);
             Ok(shard)
         })

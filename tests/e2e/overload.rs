@@ -14,7 +14,7 @@ use serde_json::Value;
 use sluice_harness::{ClusterSpec, Up, load_report, synth};
 
 /// The tests measure rates on 2 cores: one at a time, so neither's load skews the other's.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const SLOTS: f64 = 4.0;
 const STEP_MS: f64 = 20.0;
@@ -99,7 +99,7 @@ fn refused(r: &Value) -> u64 {
 
 #[test]
 fn past_capacity_goodput_holds_and_a_flash_crowd_passes() {
-    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _alone = ONE_AT_A_TIME.blocking_lock();
     let model_dir = tempfile::tempdir().unwrap();
     synth("tiny", model_dir.path());
     let mut args = mock_args();
@@ -170,7 +170,7 @@ fn past_capacity_goodput_holds_and_a_flash_crowd_passes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_routers_share_one_clusters_capacity() {
-    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _alone = ONE_AT_A_TIME.lock().await;
     let model_dir = tempfile::tempdir().unwrap();
     synth("tiny", model_dir.path());
     let mock = mock_args();

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use anyhow::{Result, ensure};
 use serde_json::json;
+use sluice_engine::backend::{Backend, BackendInfo};
 use sluice_engine::sampler::argmax;
 use sluice_engine::{CacheConfig, LogitsMode, Model, ModelCache, SeqChunk};
 
@@ -159,7 +160,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         if i % BANDWIDTH_EVERY == 0
             && let Some(reader) = reader.as_mut()
         {
-            windows.push((reader.pass(), 0.0, 0));
+            windows.push((reader.pass(model.backend().pool()), 0.0, 0));
         }
         let start = Instant::now();
         step(&mut next, false)?;
@@ -172,7 +173,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if let Some(reader) = reader.as_mut() {
         for _ in 0..MIN_BANDWIDTH_PASSES.saturating_sub(args.gen_len.div_ceil(BANDWIDTH_EVERY)) {
-            reader.pass();
+            reader.pass(model.backend().pool());
         }
     }
     // Allocations of a few more steps, counted apart from the timed ones (counting slows a
@@ -223,9 +224,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let prefill_gflops =
         2.0 * (model.active_weight_bytes() / model.dtype().size()) as f64 * prefill_tps / 1e9;
     let rss = peak_rss_bytes();
-    let threads = sluice_engine::backend::cpu::pool::threads();
-    let kernel = sluice_engine::backend::cpu::kernel_name();
-    let precision = sluice_engine::backend::cpu::precision();
+    let BackendInfo {
+        threads,
+        kernel,
+        precision,
+        ..
+    } = model.backend().describe();
     if args.json {
         println!(
             "{}",

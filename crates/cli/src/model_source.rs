@@ -4,8 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use sluice_engine::backend::{CpuBackend, CpuOptions};
 use sluice_engine::synth::write_checkpoint;
-use sluice_engine::{Model, Preset};
+use sluice_engine::{ExpertResidency, Model, Preset};
 
 use crate::progress::Progress;
 
@@ -30,21 +31,11 @@ pub struct ModelArgs {
     /// `exact` (f32 activations) or `fast` (bf16 activations into bf16-weight products, f32
     /// accumulation; needs AVX-512 BF16, else exact).
     #[arg(long, env = "SLUICE_PRECISION", default_value = "exact")]
-    pub precision: sluice_engine::backend::cpu::Precision,
+    pub precision: sluice_engine::backend::Precision,
     /// `checkpoint` (as stored) or `int8` (per-row symmetric, quantized at load: half the
     /// bytes per decode step).
     #[arg(long, env = "SLUICE_WEIGHTS", default_value = "checkpoint")]
     pub weights: sluice_engine::WeightFormat,
-}
-
-/// Applies `--precision`, saying so when fast is not available here.
-pub fn apply_precision(p: sluice_engine::backend::cpu::Precision) {
-    let effective = sluice_engine::backend::cpu::set_precision(p);
-    if effective != p {
-        eprintln!(
-            "note: --precision {p} needs AVX-512 BF16, which this CPU lacks; using {effective}"
-        );
-    }
 }
 
 impl ModelArgs {
@@ -56,19 +47,37 @@ impl ModelArgs {
         }
     }
 
-    /// Sets up threads and the device, then loads the model.
-    pub fn load(&self) -> Result<(PathBuf, Model)> {
-        self.device.ensure_available()?;
+    /// Opens the backend `--device`, `--threads` and `--precision` ask for (once per process:
+    /// it sizes the loading threads too), saying so when fast precision is not available.
+    pub fn open_backend(&self) -> Result<CpuBackend> {
         if let Some(n) = self.threads {
             anyhow::ensure!(n > 0, "--threads must be at least 1");
-            sluice_engine::backend::cpu::set_threads(n)
-                .map_err(|e| anyhow::anyhow!("setting up the thread pool: {e}"))?;
+            sluice_engine::backend::cpu::set_load_threads(n)
+                .map_err(|e| anyhow::anyhow!("setting up the loading threads: {e}"))?;
         }
-        apply_precision(self.precision);
+        let backend = self.device.open(CpuOptions {
+            threads: self.threads,
+            precision: self.precision,
+        })?;
+        if backend.precision() != self.precision {
+            eprintln!(
+                "note: --precision {} needs AVX-512 BF16, which this CPU lacks; using {}",
+                self.precision,
+                backend.precision()
+            );
+        }
+        Ok(backend)
+    }
+
+    /// Opens the backend, then loads the model onto it.
+    pub fn load(&self) -> Result<(PathBuf, Model)> {
+        let backend = self.open_backend()?;
         let dir = self.resolve()?;
         let mut bar = Progress::new("loading");
-        let mut model = Model::load(&dir, |done, total| bar.update(done, total))
-            .with_context(|| format!("loading the model from {}", dir.display()))?;
+        let mut model = Model::load_on(backend, &dir, &ExpertResidency::All, |done, total| {
+            bar.update(done, total)
+        })
+        .with_context(|| format!("loading the model from {}", dir.display()))?;
         model.set_weight_format(self.weights);
         Ok((dir, model))
     }

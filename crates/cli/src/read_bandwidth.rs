@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use sluice_engine::backend::cpu::pool;
+use sluice_engine::backend::cpu::pool::KernelPool;
 
 /// Bytes read per pass; large enough that no cache level holds a meaningful part of it.
 pub const DEFAULT_BYTES: usize = 1 << 30;
@@ -57,15 +57,15 @@ impl BandwidthReader {
         }
     }
 
-    /// One timed pass over the whole buffer on the kernels' thread pool, one share per thread;
+    /// One timed pass over the whole buffer on the model's kernel pool, one share per thread;
     /// returns its bytes per second.
-    pub fn pass(&mut self) -> f64 {
+    pub fn pass(&mut self, pool: &KernelPool) -> f64 {
         let words = self.buffer.len();
-        let per_thread = words.div_ceil(pool::threads());
+        let per_thread = words.div_ceil(pool.threads());
         let buffer = &self.buffer;
         let sum = AtomicU64::new(0);
         let start = Instant::now();
-        pool::for_each(words.div_ceil(per_thread), |i| {
+        pool.for_each(words.div_ceil(per_thread), |i| {
             let share = &buffer[i * per_thread..((i + 1) * per_thread).min(words)];
             sum.fetch_add(sum_chunk(share), Ordering::Relaxed);
         });
@@ -99,8 +99,9 @@ mod tests {
         });
         let mut reader = BandwidthReader::new(words as usize * 8);
         assert!(reader.result().is_none());
-        reader.pass();
-        reader.pass();
+        let pool = KernelPool::new(3);
+        reader.pass(&pool);
+        reader.pass(&pool);
         let m = reader.result().unwrap();
         assert_eq!(m.checksum, expected);
         assert!(m.bytes_per_s.is_finite() && m.bytes_per_s > 0.0);

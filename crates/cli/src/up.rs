@@ -60,12 +60,7 @@ pub fn run(args: UpArgs) -> Result<()> {
     if mock && args.experts > 0 {
         bail!("--engine mock has no experts to place: drop --experts");
     }
-    if let Some(n) = args.model.threads {
-        sluice_engine::backend::cpu::set_threads(n)
-            .map_err(|e| anyhow::anyhow!("thread pool: {e}"))?;
-    }
-    crate::model_source::apply_precision(args.model.precision);
-    args.model.device.ensure_available()?;
+    let backend = args.model.open_backend()?;
     let dir = args.model.resolve()?;
     let runtime = tokio::runtime::Runtime::new()?;
     let telemetry = {
@@ -87,8 +82,9 @@ pub fn run(args: UpArgs) -> Result<()> {
                 let range = shard_range(total, i, args.experts)?;
                 let d = dir.clone();
                 let weights = args.model.weights;
+                let backend = backend.clone();
                 let shard = tokio::task::spawn_blocking(move || -> sluice_engine::Result<ExpertShard> {
-                    let mut shard = ExpertShard::load(&d, range)?;
+                    let mut shard = ExpertShard::load_on(backend, &d, range)?;
                     shard.set_weight_format(weights);
                     Ok(shard)
                 })
@@ -108,7 +104,7 @@ pub fn run(args: UpArgs) -> Result<()> {
         let mode = if args.experts > 0 { ExpertsMode::Remote } else { ExpertsMode::Local };
         // One copy of the weights serves every prefill and decode worker of the process; a
         // mock per worker, since each keeps its own step cadence.
-        let real = if mock { None } else { Some(load_model(&dir, mode, args.model.weights, Some((directory.clone(), Default::default()))).await?) };
+        let real = if mock { None } else { Some(load_model(backend, &dir, mode, args.model.weights, Some((directory.clone(), Default::default()))).await?) };
         let model_for_worker = || -> Result<Arc<dyn LanguageModel>> {
             Ok(match &real {
                 Some(m) => m.clone(),

@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use sluice_engine::backend::cpu::aligned::AlignedBuffer;
-use sluice_engine::backend::cpu::matmul;
+use sluice_engine::backend::{Backend, CpuBackend, CpuOptions};
 use sluice_engine::tensor::{Weight, WeightData, f32_to_bf16};
 
 fn weight(rows: usize, cols: usize, bf16: bool) -> Weight {
@@ -27,15 +27,16 @@ fn weight(rows: usize, cols: usize, bf16: bool) -> Weight {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if let Some(i) = args.iter().position(|a| a == "--threads") {
-        let n: usize = args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(2);
-        sluice_engine::backend::cpu::set_threads(n).ok();
-    }
-    println!(
-        "kernel {}, {} threads",
-        sluice_engine::backend::cpu::kernel_name(),
-        sluice_engine::backend::cpu::pool::threads()
-    );
+    let threads = args
+        .iter()
+        .position(|a| a == "--threads")
+        .map(|i| args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(2));
+    let backend = CpuBackend::new(CpuOptions {
+        threads,
+        ..CpuOptions::default()
+    });
+    let matmul = |x: &[f32], w: &Weight, y: &mut [f32]| backend.matmul(x, w, y);
+    println!("{}", backend.describe());
     // Decode from DRAM: cycle through 256 MiB of weights so no cache holds them.
     let ws: Vec<Weight> = (0..8).map(|_| weight(4096, 4096, true)).collect();
     let x = vec![0.25f32; 4096];

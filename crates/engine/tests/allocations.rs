@@ -8,8 +8,8 @@
 use std::path::PathBuf;
 
 use sluice_engine::allocation_count::{CountingAllocator, counted};
-use sluice_engine::backend::cpu::{self, Precision, pool};
-use sluice_engine::{CacheConfig, LogitsMode, Model, SeqChunk, WeightFormat};
+use sluice_engine::backend::{Backend, CpuBackend, CpuOptions, Precision};
+use sluice_engine::{CacheConfig, ExpertResidency, LogitsMode, Model, SeqChunk, WeightFormat};
 
 #[global_allocator]
 static ALLOCATOR: CountingAllocator = CountingAllocator;
@@ -24,7 +24,7 @@ fn fixture(case: &str) -> PathBuf {
 
 /// Prefills three sequences, warms up, then counts the allocations of each of `steps` decode
 /// steps (block size 4: the counted steps cross block boundaries, which take new blocks).
-fn decode_allocations(model: &Model, steps: usize) -> Vec<u64> {
+fn decode_allocations<B: Backend>(model: &Model<B>, steps: usize) -> Vec<u64> {
     let vocab = model.spec().vocab;
     let mut cache = model
         .new_cache(CacheConfig {
@@ -80,7 +80,16 @@ fn main() {
 
 fn a_warmed_up_decode_step_allocates_nothing() {
     // Two threads even on a one-core runner, so the pool's workers take part.
-    assert!(pool::configure(2));
+    let backend = |precision| {
+        CpuBackend::new(CpuOptions {
+            threads: Some(2),
+            precision,
+        })
+    };
+    let load = |case: &str, backend: CpuBackend| {
+        Model::load_on(backend, &fixture(case), &ExpertResidency::All, |_, _| {}).unwrap()
+    };
+    let exact = backend(Precision::Exact);
     // rayon's threads (loading, int8 conversion) start now, not while steps are counted.
     rayon::broadcast(|_| ());
     // The counter sees allocations (else the zeros below would prove nothing).
@@ -90,7 +99,7 @@ fn a_warmed_up_decode_step_allocates_nothing() {
 
     for case in CASES {
         for format in [WeightFormat::Checkpoint, WeightFormat::Int8] {
-            let mut model = Model::load(&fixture(case), |_, _| {}).unwrap();
+            let mut model = load(case, exact.clone());
             model.set_weight_format(format);
             let counts = decode_allocations(&model, 8);
             assert!(
@@ -99,10 +108,10 @@ fn a_warmed_up_decode_step_allocates_nothing() {
             );
         }
     }
-    if cpu::set_precision(Precision::Fast) == Precision::Fast {
-        let model = Model::load(&fixture("bf16"), |_, _| {}).unwrap();
+    let fast = backend(Precision::Fast);
+    if fast.precision() == Precision::Fast {
+        let model = load("bf16", fast);
         let counts = decode_allocations(&model, 8);
-        cpu::set_precision(Precision::Exact);
         assert!(counts.iter().all(|&c| c == 0), "bf16 fast: {counts:?}");
     } else {
         eprintln!("no AVX-512 BF16 here: fast precision's allocations were NOT checked");

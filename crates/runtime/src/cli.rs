@@ -7,7 +7,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{Result, RuntimeError};
 use crate::telemetry::{self, TelemetryArgs};
 
-/// A service binary's `main`: the kernels' thread pool, a multi-threaded runtime, logging and
+/// A service binary's `main`: the loading thread pool, a multi-threaded runtime, logging and
 /// tracing (`name` is the OTLP service name), then `service`; spans are flushed at the end.
 pub fn run_service<T, E>(
     name: &str,
@@ -29,7 +29,8 @@ where
     outcome
 }
 
-/// Sizes the kernels' thread pool (default: one thread per core).
+/// Sizes the thread pool that loading runs on (default: one thread per core); the kernels'
+/// pool belongs to the backend, opened with the same `--threads`.
 pub fn configure_threads(threads: Option<usize>) -> Result<()> {
     if let Some(n) = threads {
         if n == 0 {
@@ -41,7 +42,7 @@ pub fn configure_threads(threads: Option<usize>) -> Result<()> {
 }
 
 fn rayon_pool(n: usize) -> Result<()> {
-    sluice_engine::backend::cpu::set_threads(n)
+    sluice_engine::backend::cpu::set_load_threads(n)
         .map_err(|e| RuntimeError::Internal(format!("thread pool: {e}")))
 }
 

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sluice_engine::backend::{CpuBackend, CpuOptions};
 use sluice_engine::{ExpertResidency, LanguageModel, MockModel, MockTiming, Model};
 
 use crate::directory::WorkerDirectory;
@@ -100,7 +101,7 @@ pub struct ModelWorkerArgs {
     /// `exact` (f32 activations) or `fast` (bf16 activations into bf16-weight products, f32
     /// accumulation; needs AVX-512 BF16, else exact).
     #[arg(long, env = "SLUICE_PRECISION", default_value = "exact")]
-    pub precision: sluice_engine::backend::cpu::Precision,
+    pub precision: sluice_engine::backend::Precision,
     /// `checkpoint` (as stored) or `int8` (per-row symmetric, quantized at load: half the
     /// bytes per decode step).
     #[arg(long, env = "SLUICE_WEIGHTS", default_value = "checkpoint")]
@@ -126,16 +127,25 @@ impl ModelWorkerArgs {
         if self.engine.engine == EngineKind::Mock {
             return self.engine.mock(dir);
         }
-        self.device.ensure_available()?;
-        let effective = sluice_engine::backend::cpu::set_precision(self.precision);
-        if effective != self.precision {
-            tracing::warn!(requested = %self.precision, %effective, "fast precision needs AVX-512 BF16");
+        let backend = self.device.open(CpuOptions {
+            threads: self.threads,
+            precision: self.precision,
+        })?;
+        if backend.precision() != self.precision {
+            tracing::warn!(requested = %self.precision, effective = %backend.precision(), "fast precision needs AVX-512 BF16");
         }
         let directory = WorkerDirectory::start(membership, shutdown).await?;
         let experts = RemoteExpertsConfig {
             timeout: Duration::from_secs(self.expert_timeout.max(1)),
         };
-        Ok(load_model(dir, self.experts, self.weights, Some((directory, experts))).await?)
+        Ok(load_model(
+            backend,
+            dir,
+            self.experts,
+            self.weights,
+            Some((directory, experts)),
+        )
+        .await?)
     }
 }
 
@@ -161,9 +171,10 @@ impl Default for RemoteExpertsConfig {
     }
 }
 
-/// Loads `dir` on a blocking thread; with `Remote`, wires the expert dispatcher to the
-/// directory in `remote` (which must then be given).
+/// Loads `dir` onto `backend` on a blocking thread; with `Remote`, wires the expert
+/// dispatcher to the directory in `remote` (which must then be given).
 pub async fn load_model(
+    backend: CpuBackend,
     dir: &Path,
     mode: ExpertsMode,
     weights: sluice_engine::WeightFormat,
@@ -175,7 +186,7 @@ pub async fn load_model(
         ExpertsMode::Remote => ExpertResidency::Remote,
     };
     let mut model = tokio::task::spawn_blocking(move || -> sluice_engine::Result<Model> {
-        let mut model = Model::load_with(&dir, &residency, |_, _| {})?;
+        let mut model = Model::load_on(backend, &dir, &residency, |_, _| {})?;
         model.set_weight_format(weights);
         Ok(model)
     })

@@ -11,12 +11,14 @@ use rayon::prelude::*;
 use super::layers::mlp::Mlp;
 use super::layers::moe::{ExpertGroup, load_experts, scale_rows};
 use super::qwen35::{fingerprint, tensor_prefix};
+use crate::backend::{Backend, CpuBackend};
 use crate::config::{FfnKind, load_spec};
 use crate::error::{EngineError, Result};
 use crate::tensor::DType;
 use crate::weights::WeightStore;
 
-pub struct ExpertShard {
+pub struct ExpertShard<B: Backend = CpuBackend> {
+    backend: B,
     range: Range<usize>,
     experts: usize,
     hidden: usize,
@@ -40,9 +42,16 @@ pub fn shard_range(experts: usize, index: usize, count: usize) -> Result<Range<u
     Ok(index * experts / count..(index + 1) * experts / count)
 }
 
-impl ExpertShard {
-    /// Loads experts `range` of every MoE layer of the checkpoint in `dir`.
+impl ExpertShard<CpuBackend> {
+    /// Loads experts `range` of every MoE layer of `dir` onto the default CPU backend.
     pub fn load(dir: &Path, range: Range<usize>) -> Result<Self> {
+        ExpertShard::load_on(CpuBackend::default(), dir, range)
+    }
+}
+
+impl<B: Backend> ExpertShard<B> {
+    /// As `load`, on `backend`.
+    pub fn load_on(backend: B, dir: &Path, range: Range<usize>) -> Result<Self> {
         let spec = load_spec(dir)?;
         let moe = spec
             .moe
@@ -78,6 +87,7 @@ impl ExpertShard {
                 expected: "F32, BF16 or F16",
             })?;
         Ok(ExpertShard {
+            backend,
             range,
             experts: moe.experts,
             hidden: spec.hidden,
@@ -154,12 +164,26 @@ impl ExpertShard {
             }
             picked.push(&experts[g.expert - self.range.start]);
         }
-        let run = |(mlp, g): (&&Mlp, &ExpertGroup)| -> Vec<f32> {
-            let mut y = vec![0.0; g.x.len()]; // [rows, hidden]
-            mlp.forward_serial(&g.x, &mut y);
-            scale_rows(&mut y, &g.weights);
-            y
-        };
-        Ok(picked.par_iter().zip(groups).map(run).collect())
+        // The groups' rows packed `[rows, hidden]`, run as one call of the backend.
+        let mut bounds = Vec::with_capacity(groups.len() + 1);
+        bounds.push(0);
+        let mut xs = Vec::new();
+        for g in groups {
+            xs.extend_from_slice(&g.x);
+            bounds.push(bounds[bounds.len() - 1] + g.weights.len());
+        }
+        let ids: Vec<usize> = (0..groups.len()).collect();
+        let mut ys = vec![0.0; xs.len()];
+        self.backend
+            .expert_groups(&|j| picked[j].weights(), &ids, &bounds, &xs, &mut ys);
+        Ok(groups
+            .iter()
+            .enumerate()
+            .map(|(j, g)| {
+                let mut y = ys[bounds[j] * self.hidden..bounds[j + 1] * self.hidden].to_vec();
+                scale_rows(&mut y, &g.weights);
+                y
+            })
+            .collect())
     }
 }

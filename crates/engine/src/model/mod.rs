@@ -7,12 +7,12 @@ mod mock;
 mod qwen35;
 
 pub use expert_shard::{ExpertShard, shard_range};
-pub use layers::Segment;
 pub use layers::moe::{ExpertExecutor, ExpertGroup, ExpertResidency};
 pub use mock::{MockModel, MockTiming};
 pub(crate) use qwen35::fingerprint;
 pub use qwen35::{LogitsMode, Model, SeqChunk};
 
+use crate::backend::Segment;
 use crate::cache::{CacheConfig, ModelCache};
 use crate::config::ModelSpec;
 use crate::error::{EngineError, Result};

@@ -15,8 +15,8 @@ use super::layers::gated_delta::GatedDeltaNet;
 use super::layers::mlp::Mlp;
 use super::layers::moe::{ExpertExecutor, ExpertResidency, SparseMoe};
 use super::layers::norm::RmsNorm;
-use super::{LanguageModel, Segment, plan_batch};
-use crate::backend::cpu::{self, scratch};
+use super::{LanguageModel, plan_batch};
+use crate::backend::{Backend, CpuBackend, Segment, scratch};
 use crate::cache::{CacheConfig, ModelCache, SeqId};
 use crate::config::{FfnKind, MixerKind, ModelSpec, load_spec};
 use crate::error::Result;
@@ -40,7 +40,9 @@ struct DecoderLayer {
     ffn: Ffn,
 }
 
-pub struct Model {
+/// The model on backend `B`, which runs all its kernels.
+pub struct Model<B: Backend = CpuBackend> {
+    backend: B,
     spec: ModelSpec,
     /// `[vocab, hidden]`.
     embed: Weight,
@@ -70,9 +72,9 @@ pub enum LogitsMode {
     AllTokens,
 }
 
-impl Model {
-    /// Loads `config.json` and all the safetensors weights of `dir`. `progress(done, total)` is
-    /// called after each layer.
+impl Model<CpuBackend> {
+    /// Loads `config.json` and all the safetensors weights of `dir` onto the default CPU
+    /// backend. `progress(done, total)` is called after each layer.
     pub fn load(dir: &Path, progress: impl FnMut(usize, usize)) -> Result<Model> {
         Model::load_with(dir, &ExpertResidency::All, progress)
     }
@@ -81,8 +83,20 @@ impl Model {
     pub fn load_with(
         dir: &Path,
         experts: &ExpertResidency,
-        mut progress: impl FnMut(usize, usize),
+        progress: impl FnMut(usize, usize),
     ) -> Result<Model> {
+        Model::load_on(CpuBackend::default(), dir, experts, progress)
+    }
+}
+
+impl<B: Backend> Model<B> {
+    /// As `load_with`, on `backend`.
+    pub fn load_on(
+        backend: B,
+        dir: &Path,
+        experts: &ExpertResidency,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Model<B>> {
         let spec = load_spec(dir)?;
         let store = WeightStore::open(dir)?;
         let prefix = tensor_prefix(&store);
@@ -147,6 +161,7 @@ impl Model {
         let dtype = embed.dtype();
         let fingerprint = fingerprint(&spec, dtype);
         Ok(Model {
+            backend,
             spec,
             embed,
             layers,
@@ -165,6 +180,11 @@ impl Model {
 
     pub fn spec(&self) -> &ModelSpec {
         &self.spec
+    }
+
+    /// The backend that runs this model's kernels.
+    pub fn backend(&self) -> &B {
+        &self.backend
     }
 
     /// Dtype of the large matrices (the checkpoint's, or int8 after `set_weight_format`; a
@@ -269,37 +289,32 @@ impl Model {
         logits: &mut Vec<f32>,
     ) -> Result<()> {
         plan_batch(&self.spec, cache, batch, segments)?;
+        let b = &self.backend;
         let hidden = self.spec.hidden;
         let t: usize = segments.iter().map(|s| s.len).sum();
 
         let mut h = scratch::for_overwrite::<f32>(t * hidden); // [t, hidden]
         for (chunk, seg) in batch.iter().zip(segments.iter()) {
-            for (i, &id) in chunk.tokens.iter().enumerate() {
-                let row = seg.offset + i;
-                cpu::embed_row(
-                    &self.embed,
-                    id as usize,
-                    &mut h[row * hidden..(row + 1) * hidden],
-                );
-            }
+            let rows = &mut h[seg.offset * hidden..(seg.offset + seg.len) * hidden];
+            b.embed(&self.embed, chunk.tokens, rows);
         }
         let mut x = scratch::for_overwrite::<f32>(t * hidden); // normed input of a sublayer
         let mut y = scratch::for_overwrite::<f32>(t * hidden); // sublayer output
         for (i, layer) in self.layers.iter().enumerate() {
             x.copy_from_slice(&h);
-            layer.input_norm.forward(&mut x);
+            layer.input_norm.forward(b, &mut x);
             match &layer.mixer {
-                Mixer::Attention(a) => a.forward(&x, segments, cache, &mut y)?,
-                Mixer::Linear(g) => g.forward(&x, segments, cache, &mut y)?,
+                Mixer::Attention(a) => a.forward(b, &x, segments, cache, &mut y)?,
+                Mixer::Linear(g) => g.forward(b, &x, segments, cache, &mut y)?,
             }
-            cpu::add_assign(&mut h, &y);
+            b.add(&mut h, &y);
             x.copy_from_slice(&h);
-            layer.post_norm.forward(&mut x);
+            layer.post_norm.forward(b, &mut x);
             match &layer.ffn {
-                Ffn::Dense(m) => m.forward(&x, &mut y),
-                Ffn::Moe(m) => m.forward(&x, &mut y, i, self.remote_experts.as_deref())?,
+                Ffn::Dense(m) => m.forward(b, &x, &mut y),
+                Ffn::Moe(m) => m.forward(b, &x, &mut y, i, self.remote_experts.as_deref())?,
             }
-            cpu::add_assign(&mut h, &y);
+            b.add(&mut h, &y);
         }
         for seg in segments.iter() {
             cache.advance(seg.seq, seg.len)?;
@@ -320,10 +335,10 @@ impl Model {
                 }
             }
         }
-        self.norm.forward(&mut last);
+        self.norm.forward(b, &mut last);
         // Every value is written by the product: only the length needs setting.
         logits.resize(rows * self.spec.vocab, 0.0); // [rows, vocab]
-        cpu::matmul(&last, self.lm_head.as_ref().unwrap_or(&self.embed), logits);
+        b.matmul(&last, self.lm_head.as_ref().unwrap_or(&self.embed), logits);
         Ok(())
     }
 }
@@ -333,7 +348,7 @@ thread_local! {
     static SEGMENTS: std::cell::Cell<Vec<Segment>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
-impl LanguageModel for Model {
+impl<B: Backend> LanguageModel for Model<B> {
     fn spec(&self) -> &ModelSpec {
         Model::spec(self)
     }

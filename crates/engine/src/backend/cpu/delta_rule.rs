@@ -7,9 +7,9 @@
 //! registers while the rows stream past; the others keep δ in a scratch row. Each column sums
 //! its rows in order in every variant; AVX-512 fuses multiply-adds, the others do not.
 
-#[cfg(target_arch = "x86_64")]
-use super::LANES;
 use super::scratch;
+#[cfg(target_arch = "x86_64")]
+use super::vector::LANES;
 use super::{SimdLevel, simd_level};
 
 /// Lane groups per column block: 8 × 16 = 128 columns, δ and `o` in 16 vector registers.

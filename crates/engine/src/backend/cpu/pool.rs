@@ -12,7 +12,7 @@
 use std::cell::Cell;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// Spin this long for the next job before parking: longer than the gaps between the jobs of a
@@ -61,100 +61,81 @@ thread_local! {
     static IN_TASK: Cell<bool> = const { Cell::new(false) };
 }
 
-static POOL: OnceLock<KernelPool> = OnceLock::new();
-static REQUESTED: AtomicUsize = AtomicUsize::new(0);
+impl KernelPool {
+    /// Runs `f(0..tasks)` on the pool; returns when all have run.
+    pub fn for_each(&self, tasks: usize, f: impl Fn(usize) + Sync) {
+        self.run(tasks, &f)
+    }
 
-/// Sets the pool's size (the calling thread counts as one); effective only before the pool's
-/// first use. Returns false when the pool already runs with another size.
-pub fn configure(threads: usize) -> bool {
-    REQUESTED.store(threads.max(1), Ordering::Relaxed);
-    POOL.get().is_none_or(|p| p.threads == threads.max(1))
-}
+    /// `f(i, chunk)` for each `chunk`-sized piece of `data` (the last may be shorter), in
+    /// parallel.
+    pub fn for_each_chunk_mut<T: Send>(
+        &self,
+        data: &mut [T],
+        chunk: usize,
+        f: impl Fn(usize, &mut [T]) + Sync,
+    ) {
+        let chunk = chunk.max(1);
+        let len = data.len();
+        let base = SendPtr(data.as_mut_ptr());
+        self.for_each(len.div_ceil(chunk), |i| {
+            let start = i * chunk;
+            let here = chunk.min(len - start);
+            // SAFETY: task i is run exactly once per job, and chunks of distinct tasks are
+            // disjoint pieces of `data`, which the caller lends mutably for the whole job.
+            let piece = unsafe { std::slice::from_raw_parts_mut(base.get().add(start), here) };
+            f(i, piece)
+        })
+    }
 
-/// The process's kernel pool, started on first use.
-pub fn global() -> &'static KernelPool {
-    POOL.get_or_init(|| {
-        let n = match REQUESTED.load(Ordering::Relaxed) {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
-        };
-        KernelPool::new(n)
-    })
-}
+    /// As `for_each_chunk_mut`, over two slices cut into the same number of whole chunks (a
+    /// remainder past the last whole chunk of either slice is not visited).
+    pub fn for_each_chunk_pair_mut<A: Send, B: Send>(
+        &self,
+        a: &mut [A],
+        a_chunk: usize,
+        b: &mut [B],
+        b_chunk: usize,
+        f: impl Fn(usize, &mut [A], &mut [B]) + Sync,
+    ) {
+        let (a_chunk, b_chunk) = (a_chunk.max(1), b_chunk.max(1));
+        let tasks = (a.len() / a_chunk).min(b.len() / b_chunk);
+        let (pa, pb) = (SendPtr(a.as_mut_ptr()), SendPtr(b.as_mut_ptr()));
+        self.for_each(tasks, |i| {
+            // SAFETY: as in `for_each_chunk_mut`; `tasks` whole chunks fit in each slice.
+            let (ca, cb) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(pa.get().add(i * a_chunk), a_chunk),
+                    std::slice::from_raw_parts_mut(pb.get().add(i * b_chunk), b_chunk),
+                )
+            };
+            f(i, ca, cb)
+        })
+    }
 
-/// Threads that run the kernels' tasks (callers included).
-pub fn threads() -> usize {
-    global().threads
-}
-
-/// Runs `f(0..tasks)` on the global pool; returns when all have run.
-pub fn for_each(tasks: usize, f: impl Fn(usize) + Sync) {
-    global().run(tasks, &f)
-}
-
-/// `f(i, chunk)` for each `chunk`-sized piece of `data` (the last may be shorter), in parallel.
-pub fn for_each_chunk_mut<T: Send>(
-    data: &mut [T],
-    chunk: usize,
-    f: impl Fn(usize, &mut [T]) + Sync,
-) {
-    let chunk = chunk.max(1);
-    let len = data.len();
-    let base = SendPtr(data.as_mut_ptr());
-    for_each(len.div_ceil(chunk), |i| {
-        let start = i * chunk;
-        let here = chunk.min(len - start);
-        // SAFETY: task i is run exactly once per job, and chunks of distinct tasks are disjoint
-        // pieces of `data`, which the caller lends mutably for the whole job.
-        let piece = unsafe { std::slice::from_raw_parts_mut(base.get().add(start), here) };
-        f(i, piece)
-    })
-}
-
-/// As `for_each_chunk_mut`, over two slices cut into the same number of whole chunks (a
-/// remainder past the last whole chunk of either slice is not visited).
-pub fn for_each_chunk_pair_mut<A: Send, B: Send>(
-    a: &mut [A],
-    a_chunk: usize,
-    b: &mut [B],
-    b_chunk: usize,
-    f: impl Fn(usize, &mut [A], &mut [B]) + Sync,
-) {
-    let (a_chunk, b_chunk) = (a_chunk.max(1), b_chunk.max(1));
-    let tasks = (a.len() / a_chunk).min(b.len() / b_chunk);
-    let (pa, pb) = (SendPtr(a.as_mut_ptr()), SendPtr(b.as_mut_ptr()));
-    for_each(tasks, |i| {
-        // SAFETY: as in `for_each_chunk_mut`; `tasks` whole chunks fit in each slice.
-        let (ca, cb) = unsafe {
-            (
-                std::slice::from_raw_parts_mut(pa.get().add(i * a_chunk), a_chunk),
-                std::slice::from_raw_parts_mut(pb.get().add(i * b_chunk), b_chunk),
-            )
-        };
-        f(i, ca, cb)
-    })
-}
-
-/// `f(i, part)` for each part `bounds[i]..bounds[i + 1]` of `data`, in parallel. `bounds`
-/// must be non-decreasing and end within `data` (checked: parts must not overlap).
-pub fn for_each_span_mut<T: Send>(
-    data: &mut [T],
-    bounds: &[usize],
-    f: impl Fn(usize, &mut [T]) + Sync,
-) {
-    assert!(
-        bounds.windows(2).all(|w| w[0] <= w[1]) && bounds.last().is_none_or(|&e| e <= data.len()),
-        "spans must be ordered and within the data"
-    );
-    let base = SendPtr(data.as_mut_ptr());
-    for_each(bounds.len().saturating_sub(1), |i| {
-        // SAFETY: ordered bounds within `data` (asserted) give disjoint parts, one per task,
-        // each run once per job while the caller lends `data` mutably.
-        let part = unsafe {
-            std::slice::from_raw_parts_mut(base.get().add(bounds[i]), bounds[i + 1] - bounds[i])
-        };
-        f(i, part)
-    })
+    /// `f(i, part)` for each part `bounds[i]..bounds[i + 1]` of `data`, in parallel. `bounds`
+    /// must be non-decreasing and end within `data` (checked: parts must not overlap).
+    pub fn for_each_span_mut<T: Send>(
+        &self,
+        data: &mut [T],
+        bounds: &[usize],
+        f: impl Fn(usize, &mut [T]) + Sync,
+    ) {
+        assert!(
+            bounds.windows(2).all(|w| w[0] <= w[1])
+                && bounds.last().is_none_or(|&e| e <= data.len()),
+            "spans must be ordered and within the data"
+        );
+        let base = SendPtr(data.as_mut_ptr());
+        self.for_each(bounds.len().saturating_sub(1), |i| {
+            // SAFETY: ordered bounds within `data` (asserted) give disjoint parts, one per
+            // task, each run once per job while the caller lends `data` mutably.
+            let part = unsafe {
+                std::slice::from_raw_parts_mut(base.get().add(bounds[i]), bounds[i + 1] - bounds[i])
+            };
+            f(i, part)
+        })
+    }
 }
 
 /// A pointer the tasks of one job share; each derives a disjoint piece from it.
@@ -508,13 +489,14 @@ mod tests {
 
     #[test]
     fn chunk_helpers_hand_out_disjoint_pieces() {
+        let pool = KernelPool::new(2);
         let mut data: Vec<usize> = vec![0; 103];
-        for_each_chunk_mut(&mut data, 10, |i, c| c.iter_mut().for_each(|v| *v += i + 1));
+        pool.for_each_chunk_mut(&mut data, 10, |i, c| c.iter_mut().for_each(|v| *v += i + 1));
         for (k, v) in data.iter().enumerate() {
             assert_eq!(*v, k / 10 + 1);
         }
         let (mut a, mut b) = (vec![0u32; 12], vec![0u8; 8]);
-        for_each_chunk_pair_mut(&mut a, 3, &mut b, 2, |i, ca, cb| {
+        pool.for_each_chunk_pair_mut(&mut a, 3, &mut b, 2, |i, ca, cb| {
             ca.fill(i as u32);
             cb.fill(i as u8);
         });

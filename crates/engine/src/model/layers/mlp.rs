@@ -1,7 +1,7 @@
 //! SwiGLU MLP (`down(silu(gate x) · up x)`), used for dense layers, shared experts and experts.
 
 use super::fuse_rows;
-use crate::backend::cpu::{self, scratch};
+use crate::backend::{Backend, MlpWeights};
 use crate::error::Result;
 use crate::tensor::Weight;
 use crate::weights::WeightStore;
@@ -11,17 +11,11 @@ pub struct Mlp {
     gate_up: Weight,
     /// `[hidden, inter]`.
     down: Weight,
-    inter: usize,
 }
 
 impl Mlp {
     pub fn new(gate_up: Weight, down: Weight) -> Self {
-        let inter = gate_up.rows / 2;
-        Mlp {
-            gate_up,
-            down,
-            inter,
-        }
+        Mlp { gate_up, down }
     }
 
     /// Loads `{prefix}.gate_proj`, `{prefix}.up_proj`, `{prefix}.down_proj`.
@@ -42,22 +36,15 @@ impl Mlp {
         self.down = self.down.quantize_int8();
     }
 
-    /// x `[t, hidden]` → out `[t, hidden]` (overwritten), using the whole thread pool.
-    pub fn forward(&self, x: &[f32], out: &mut [f32]) {
-        self.forward_with(x, out, cpu::matmul)
+    pub fn weights(&self) -> MlpWeights<'_> {
+        MlpWeights {
+            gate_up: &self.gate_up,
+            down: &self.down,
+        }
     }
 
-    /// As `forward`, on the calling thread only.
-    pub fn forward_serial(&self, x: &[f32], out: &mut [f32]) {
-        self.forward_with(x, out, cpu::matmul_serial)
-    }
-
-    fn forward_with(&self, x: &[f32], out: &mut [f32], matmul: fn(&[f32], &Weight, &mut [f32])) {
-        let t = x.len() / self.gate_up.cols;
-        let mut gate_up = scratch::for_overwrite::<f32>(t * 2 * self.inter); // [t, 2·inter]
-        matmul(x, &self.gate_up, &mut gate_up);
-        let mut act = scratch::for_overwrite::<f32>(t * self.inter); // [t, inter]
-        cpu::swiglu(&gate_up, self.inter, &mut act);
-        matmul(&act, &self.down, out);
+    /// x `[t, hidden]` → out `[t, hidden]` (overwritten).
+    pub fn forward<B: Backend>(&self, b: &B, x: &[f32], out: &mut [f32]) {
+        b.mlp(self.weights(), x, out)
     }
 }

@@ -7,7 +7,6 @@ pub mod mlp;
 pub mod moe;
 pub mod norm;
 
-use crate::cache::SeqId;
 use crate::error::{EngineError, Result};
 use crate::tensor::Weight;
 
@@ -19,15 +18,4 @@ pub(crate) fn fuse_rows(name: &str, parts: Vec<Weight>) -> Result<Weight> {
         actual: "projections of mixed dtypes".into(),
         expected: "one dtype for the projections of a layer",
     })
-}
-
-/// One sequence's tokens inside a packed batch.
-#[derive(Debug, Clone, Copy)]
-pub struct Segment {
-    pub seq: SeqId,
-    /// Index of its first token in the packed `[tokens, hidden]` activations.
-    pub offset: usize,
-    pub len: usize,
-    /// Position of its first token in the sequence (tokens already cached).
-    pub start_pos: usize,
 }

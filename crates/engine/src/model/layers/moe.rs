@@ -9,7 +9,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::backend::cpu::{self, pool, scratch};
+use crate::backend::{Backend, scratch};
 use crate::config::MoeSpec;
 use crate::error::{EngineError, Result};
 use crate::tensor::Weight;
@@ -159,14 +159,20 @@ impl SparseMoe {
     /// Router logits `[t, experts]` (softmaxed in place) → each token's top-k `experts` and
     /// `weights` `[t, top_k]`, highest probability first, ties to the lower expert index
     /// (renormalised when the config says so).
-    pub fn route(&self, logits: &mut [f32], experts: &mut [usize], weights: &mut [f32]) {
+    pub fn route<B: Backend>(
+        &self,
+        b: &B,
+        logits: &mut [f32],
+        experts: &mut [usize],
+        weights: &mut [f32],
+    ) {
         let (e, k) = (self.spec.experts, self.spec.top_k);
+        b.softmax_rows(logits, e);
         for ((probs, ex), ws) in logits
             .chunks_exact_mut(e)
             .zip(experts.chunks_exact_mut(k))
             .zip(weights.chunks_exact_mut(k))
         {
-            cpu::softmax(probs);
             // Insertion into the best k so far. Scanning upward and moving only past strictly
             // smaller values keeps the lower index first among equals.
             let mut filled = 0;
@@ -193,8 +199,9 @@ impl SparseMoe {
 
     /// x `[t, hidden]` (normed) → out `[t, hidden]` (overwritten). `layer` and `remote` are
     /// used only when the routed experts are not loaded here.
-    pub fn forward(
+    pub fn forward<B: Backend>(
         &self,
+        b: &B,
         x: &[f32],
         out: &mut [f32],
         layer: usize,
@@ -204,10 +211,10 @@ impl SparseMoe {
         let t = x.len() / hidden;
         let (e, k) = (self.spec.experts, self.spec.top_k);
         let mut logits = scratch::for_overwrite::<f32>(t * e); // [t, experts]
-        cpu::matmul(x, &self.router, &mut logits);
+        b.matmul(x, &self.router, &mut logits);
         let mut chosen = scratch::for_overwrite::<usize>(t * k); // [t, top_k]
         let mut weights = scratch::for_overwrite::<f32>(t * k);
-        self.route(&mut logits, &mut chosen, &mut weights);
+        self.route(b, &mut logits, &mut chosen, &mut weights);
 
         // The t·k picks (token · k + slot) sorted by expert, tokens in order within each:
         // expert `ex` has rows `starts[ex]..starts[ex + 1]` of `order`.
@@ -238,7 +245,7 @@ impl SparseMoe {
             })?;
             self.run_remote(executor, layer, &starts, &order, &weights, &xs, &mut ys)?;
         } else {
-            self.run_local(&starts, &xs, &mut ys);
+            self.run_local(b, &starts, &xs, &mut ys);
             for (row, &pick) in ys.chunks_exact_mut(hidden).zip(order.iter()) {
                 let w = weights[pick];
                 row.iter_mut().for_each(|v| *v *= w);
@@ -254,51 +261,27 @@ impl SparseMoe {
         }
         if let (Some(shared), Some(gate)) = (&self.shared, &self.shared_gate) {
             let mut ys = scratch::for_overwrite::<f32>(t * hidden); // [t, hidden]
-            shared.forward(x, &mut ys);
+            shared.forward(b, x, &mut ys);
             let mut g = scratch::for_overwrite::<f32>(t); // [t, 1]
-            cpu::matmul(x, gate, &mut g);
-            for ((o, y), gv) in out
-                .chunks_exact_mut(hidden)
-                .zip(ys.chunks_exact(hidden))
-                .zip(g.iter())
-            {
-                let s = cpu::sigmoid(*gv);
-                for (ov, yv) in o.iter_mut().zip(y) {
-                    *ov += s * yv;
-                }
-            }
+            b.matmul(x, gate, &mut g);
+            b.add_gated(out, &ys, &g);
         }
         Ok(())
     }
 
     /// Runs the locally loaded experts on their rows of `xs` (`starts` as in `forward`) into
     /// `ys`, unweighted.
-    fn run_local(&self, starts: &[usize], xs: &[f32], ys: &mut [f32]) {
-        let hidden = self.router.cols;
+    fn run_local<B: Backend>(&self, b: &B, starts: &[usize], xs: &[f32], ys: &mut [f32]) {
         let e = self.spec.experts;
         let active = (0..e).filter(|&ex| starts[ex + 1] > starts[ex]).count();
-        // Experts run one per task when there are enough of them to fill the pool (decode:
-        // a few rows each); otherwise each product uses the whole pool (prefill).
-        if active >= pool::threads() {
-            let mut experts = scratch::with_capacity::<usize>(active);
-            let mut bounds = scratch::with_capacity::<usize>(active + 1); // in floats
-            for ex in (0..e).filter(|&ex| starts[ex + 1] > starts[ex]) {
-                experts.push(ex);
-                bounds.push(starts[ex] * hidden);
-            }
-            bounds.push(starts[e] * hidden);
-            pool::for_each_span_mut(ys, &bounds, |j, y| {
-                let rows = bounds[j]..bounds[j + 1];
-                self.experts[experts[j]].forward_serial(&xs[rows], y);
-            });
-        } else {
-            for ex in 0..e {
-                let rows = starts[ex] * hidden..starts[ex + 1] * hidden;
-                if !rows.is_empty() {
-                    self.experts[ex].forward(&xs[rows.clone()], &mut ys[rows]);
-                }
-            }
+        let mut ids = scratch::with_capacity::<usize>(active);
+        let mut bounds = scratch::with_capacity::<usize>(active + 1); // in rows
+        for ex in (0..e).filter(|&ex| starts[ex + 1] > starts[ex]) {
+            ids.push(ex);
+            bounds.push(starts[ex]);
         }
+        bounds.push(starts[e]);
+        b.expert_groups(&|ex| self.experts[ex].weights(), &ids, &bounds, xs, ys);
     }
 
     /// Sends each expert's rows to `executor` (one call for the layer) and copies the weighted
@@ -353,7 +336,9 @@ impl SparseMoe {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::CpuBackend;
     use crate::backend::cpu::tests::lcg;
+    use crate::backend::cpu::vector::softmax;
 
     fn moe(experts: usize, top_k: usize, norm_topk: bool) -> SparseMoe {
         SparseMoe {
@@ -390,10 +375,10 @@ mod tests {
             logits[e + e - 1] = 9.0;
             let mut probs = logits.clone();
             let (mut ex, mut ws) = (vec![0; t * k], vec![0.0; t * k]);
-            m.route(&mut logits, &mut ex, &mut ws);
+            m.route(&CpuBackend::default(), &mut logits, &mut ex, &mut ws);
             for tok in 0..t {
                 let row = &mut probs[tok * e..(tok + 1) * e];
-                cpu::softmax(row);
+                softmax(row);
                 let mut order: Vec<usize> = (0..e).collect();
                 order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
                 order.truncate(k);

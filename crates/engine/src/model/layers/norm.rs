@@ -1,7 +1,7 @@
 //! RMSNorm. Qwen3.5 uses the zero-centred form `x̂·(1+w)` everywhere except the gated norm of
 //! Gated DeltaNet, which is `x̂·w` (see `gated_delta.rs`).
 
-use crate::backend::cpu;
+use crate::backend::Backend;
 use crate::error::Result;
 use crate::weights::WeightStore;
 
@@ -20,7 +20,7 @@ impl RmsNorm {
     }
 
     /// Normalises every `[dim]` row of `x` in place.
-    pub fn forward(&self, x: &mut [f32]) {
-        cpu::rms_norm_1p(x, &self.weight, self.eps);
+    pub fn forward<B: Backend>(&self, b: &B, x: &mut [f32]) {
+        b.rms_norm(x, &self.weight, self.eps);
     }
 }

@@ -1,24 +1,12 @@
-//! CPU kernels: the matrix products that dominate every step, and the small vector ops.
-//!
-//! Matmuls read the weights in their stored dtype and widen them in registers or a small
-//! per-thread buffer; activations and accumulation are f32. Work is split over output rows on
-//! the kernel pool (`pool.rs`); the inner product kernel is compiled for AVX-512 and AVX2+FMA
-//! and picked at run time, with a portable fallback for other machines. Temporary buffers come
-//! from per-thread pools (`scratch.rs`): a warmed-up decode step allocates nothing.
+//! Matrix products, the work that dominates every step: `x · Wᵀ` for stored weights (f32,
+//! bf16, f16, int8 widened in registers or a small per-thread buffer; f32 activations and
+//! accumulation, or bf16 activations in fast precision) and for plain f32 matrices (attention
+//! scores, the delta rule's chunks). Work is split over output rows on the kernel pool.
 
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, Ordering};
-
-pub use delta_rule::delta_rule_token;
-
+use super::pool::KernelPool;
+use super::vector::{LANES, dot, fmadd, lane_sum};
+use super::{SimdLevel, avx512, fast_available, scratch, simd_level};
 use crate::tensor::{Weight, WeightData};
-
-#[cfg(target_arch = "x86_64")]
-pub mod aligned;
-mod avx512;
-mod delta_rule;
-pub mod pool;
-pub(crate) mod scratch;
 
 /// Output rows handled per task of a multi-token product (a multiple of the 4-row kernel).
 const ROW_TILE: usize = 32;
@@ -26,158 +14,40 @@ const ROW_TILE: usize = 32;
 /// guided split (a multiple of the 4-row kernel and of `ROW_TILE`).
 const GEMV_MIN_ROWS: usize = 2 * ROW_TILE;
 
-const LANES: usize = 16;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SimdLevel {
-    Portable,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-}
-
-fn simd_level() -> SimdLevel {
-    static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
-    *LEVEL.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            // The bf16 GEMV needs BW and VL (16-bit masked loads); every AVX-512 server has them.
-            if std::is_x86_feature_detected!("avx512f")
-                && std::is_x86_feature_detected!("avx512bw")
-                && std::is_x86_feature_detected!("avx512vl")
-                && std::is_x86_feature_detected!("fma")
-            {
-                return SimdLevel::Avx512;
-            }
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                return SimdLevel::Avx2;
-            }
-        }
-        SimdLevel::Portable
-    })
-}
-
-/// How matrix products treat activations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Precision {
-    /// f32 activations and accumulation: results within the golden tolerances.
-    #[default]
-    Exact,
-    /// Activations rounded to bf16 for products with bf16 weights, f32 accumulation (as GPU
-    /// engines do), where the CPU has AVX-512 BF16; elsewhere, and for f32/f16 weights, exact.
-    Fast,
-}
-
-impl std::str::FromStr for Precision {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "exact" => Ok(Precision::Exact),
-            "fast" => Ok(Precision::Fast),
-            other => Err(format!("`{other}`: expected exact or fast")),
-        }
-    }
-}
-
-impl std::fmt::Display for Precision {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Precision::Exact => "exact",
-            Precision::Fast => "fast",
-        })
-    }
-}
-
-static FAST: AtomicBool = AtomicBool::new(false);
-
-/// Sets the precision of every later product (process-wide, like the thread pool); returns
-/// the one in effect (fast falls back to exact on a CPU without AVX-512 BF16).
-pub fn set_precision(p: Precision) -> Precision {
-    let fast = p == Precision::Fast && fast_available();
-    FAST.store(fast, Ordering::Relaxed);
-    precision()
-}
-
-pub fn precision() -> Precision {
-    if FAST.load(Ordering::Relaxed) {
-        Precision::Fast
-    } else {
-        Precision::Exact
-    }
-}
-
-/// Whether fast precision has a kernel on this CPU.
-pub fn fast_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static BF16: OnceLock<bool> = OnceLock::new();
-        *BF16.get_or_init(|| {
-            simd_level() == SimdLevel::Avx512 && std::is_x86_feature_detected!("avx512bf16")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
-/// Sizes the kernels' thread pool (and rayon's, used at load time); call once, before the
-/// first product.
-pub fn set_threads(n: usize) -> Result<(), String> {
-    if !pool::configure(n) {
-        return Err(format!(
-            "the kernel pool already runs with {} threads",
-            pool::threads()
-        ));
-    }
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build_global()
-        .map_err(|e| e.to_string())
-}
-
-/// Name of the kernel variant in use (for `sluice bench`).
-pub fn kernel_name() -> &'static str {
-    match simd_level() {
-        SimdLevel::Portable => "portable",
-        #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 => "avx2+fma",
-        #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 => "avx512f",
-    }
-}
-
-/// `y = x · Wᵀ`: x `[t, w.cols]`, y `[t, w.rows]`, split over the thread pool by row tiles.
-pub fn matmul(x: &[f32], w: &Weight, y: &mut [f32]) {
-    matmul_with(x, w, y, true)
-}
-
-/// `matmul` on the calling thread only, for callers that already run one product per thread
-/// (the experts of a MoE layer).
-pub fn matmul_serial(x: &[f32], w: &Weight, y: &mut [f32]) {
-    matmul_with(x, w, y, false)
-}
-
-fn matmul_with(x: &[f32], w: &Weight, y: &mut [f32], parallel: bool) {
+/// `y = x · Wᵀ`: x `[t, w.cols]`, y `[t, w.rows]`, split over `pool` by row tiles when
+/// `parallel` (else on the calling thread, for callers that already run one product per
+/// thread); bf16 activations into bf16 weights when `fast` (see [`Precision::Fast`]).
+pub(crate) fn matmul(
+    pool: &KernelPool,
+    fast: bool,
+    x: &[f32],
+    w: &Weight,
+    y: &mut [f32],
+    parallel: bool,
+) {
     let t = x.len() / w.cols;
     debug_assert_eq!(x.len(), t * w.cols);
     debug_assert_eq!(y.len(), t * w.rows);
     #[cfg(target_arch = "x86_64")]
-    if let (Precision::Fast, true, WeightData::BF16(d)) = (precision(), fast_available(), &w.data) {
-        matmul_fast(x, t, d, w.rows, w.cols, y, parallel);
+    if let (true, WeightData::BF16(d)) = (fast && fast_available(), &w.data) {
+        matmul_fast(pool, x, t, d, w.rows, w.cols, y, parallel);
         return;
     }
-    by_row_tiles(w.rows, t, y, parallel, |r0, out| row_tile(x, t, w, r0, out));
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = fast;
+    by_row_tiles(pool, w.rows, t, y, parallel, |r0, out| {
+        row_tile(x, t, w, r0, out)
+    });
 }
 
 /// `y = x · Wᵀ` for a plain f32 matrix `w` `[rows, cols]` (row-major, e.g. keys gathered for
 /// attention): x `[t, cols]`, y `[t, rows]`, split over the pool by row tiles.
-pub fn matmul_f32(x: &[f32], w: &[f32], cols: usize, y: &mut [f32]) {
+pub(crate) fn matmul_f32(pool: &KernelPool, x: &[f32], w: &[f32], cols: usize, y: &mut [f32]) {
     let rows = w.len() / cols;
     let t = x.len() / cols;
     debug_assert_eq!(y.len(), t * rows);
     let level = simd_level();
-    by_row_tiles(rows, t, y, true, |r0, out| {
+    by_row_tiles(pool, rows, t, y, true, |r0, out| {
         let here = out.len() / t;
         let tile = &w[r0 * cols..(r0 + here) * cols];
         match level {
@@ -201,6 +71,7 @@ pub fn matmul_f32(x: &[f32], w: &[f32], cols: usize, y: &mut [f32]) {
 /// `rows_here` values into place as one run. (The kernels used to fill `[rows_here, t]`, and
 /// transposing that into place cost ~5 % of a batch-32 decode step.)
 fn by_row_tiles(
+    pool: &KernelPool,
     rows: usize,
     t: usize,
     y: &mut [f32],
@@ -213,7 +84,7 @@ fn by_row_tiles(
             // tasks shrink toward the end and the threads finish together (equal fixed-size
             // tasks left one thread idle for half a task at the end of every product). Every
             // task still streams a contiguous run of the weights, which the prefetchers follow.
-            let share = 2 * pool::threads();
+            let share = 2 * pool.threads();
             let mut bounds = scratch::with_capacity::<usize>(rows.div_ceil(GEMV_MIN_ROWS) + 1);
             let mut start = 0;
             bounds.push(start);
@@ -224,7 +95,7 @@ fn by_row_tiles(
                 start = (start + size).min(rows);
                 bounds.push(start);
             }
-            pool::for_each_span_mut(y, &bounds, |i, o| tile(bounds[i], o));
+            pool.for_each_span_mut(y, &bounds, |i, o| tile(bounds[i], o));
         } else {
             y.chunks_mut(ROW_TILE)
                 .enumerate()
@@ -247,7 +118,7 @@ fn by_row_tiles(
     };
     let tiles = rows.div_ceil(ROW_TILE);
     if parallel {
-        pool::for_each(tiles, one);
+        pool.for_each(tiles, one);
     } else {
         (0..tiles).for_each(one);
     }
@@ -272,7 +143,9 @@ impl SharedRows {
 
 /// Fast precision (bf16 activations, `vdpbf16ps`): as `matmul_with`, for bf16 weights.
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
 fn matmul_fast(
+    pool: &KernelPool,
     x: &[f32],
     t: usize,
     w: &[u16],
@@ -285,18 +158,11 @@ fn matmul_fast(
     // SAFETY (both calls): `fast_available` detected AVX-512 F/BW/VL and BF16.
     let mut xb = scratch::for_overwrite::<u16>(t * n_pad); // [t, n_pad]
     unsafe { avx512::to_bf16_rows(x, t, n, n_pad, &mut xb) };
-    by_row_tiles(rows, t, y, parallel, |r0, out| {
+    by_row_tiles(pool, rows, t, y, parallel, |r0, out| {
         let here = out.len() / t;
         // SAFETY: as above.
         unsafe { avx512::row_tile_dpbf16(&xb, n_pad, t, &w[r0 * n..(r0 + here) * n], n, out) }
     });
-}
-
-/// Copies columns `from..from + width` of each `[stride]` row of `src` into `dst` `[rows, width]`.
-pub fn split_columns(src: &[f32], stride: usize, from: usize, width: usize, dst: &mut [f32]) {
-    for (s, d) in src.chunks_exact(stride).zip(dst.chunks_exact_mut(width)) {
-        d.copy_from_slice(&s[from..from + width]);
-    }
 }
 
 /// Computes rows `r0 .. r0 + out.len()/t` of Wᵀ-products into `out` `[t, rows]`.
@@ -362,12 +228,6 @@ fn row_tile_impl<const FMA: bool>(x: &[f32], t: usize, w: &Weight, r0: usize, ou
 }
 
 #[inline(always)]
-fn fmadd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if FMA { a.mul_add(b, c) } else { a * b + c }
-}
-
-/// Dot products of 4 weight rows with `T` activation rows, 16 lanes at a time.
-#[inline(always)]
 fn dot_block<const FMA: bool, const T: usize>(w: [&[f32]; 4], x: [&[f32]; T]) -> [[f32; T]; 4] {
     let n = w[0].len();
     let full = n / LANES * LANES;
@@ -400,205 +260,11 @@ fn dot_block<const FMA: bool, const T: usize>(w: [&[f32]; 4], x: [&[f32]; T]) ->
     out
 }
 
-#[inline(always)]
-fn lane_sum(v: &[f32; LANES]) -> f32 {
-    let mut h = *v;
-    let mut width = LANES / 2;
-    while width > 0 {
-        for i in 0..width {
-            h[i] += h[i + width];
-        }
-        width /= 2;
-    }
-    h[0]
-}
-
-/// `Σ a[i]·b[i]` over the shorter length, in 4 × 16 lanes of partial sums (vectorised; a plain
-/// `.sum()` of products is one serial chain of dependent adds). The order is fixed for a given
-/// length, so results do not depend on the batch.
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    match simd_level() {
-        // SAFETY: the features these variants are compiled for were detected at run time.
-        #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 => unsafe { dot_avx512(a, b) },
-        #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 => unsafe { dot_avx2(a, b) },
-        SimdLevel::Portable => dot_lanes::<false>(a, b),
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
-fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
-    dot_lanes::<true>(a, b)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    dot_lanes::<true>(a, b)
-}
-
-#[inline(always)]
-fn dot_lanes<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
-    const BLOCK: usize = 4 * LANES;
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [[0.0f32; LANES]; 4];
-    let mut blocks_a = a.chunks_exact(BLOCK);
-    let mut blocks_b = b.chunks_exact(BLOCK);
-    for (ba, bb) in (&mut blocks_a).zip(&mut blocks_b) {
-        for (k, lanes) in acc.iter_mut().enumerate() {
-            for (l, s) in lanes.iter_mut().enumerate() {
-                *s = fmadd::<FMA>(ba[k * LANES + l], bb[k * LANES + l], *s);
-            }
-        }
-    }
-    let mut sum = [0.0f32; LANES];
-    for l in 0..LANES {
-        sum[l] = (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
-    }
-    let mut total = lane_sum(&sum);
-    for (x, y) in blocks_a.remainder().iter().zip(blocks_b.remainder()) {
-        total = fmadd::<FMA>(*x, *y, total);
-    }
-    total
-}
-
-/// `acc += a·x` over the shorter length, vectorised (with fused multiply-adds where the CPU
-/// has them).
-#[inline]
-pub fn add_scaled(acc: &mut [f32], a: f32, x: &[f32]) {
-    match simd_level() {
-        // SAFETY: the features these variants are compiled for were detected at run time.
-        #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 => unsafe { add_scaled_avx512(acc, a, x) },
-        #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 => unsafe { add_scaled_avx2(acc, a, x) },
-        SimdLevel::Portable => add_scaled_lanes::<false>(acc, a, x),
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
-fn add_scaled_avx512(acc: &mut [f32], a: f32, x: &[f32]) {
-    add_scaled_lanes::<true>(acc, a, x)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn add_scaled_avx2(acc: &mut [f32], a: f32, x: &[f32]) {
-    add_scaled_lanes::<true>(acc, a, x)
-}
-
-#[inline(always)]
-fn add_scaled_lanes<const FMA: bool>(acc: &mut [f32], a: f32, x: &[f32]) {
-    for (s, v) in acc.iter_mut().zip(x) {
-        *s = fmadd::<FMA>(a, *v, *s);
-    }
-}
-
-/// Embedding lookup: row `id` of `w`, widened, into `out`.
-pub fn embed_row(w: &Weight, id: usize, out: &mut [f32]) {
-    w.row_f32(id, out);
-}
-
-/// Zero-centred RMSNorm `x̂·(1+w)` over rows of `w.len()`, in place.
-pub fn rms_norm_1p(x: &mut [f32], w: &[f32], eps: f32) {
-    for row in x.chunks_exact_mut(w.len()) {
-        let inv = inv_rms(row, eps);
-        for (v, g) in row.iter_mut().zip(w) {
-            *v = *v * inv * (1.0 + g);
-        }
-    }
-}
-
-/// Plain-weight RMSNorm gated by SiLU(z): `(w·x̂)·silu(z)`, rows of `w.len()`, in place.
-pub fn rms_norm_gated(x: &mut [f32], z: &[f32], w: &[f32], eps: f32) {
-    for (row, zrow) in x.chunks_exact_mut(w.len()).zip(z.chunks_exact(w.len())) {
-        let inv = inv_rms(row, eps);
-        for ((v, g), zv) in row.iter_mut().zip(w).zip(zrow) {
-            *v = g * (*v * inv) * silu(*zv);
-        }
-    }
-}
-
-#[inline]
-fn inv_rms(row: &[f32], eps: f32) -> f32 {
-    let ss: f32 = row.iter().map(|v| v * v).sum();
-    1.0 / (ss / row.len() as f32 + eps).sqrt()
-}
-
-/// L2 normalisation `x · rsqrt(Σx² + eps)` of each row of `dim`, in place.
-pub fn l2_norm(x: &mut [f32], dim: usize, eps: f32) {
-    for row in x.chunks_exact_mut(dim) {
-        let ss: f32 = row.iter().map(|v| v * v).sum();
-        let inv = 1.0 / (ss + eps).sqrt();
-        row.iter_mut().for_each(|v| *v *= inv);
-    }
-}
-
-#[inline]
-pub fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
-
-#[inline]
-pub fn silu(x: f32) -> f32 {
-    x * sigmoid(x)
-}
-
-/// `log(1 + e^x)` as torch computes it (linear above 20).
-#[inline]
-pub fn softplus(x: f32) -> f32 {
-    if x > 20.0 { x } else { x.exp().ln_1p() }
-}
-
-/// In-place softmax of one row, in f32.
-pub fn softmax(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for v in row.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    row.iter_mut().for_each(|v| *v *= inv);
-}
-
-/// SwiGLU on a fused `[t, 2i]` gate|up product → `[t, i]`.
-pub fn swiglu(gate_up: &[f32], inter: usize, out: &mut [f32]) {
-    for (g, o) in gate_up
-        .chunks_exact(2 * inter)
-        .zip(out.chunks_exact_mut(inter))
-    {
-        let (gate, up) = g.split_at(inter);
-        for ((o, a), b) in o.iter_mut().zip(gate).zip(up) {
-            *o = silu(*a) * b;
-        }
-    }
-}
-
-/// `acc += x`.
-pub fn add_assign(acc: &mut [f32], x: &[f32]) {
-    for (a, b) in acc.iter_mut().zip(x) {
-        *a += b;
-    }
-}
-
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
+    use crate::backend::cpu::tests::{lcg, runnable_levels};
     use crate::tensor::{bf16_to_f32, f32_to_bf16};
-
-    /// Uniform in [-1, 1): a tiny deterministic generator for kernel tests.
-    pub(crate) fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
 
     /// The same random matrix as f32 and as bf16, each with the f32 values it holds.
     /// The same random matrix as f32, bf16 and int8, each with the f32 values it stands for.
@@ -698,6 +364,7 @@ pub(crate) mod tests {
 
     #[test]
     fn matmul_matches_f64_reference_for_all_shapes_and_dtypes() {
+        let pool = KernelPool::new(2);
         let mut seed = 7;
         for &(t, rows, cols) in &[
             (1, 37, 50),
@@ -710,7 +377,7 @@ pub(crate) mod tests {
             for (w, wref) in random_weights(rows, cols, &mut seed) {
                 let wref = &wref;
                 let mut y = vec![0.0; t * rows];
-                matmul(&x, &w, &mut y);
+                matmul(&pool, false, &x, &w, &mut y, true);
                 let r = reference(&x, wref, rows, cols);
                 for (a, b) in y.iter().zip(&r) {
                     assert!(
@@ -720,21 +387,6 @@ pub(crate) mod tests {
                 }
             }
         }
-    }
-
-    /// Every kernel level this CPU can run.
-    pub(super) fn runnable_levels() -> Vec<SimdLevel> {
-        let mut levels = vec![SimdLevel::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if simd_level() != SimdLevel::Portable {
-                levels.push(SimdLevel::Avx2);
-            }
-            if simd_level() == SimdLevel::Avx512 {
-                levels.push(SimdLevel::Avx512);
-            }
-        }
-        levels
     }
 
     /// Every kernel variant this CPU can run agrees with the f64 reference, for decode (t < 4)
@@ -810,6 +462,7 @@ pub(crate) mod tests {
             eprintln!("this CPU has no AVX-512 BF16: the fast kernel was NOT tested here");
             return;
         }
+        let pool = KernelPool::new(2);
         let mut seed = 5;
         for &(t, rows, cols) in &[
             (1, 37, 50),
@@ -824,7 +477,7 @@ pub(crate) mod tests {
                 unreachable!()
             };
             let mut y = vec![0.0; t * rows];
-            matmul_fast(&x, t, bits, rows, cols, &mut y, false);
+            matmul_fast(&pool, &x, t, bits, rows, cols, &mut y, false);
             let r = reference(&x, &wref, rows, cols);
             for tok in 0..t {
                 let (mut err, mut norm) = (0.0f64, 0.0f64);
@@ -837,6 +490,7 @@ pub(crate) mod tests {
                 assert!(rel <= 3e-3, "t={t} {rows}x{cols} token {tok}: rel L2 {rel}");
                 let mut one = vec![0.0; rows];
                 matmul_fast(
+                    &pool,
                     &x[tok * cols..(tok + 1) * cols],
                     1,
                     bits,
@@ -854,52 +508,5 @@ pub(crate) mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn dot_matches_f64_for_every_length() {
-        let mut seed = 17;
-        for n in [0, 1, 15, 16, 63, 64, 65, 130, 256, 1000] {
-            let a: Vec<f32> = (0..n).map(|_| lcg(&mut seed)).collect();
-            let b: Vec<f32> = (0..n + 3).map(|_| lcg(&mut seed)).collect();
-            let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
-            let got = dot(&a, &b) as f64;
-            assert!(
-                (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                "n={n}: {got} vs {want}"
-            );
-            assert_eq!(
-                dot_lanes::<false>(&a, &b) as f64,
-                dot_lanes::<false>(&b, &a) as f64
-            );
-        }
-    }
-
-    #[test]
-    fn norms_follow_their_definitions() {
-        let mut x = vec![1.0, 2.0, 3.0, 4.0];
-        rms_norm_1p(&mut x, &[0.0, 1.0, 0.0, -1.0], 0.0);
-        let rms = (30.0f32 / 4.0).sqrt();
-        assert!((x[0] - 1.0 / rms).abs() < 1e-6);
-        assert!((x[1] - 4.0 / rms).abs() < 1e-6);
-        assert_eq!(x[3], 0.0);
-        let mut v = vec![3.0, 4.0];
-        l2_norm(&mut v, 2, 0.0);
-        assert!((v[0] - 0.6).abs() < 1e-6 && (v[1] - 0.8).abs() < 1e-6);
-        let mut g = vec![3.0, 4.0];
-        rms_norm_gated(&mut g, &[0.0, 100.0], &[1.0, 2.0], 0.0);
-        assert_eq!(g[0], 0.0); // silu(0) = 0
-        let rms = (12.5f32).sqrt();
-        assert!((g[1] - 2.0 * 4.0 / rms * 100.0).abs() < 1e-3);
-    }
-
-    #[test]
-    fn softmax_sums_to_one_and_softplus_is_stable() {
-        let mut row = vec![1000.0, 1001.0, -5.0];
-        softmax(&mut row);
-        assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
-        assert!(row[1] > row[0] && row[2] < 1e-6);
-        assert_eq!(softplus(50.0), 50.0);
-        assert!((softplus(0.0) - 2f32.ln()).abs() < 1e-7);
     }
 }
