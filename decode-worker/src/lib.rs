@@ -21,8 +21,8 @@ use sluice_runtime::status::{LoadCounters, WorkerLimits, WorkerStatusService, re
 use sluice_runtime::transport::select::TransportPlan;
 use sluice_runtime::transport::{CacheTransferService, InProcessHub};
 use sluice_runtime::{
-    CacheInbox, InboxLimits, Membership, Result, Role, RuntimeError, TransportKind, WorkerId,
-    WorkerInfo, sampling,
+    AttemptKey, CacheInbox, InboxLimits, Membership, Result, Role, RuntimeError, TransportKind,
+    WorkerId, WorkerInfo, sampling,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -61,14 +61,20 @@ pub struct DecodeConfig {
     pub drain_timeout: Duration,
 }
 
-/// Tokens per KV block.
-pub const KV_BLOCK_TOKENS: usize = 16;
+pub use sluice_engine::KV_BLOCK_TOKENS;
+
+/// `--max-sequences` unless set.
+pub const DEFAULT_MAX_SEQUENCES: usize = 32;
+/// `--max-batch-tokens` (decode) unless set.
+pub const DEFAULT_MAX_BATCH_TOKENS: usize = 2048;
+/// `--max-waiting` (decode) unless set.
+pub const DEFAULT_MAX_WAITING: usize = 256;
 
 /// The decode worker's batching flags (its binary and `sluice up` share them).
 #[derive(clap::Args, Debug, Clone)]
 pub struct DecodeArgs {
     /// Sequences running at once; more wait (and preempted ones wait to be recomputed).
-    #[arg(long, env = "SLUICE_MAX_SEQUENCES", default_value_t = 32)]
+    #[arg(long, env = "SLUICE_MAX_SEQUENCES", default_value_t = DEFAULT_MAX_SEQUENCES)]
     pub max_sequences: usize,
     /// KV cache budget in blocks of 16 tokens, shared by all sequences. Unset: room for
     /// max-sequences sequences of max-context tokens, so nothing is ever preempted. Smaller
@@ -78,12 +84,12 @@ pub struct DecodeArgs {
     pub kv_blocks: Option<usize>,
     /// Tokens computed per step: one per decoding sequence, plus prompt chunks of sequences
     /// prefilled (or recomputed) here while room is left.
-    #[arg(long, env = "SLUICE_DECODE_MAX_BATCH_TOKENS", default_value_t = 2048)]
+    #[arg(long, env = "SLUICE_DECODE_MAX_BATCH_TOKENS", default_value_t = DEFAULT_MAX_BATCH_TOKENS)]
     pub max_batch_tokens: usize,
     /// Sequences waiting here to start (cache not yet arrived, no slot free, preempted);
     /// beyond it a new one is refused with RESOURCE_EXHAUSTED and the router tries another
     /// decode worker.
-    #[arg(long, env = "SLUICE_DECODE_MAX_WAITING", default_value_t = 256)]
+    #[arg(long, env = "SLUICE_DECODE_MAX_WAITING", default_value_t = DEFAULT_MAX_WAITING)]
     pub max_waiting: usize,
 }
 
@@ -102,11 +108,11 @@ impl DecodeConfig {
             worker_id,
             advertise: None,
             model_name,
-            max_sequences: 32,
-            max_context: 8192,
+            max_sequences: DEFAULT_MAX_SEQUENCES,
+            max_context: sluice_runtime::model_host::DEFAULT_MAX_CONTEXT,
             kv_blocks: None,
-            max_batch_tokens: 2048,
-            max_waiting: 256,
+            max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS,
+            max_waiting: DEFAULT_MAX_WAITING,
             prefill_chunk: sluice_engine::DEFAULT_PREFILL_CHUNK,
             transfer_timeout: Duration::from_secs(60),
             transport: TransportPlan::tcp(),
@@ -262,7 +268,9 @@ impl DecodeService {
         Ok(())
     }
 
-    fn validate(&self, req: &pb::DecodeRequest) -> Result<SamplingParams> {
+    /// The request's key and sampler parameters, once its fields are checked.
+    fn validate(&self, req: &pb::DecodeRequest) -> Result<(AttemptKey, SamplingParams)> {
+        let key: AttemptKey = req.request_id.parse()?;
         if req.transfer_id.is_empty() && !req.prefill {
             return Err(RuntimeError::invalid(
                 "transfer_id",
@@ -307,12 +315,13 @@ impl DecodeService {
         }
         sampling::check_token_ids("prompt_token_ids", &req.prompt_token_ids, self.vocab)?;
         sampling::check_token_ids("generated_token_ids", &req.generated_token_ids, self.vocab)?;
-        sampling::params_from_pb(req.sampling.as_ref())
+        Ok((key, sampling::from_worker(req.sampling.as_ref()).0))
     }
 }
 
 /// Waits for `req`'s cache (unless it prefills here) and hands the sequence to the engine.
 async fn start_sequence(
+    key: AttemptKey,
     req: pb::DecodeRequest,
     params: SamplingParams,
     inbox: Arc<CacheInbox>,
@@ -320,7 +329,7 @@ async fn start_sequence(
     timeout: Duration,
     tx: ChunkSender,
 ) {
-    let logprobs = req.sampling.as_ref().is_some_and(|s| s.logprobs.is_some());
+    let (_, logprobs) = sampling::from_worker(req.sampling.as_ref());
     // Only a sequence that has sent nothing may be shed (a migrated one has).
     let shed_at = (req.prefill && req.generated_token_ids.is_empty() && req.queue_budget_ms > 0)
         .then(|| std::time::Instant::now() + Duration::from_millis(req.queue_budget_ms.into()));
@@ -366,13 +375,16 @@ async fn start_sequence(
         }
     };
     let new = NewSequence {
-        request_id: req.request_id,
+        key,
         prompt: req.prompt_token_ids,
         sampler,
         adopted,
         generated: req.generated_token_ids,
         max_new_tokens: req.max_new_tokens as usize,
-        stop_ids: req.eos_token_ids,
+        finish: sampling::FinishRule {
+            eos: req.eos_token_ids,
+            stop: req.stop_token_ids,
+        },
         logprobs,
         shed_at,
         tx,
@@ -396,17 +408,18 @@ impl Decode for DecodeService {
     ) -> Result<Response<Self::DecodeStream>, Status> {
         let metadata = request.metadata().clone();
         let req = request.into_inner();
-        let params = self.validate(&req)?;
+        let (key, params) = self.validate(&req)?;
         self.check_room()?;
         let (tx, rx) = mpsc::unbounded_channel();
         let span = tracing::info_span!(
             "request",
             id = %req.client_request_id,
-            attempt = %req.request_id
+            attempt = %key
         );
         sluice_runtime::telemetry::continue_trace(&span, &metadata);
         tokio::spawn(
             start_sequence(
+                key,
                 req,
                 params,
                 self.inbox.clone(),
@@ -423,12 +436,10 @@ impl Decode for DecodeService {
         &self,
         request: Request<pb::AbortRequest>,
     ) -> Result<Response<pb::AbortResponse>, Status> {
+        let key: AttemptKey = request.into_inner().request_id.parse()?;
         let (reply, found) = oneshot::channel();
         self.commands
-            .send(Command::Abort {
-                request_id: request.into_inner().request_id,
-                reply,
-            })
+            .send(Command::Abort { key, reply })
             .map_err(|_| Status::internal("the decode engine has stopped"))?;
         let found = found.await.unwrap_or(false);
         Ok(Response::new(pb::AbortResponse { found }))

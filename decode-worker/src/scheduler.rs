@@ -11,14 +11,15 @@
 use std::sync::Arc;
 
 use sluice_engine::{
-    CacheSnapshot, EngineError, LanguageModel, LogitsMode, ModelCache, Sampled, Sampler, SeqChunk,
-    SeqLease,
+    CacheSnapshot, EngineError, LanguageModel, LogitsMode, ModelCache, PrefillPlan, Sampled,
+    Sampler, SeqChunk, SeqLease,
 };
 use sluice_proto::v1::FinishReason;
 use sluice_proto::worker::v1 as pb;
+use sluice_runtime::AttemptKey;
 use sluice_runtime::error::engine_status;
 use sluice_runtime::estimate::{CostModel, DecodeQueue, StepCost};
-use sluice_runtime::sampling::token_logprobs;
+use sluice_runtime::sampling::{FinishRule, token_logprobs};
 use sluice_runtime::status::LoadCounters;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
@@ -29,7 +30,8 @@ pub type ChunkSender = mpsc::UnboundedSender<Result<pb::TokenChunk, Status>>;
 
 /// A sequence handed to the engine: adopted from a pushed cache, or to prefill here.
 pub struct NewSequence {
-    pub request_id: String,
+    /// The router's key for this attempt: what `Abort` names.
+    pub key: AttemptKey,
     pub prompt: Vec<u32>,
     pub sampler: Sampler,
     /// The prefill worker's first token and cache; `None` to prefill here.
@@ -38,7 +40,8 @@ pub struct NewSequence {
     /// one per step (as first computed) and never sent again.
     pub generated: Vec<u32>,
     pub max_new_tokens: usize,
-    pub stop_ids: Vec<u32>,
+    /// Where the sequence ends (stop tokens, end-of-sequence, its budget).
+    pub finish: FinishRule,
     pub logprobs: bool,
     /// A sequence prefilled here that has sent nothing yet is shed unrun if it has not
     /// started by then.
@@ -49,7 +52,7 @@ pub struct NewSequence {
 pub enum Command {
     Start(Box<NewSequence>),
     Abort {
-        request_id: String,
+        key: AttemptKey,
         reply: oneshot::Sender<bool>,
     },
 }
@@ -63,7 +66,7 @@ pub struct SchedulerLimits {
 }
 
 struct Sequence {
-    request_id: String,
+    key: AttemptKey,
     /// Admission order: the newest (largest) is preempted first, the oldest resumed first.
     order: u64,
     /// Prompt, then every generated token.
@@ -77,7 +80,7 @@ struct Sequence {
     pending: Option<CacheSnapshot>,
     sampler: Sampler,
     remaining: usize,
-    stop_ids: Vec<u32>,
+    finish: FinishRule,
     logprobs: bool,
     /// Until it first starts: when it is shed if still waiting.
     shed_at: Option<std::time::Instant>,
@@ -87,23 +90,21 @@ struct Sequence {
 impl Sequence {
     /// Tokens this sequence feeds to the next step: the rest of its current prompt chunk, or
     /// the one token after its cached ones.
-    fn feed(&self, chunk: usize) -> std::ops::Range<usize> {
-        let start = self.cached;
-        let end = if start < self.prompt_len {
-            ((start / chunk + 1) * chunk).min(self.prompt_len)
+    fn feed(&self, plan: PrefillPlan) -> std::ops::Range<usize> {
+        if self.cached < self.prompt_len {
+            plan.next(self.cached, self.prompt_len)
         } else {
-            start + 1
-        };
-        start..end
+            self.cached..self.cached + 1
+        }
     }
 
     /// Steps until this sequence finishes if nothing preempts it: prompt chunks and generated
     /// tokens still to (re)compute, then one step per token still to generate.
-    fn steps_left(&self, chunk: usize) -> usize {
+    fn steps_left(&self, plan: PrefillPlan) -> usize {
         if self.pending.is_some() {
             return self.remaining;
         }
-        let prompt = self.prompt_len.saturating_sub(self.cached).div_ceil(chunk);
+        let prompt = plan.steps_left(self.cached, self.prompt_len);
         let recompute = self
             .tokens
             .len()
@@ -183,7 +184,7 @@ impl Scheduler {
                 list.retain(|s| {
                     let open = !s.tx.is_closed();
                     if !open {
-                        tracing::debug!(request = %s.request_id, "caller went away; sequence freed");
+                        tracing::debug!(request = %s.key, "caller went away; sequence freed");
                     }
                     open
                 });
@@ -220,12 +221,12 @@ impl Scheduler {
     /// counted at the mean length) take the slots first, each step at the measured cost of
     /// a full batch.
     fn start_delay(&self) -> std::time::Duration {
-        let chunk = self.limits.prefill_chunk;
+        let plan = PrefillPlan::new(self.limits.prefill_chunk);
         let capacity = self.cache.config().max_sequences;
         let mut queue = DecodeQueue {
             capacity,
-            running_steps: self.running.iter().map(|s| s.steps_left(chunk)).collect(),
-            waiting_steps: self.waiting.iter().map(|s| s.steps_left(chunk)).collect(),
+            running_steps: self.running.iter().map(|s| s.steps_left(plan)).collect(),
+            waiting_steps: self.waiting.iter().map(|s| s.steps_left(plan)).collect(),
         };
         let extra = (self.extra_waiting)();
         if extra > 0 {
@@ -240,10 +241,10 @@ impl Scheduler {
     fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Start(s) => self.start(*s),
-            Command::Abort { request_id, reply } => {
+            Command::Abort { key, reply } => {
                 let mut found = false;
                 for list in [&mut self.running, &mut self.waiting] {
-                    if let Some(i) = list.iter().position(|s| s.request_id == request_id) {
+                    if let Some(i) = list.iter().position(|s| s.key == key) {
                         let s = list.remove(i);
                         let _ = s.tx.send(Ok(pb::TokenChunk {
                             token_ids: Vec::new(),
@@ -274,7 +275,7 @@ impl Scheduler {
         };
         self.next_order += 1;
         let seq = Sequence {
-            request_id: new.request_id,
+            key: new.key,
             order: self.next_order,
             tokens,
             prompt_len,
@@ -283,7 +284,7 @@ impl Scheduler {
             pending,
             sampler: new.sampler,
             remaining: new.max_new_tokens,
-            stop_ids: new.stop_ids,
+            finish: new.finish,
             logprobs: new.logprobs,
             shed_at: new.shed_at,
             tx: new.tx,
@@ -364,7 +365,7 @@ impl Scheduler {
         let Some(mut seq) = self.running.pop() else {
             return;
         };
-        tracing::debug!(request = %seq.request_id, tokens = seq.tokens.len(), "preempted");
+        tracing::debug!(request = %seq.key, tokens = seq.tokens.len(), "preempted");
         self.metrics.preemptions.inc();
         seq.lease = None;
         seq.cached = 0;
@@ -375,13 +376,13 @@ impl Scheduler {
     /// Reserves blocks for every running sequence's next feed, preempting the newest when
     /// they run out. Returns the feeds, aligned with `running`.
     fn plan(&mut self) -> Vec<std::ops::Range<usize>> {
-        let chunk = self.limits.prefill_chunk;
+        let plan = PrefillPlan::new(self.limits.prefill_chunk);
         let mut feeds = Vec::with_capacity(self.running.len());
         let mut budget = self.limits.max_batch_tokens;
         let mut i = 0;
         while i < self.running.len() {
             let s = &self.running[i];
-            let mut feed = s.feed(chunk);
+            let mut feed = s.feed(plan);
             if feed.len() > 1 {
                 // A prompt chunk waits when the step is full; decode tokens never do.
                 if feed.len() > budget
@@ -484,13 +485,7 @@ fn emit(s: &mut Sequence, sampled: &Sampled) -> bool {
     let token = sampled.token;
     s.tokens.push(token);
     s.remaining = s.remaining.saturating_sub(1);
-    let finish = if s.stop_ids.contains(&token) {
-        FinishReason::Eos
-    } else if s.remaining == 0 {
-        FinishReason::Length
-    } else {
-        FinishReason::Unspecified
-    };
+    let finish = s.finish.judge(token, s.remaining);
     let logprobs = if s.logprobs {
         vec![token_logprobs(sampled)]
     } else {

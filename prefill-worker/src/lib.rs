@@ -11,8 +11,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use sluice_engine::{
-    CacheConfig, CacheSnapshot, EngineError, LanguageModel, LogitsMode, Sampled, Sampler,
-    SamplingParams, SeqChunk,
+    CacheConfig, CacheSnapshot, EngineError, LanguageModel, LogitsMode, PrefillPlan, Sampled,
+    Sampler, SamplingParams, SeqChunk,
 };
 use sluice_proto::worker::v1 as pb;
 use sluice_proto::worker::v1::prefill_server::{Prefill, PrefillServer};
@@ -24,8 +24,8 @@ use sluice_runtime::serve::{advertised_address, serve_draining, standard_routes}
 use sluice_runtime::status::{LoadCounters, WorkerLimits, WorkerStatusService, report_health};
 use sluice_runtime::transport::TransferHeader;
 use sluice_runtime::{
-    CacheTransport, Destination, Handoff, Membership, Result, Role, RuntimeError, WorkerId,
-    WorkerInfo, sampling,
+    CacheTransport, Destination, Handoff, Membership, Result, Role, RuntimeError, TransportKind,
+    WorkerId, WorkerInfo, sampling,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -56,16 +56,21 @@ pub struct PrefillConfig {
     pub drain_timeout: Duration,
 }
 
+/// `--max-batch-tokens` (prefill) unless set.
+pub const DEFAULT_MAX_BATCH_TOKENS: usize = 4096;
+/// `--max-waiting` (prefill) unless set.
+pub const DEFAULT_MAX_WAITING: usize = 64;
+
 impl PrefillConfig {
     pub fn new(worker_id: WorkerId, model_name: String) -> Self {
         PrefillConfig {
             worker_id,
             advertise: None,
             model_name,
-            max_batch_tokens: 4096,
+            max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS,
             max_batch_prompts: 8,
-            max_waiting: 64,
-            max_context: 8192,
+            max_waiting: DEFAULT_MAX_WAITING,
+            max_context: sluice_runtime::model_host::DEFAULT_MAX_CONTEXT,
             prefill_chunk: sluice_engine::DEFAULT_PREFILL_CHUNK,
             node: sluice_runtime::worker_info::this_host(),
             drain_timeout: Duration::from_secs(30),
@@ -168,14 +173,14 @@ fn start_engine(
     let (tx, rx) = mpsc::unbounded_channel();
     let capacity = config.max_batch_tokens.max(config.max_context);
     let cache_config = CacheConfig {
-        block_size: 16,
-        num_blocks: capacity.div_ceil(16) + config.max_batch_prompts,
+        block_size: sluice_engine::KV_BLOCK_TOKENS,
+        num_blocks: capacity.div_ceil(sluice_engine::KV_BLOCK_TOKENS) + config.max_batch_prompts,
         max_sequences: config.max_batch_prompts,
     };
     let mut engine = PrefillEngine {
         cache: model.new_cache(cache_config)?,
         model,
-        chunk: config.prefill_chunk.max(1),
+        plan: PrefillPlan::new(config.prefill_chunk),
         max_batch_tokens: config.max_batch_tokens.max(1),
         max_batch_prompts: config.max_batch_prompts.max(1),
         counters,
@@ -191,7 +196,7 @@ fn start_engine(
 struct PrefillEngine {
     model: Arc<dyn LanguageModel>,
     cache: sluice_engine::ModelCache,
-    chunk: usize,
+    plan: PrefillPlan,
     max_batch_tokens: usize,
     max_batch_prompts: usize,
     counters: Arc<LoadCounters>,
@@ -320,7 +325,7 @@ impl PrefillEngine {
             let mut stepped = Vec::with_capacity(active.len());
             for &i in &active {
                 let p = &batch[i].prompt;
-                let tokens = &p[done[i]..(done[i] + self.chunk).min(p.len())];
+                let tokens = &p[self.plan.next(done[i], p.len())];
                 if !chunks.is_empty() && tokens.len() > budget {
                     continue;
                 }
@@ -399,13 +404,13 @@ impl PrefillService {
         if push && req.transfer_id.is_empty() {
             return Err(RuntimeError::invalid("transfer_id", "must not be empty"));
         }
-        let params = sampling::params_from_pb(req.sampling.as_ref())?;
-        let dest = Destination {
-            worker_id: req.decode_worker_id.clone(),
-            address: req.decode_address.clone(),
-        };
+        let (params, logprobs) = sampling::from_worker(req.sampling.as_ref());
         let transport = if push {
-            let kind = req.transport.parse()?;
+            let dest = Destination {
+                worker_id: WorkerId::new(req.decode_worker_id.clone())?,
+                address: req.decode_address.clone(),
+            };
+            let kind = TransportKind::from_pb("transport", req.transport)?;
             let transport = self
                 .transports
                 .iter()
@@ -418,7 +423,7 @@ impl PrefillService {
                 })?
                 .clone();
             transport.handshake(&dest).await?;
-            Some(transport)
+            Some((transport, dest))
         } else {
             None
         };
@@ -476,32 +481,31 @@ impl PrefillService {
                 ));
             }
         };
-        let first_logprobs = req
-            .sampling
-            .as_ref()
-            .is_some_and(|s| s.logprobs.is_some())
-            .then(|| sampling::token_logprobs(&prefilled.first));
+        let first_logprobs = logprobs.then(|| sampling::token_logprobs(&prefilled.first));
         let first_token = prefilled.first.token;
-        let Some(transport) = transport else {
-            return Ok(pb::PrefillResponse {
-                first_token,
-                transfer_id: String::new(),
-                transferred_bytes: 0,
-                first_logprobs,
-                rng_state: prefilled.rng_state,
-            });
+        let finish = sampling::FinishRule {
+            eos: req.eos_token_ids.clone(),
+            stop: req.stop_token_ids.clone(),
+        }
+        .judge(first_token, (req.max_new_tokens as usize).saturating_sub(1));
+        let response = pb::PrefillResponse {
+            first_token,
+            first_logprobs,
+            rng_state: prefilled.rng_state,
+            finish_reason: finish as i32,
+        };
+        let Some((transport, dest)) = transport else {
+            return Ok(response);
         };
         let header = TransferHeader {
             transfer_id: req.transfer_id.clone(),
             fingerprint: self.model.fingerprint(),
             layout: prefilled.snapshot.layout.clone(),
             handoff: Handoff {
-                request_id: req.request_id.clone(),
                 first_token,
                 rng_state: prefilled.rng_state,
             },
         };
-        let rng_state = prefilled.rng_state;
         let started = std::time::Instant::now();
         let bytes = tokio::time::timeout(
             Duration::from_secs(120),
@@ -509,19 +513,13 @@ impl PrefillService {
         )
         .await
         .map_err(|_| RuntimeError::Unavailable {
-            worker: dest.worker_id.clone(),
+            worker: dest.worker_id.to_string(),
             message: "cache push timed out".into(),
         })??;
         self.metrics
             .transferred(bytes, started.elapsed().as_secs_f64());
         tracing::debug!(request = %req.request_id, bytes, "cache pushed");
-        Ok(pb::PrefillResponse {
-            first_token,
-            transfer_id: req.transfer_id,
-            transferred_bytes: bytes,
-            first_logprobs,
-            rng_state,
-        })
+        Ok(response)
     }
 }
 

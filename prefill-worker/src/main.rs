@@ -14,11 +14,11 @@ struct Args {
     #[command(flatten)]
     model: ModelWorkerArgs,
     /// Prompt tokens per batch.
-    #[arg(long, env = "SLUICE_MAX_BATCH_TOKENS", default_value_t = 4096)]
+    #[arg(long, env = "SLUICE_MAX_BATCH_TOKENS", default_value_t = sluice_prefill::DEFAULT_MAX_BATCH_TOKENS)]
     max_batch_tokens: usize,
     /// Prompts queued here; beyond it a new one is refused with RESOURCE_EXHAUSTED and the
     /// router tries another prefill worker.
-    #[arg(long, env = "SLUICE_PREFILL_MAX_WAITING", default_value_t = 64)]
+    #[arg(long, env = "SLUICE_PREFILL_MAX_WAITING", default_value_t = sluice_prefill::DEFAULT_MAX_WAITING)]
     max_waiting: usize,
 }
 

@@ -33,15 +33,15 @@ use sluice_proto::v1::{self as pb, FinishReason};
 use sluice_proto::worker::v1 as wpb;
 use sluice_proto::worker::v1::decode_client::DecodeClient;
 use sluice_proto::worker::v1::prefill_client::PrefillClient;
+use sluice_runtime::sampling;
 use sluice_runtime::telemetry::traced;
-use sluice_runtime::{Role, WorkerId};
+use sluice_runtime::{AttemptKey, Role, WorkerId};
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 use tonic::{Status, Streaming};
 
 use crate::admission::Targets;
 use crate::error::RouterError;
-use crate::key::AttemptKey;
 use crate::metrics::RouterMetrics;
 use crate::pool::{Assignment, CallOutcome, Pair, Work, WorkerPool, WorkerState};
 use crate::stop::StopMatcher;
@@ -84,8 +84,9 @@ struct Emitter<'a> {
 }
 
 impl Emitter<'_> {
-    /// Sends `token` (with `finish` when the worker says it is the last). Returns the finish
-    /// reason when the request is over.
+    /// Sends `token` (with `finish` when the worker that sampled it says it is the last: the
+    /// worker decides end-of-sequence, stop tokens and length; this decides stop strings).
+    /// Returns the finish reason when the request is over.
     async fn token(
         &mut self,
         token: u32,
@@ -103,9 +104,15 @@ impl Emitter<'_> {
         self.tokens.push(token);
         let tokenizer = &self.relay.model.tokenizer;
         let sampling = &self.request.sampling;
-        let stop_token = sampling.stop_token_ids.contains(&token);
+        if finish.is_none() && self.tokens.len() >= sampling.max_tokens {
+            return Err(RouterError::Internal(format!(
+                "a worker sent token {} of a request for {} without ending it",
+                self.tokens.len(),
+                sampling.max_tokens
+            )));
+        }
         // A stop token ends the text without adding to it.
-        let piece = if stop_token {
+        let piece = if finish == Some(FinishReason::Stop) {
             String::new()
         } else {
             self.decoder
@@ -113,16 +120,10 @@ impl Emitter<'_> {
                 .map_err(|e| RouterError::Runtime(e.into()))?
         };
         let (mut text, stopped) = self.stops.push(&piece);
-        let finish = if stopped || stop_token {
+        let finish = if stopped {
             Some(FinishReason::Stop)
-        } else if self.request.eos.contains(&token) {
-            Some(FinishReason::Eos)
-        } else if let Some(f) = finish {
-            Some(f)
-        } else if self.tokens.len() >= sampling.max_tokens {
-            Some(FinishReason::Length)
         } else {
-            None
+            finish
         };
         if finish.is_some() && !stopped {
             let tail = self
@@ -543,14 +544,15 @@ impl Relay {
                 key.to_string()
             },
             prompt_token_ids: request.prompt.clone(),
-            sampling: Some(to_wire_sampling(request)),
+            sampling: Some(sampling::to_worker(&request.sampling)),
             // Disaggregated: the prefill worker samples the first token.
             max_new_tokens: if local {
                 max_tokens - sent
             } else {
                 max_tokens - 1
             } as u32,
-            eos_token_ids: request.worker_stop_ids(),
+            eos_token_ids: request.eos.clone(),
+            stop_token_ids: request.sampling.stop_token_ids.clone(),
             prefill: local,
             generated_token_ids: emitter.tokens.clone(),
             rng_state: if sent > 0 { emitter.rng_state } else { None },
@@ -590,22 +592,31 @@ impl Relay {
             .prefill(traced(wpb::PrefillRequest {
                 request_id: key.to_string(),
                 prompt_token_ids: request.prompt.clone(),
-                sampling: Some(to_wire_sampling(request)),
+                sampling: Some(sampling::to_worker(&request.sampling)),
                 decode_worker_id: decode.info.worker_id.to_string(),
                 decode_address,
                 transfer_id,
-                transport: pair.transport.to_string(),
+                transport: pair.transport.to_pb(),
                 client_request_id: request.request_id.clone(),
                 // Queued past what is left of its time-to-first-token target, it is shed.
                 queue_budget_ms: self.queue_budget_ms(emitter),
+                eos_token_ids: request.eos.clone(),
+                stop_token_ids: request.sampling.stop_token_ids.clone(),
+                max_new_tokens: request.sampling.max_tokens as u32,
             }))
             .await
             .map_err(|status| classify(Role::Prefill, pair.prefill.worker(), status))?
             .into_inner();
         pair.prefill.worker().record(CallOutcome::Answered);
         emitter.rng_state = Some(first.rng_state);
+        let reason =
+            FinishReason::try_from(first.finish_reason).unwrap_or(FinishReason::Unspecified);
         let finish = emitter
-            .token(first.first_token, None, first.first_logprobs)
+            .token(
+                first.first_token,
+                (reason != FinishReason::Unspecified).then_some(reason),
+                first.first_logprobs,
+            )
             .await
             .map_err(Stop::Final)?;
         if let Some(reason) = finish {
@@ -683,27 +694,5 @@ impl Relay {
                 ))));
             }
         }
-    }
-}
-
-fn to_wire_sampling(request: &ValidRequest) -> pb::SamplingParams {
-    let s = &request.sampling;
-    let p = &s.params;
-    pb::SamplingParams {
-        temperature: Some(p.temperature),
-        top_p: Some(p.top_p),
-        top_k: p.top_k as u32,
-        min_p: p.min_p,
-        seed: p.seed,
-        repetition_penalty: Some(p.repetition_penalty),
-        presence_penalty: p.presence_penalty,
-        frequency_penalty: p.frequency_penalty,
-        max_tokens: Some(s.max_tokens as u32),
-        // Stop strings, stop ids and echo are the router's business.
-        stop: Vec::new(),
-        ignore_eos: s.ignore_eos,
-        stop_token_ids: Vec::new(),
-        logprobs: s.logprobs.map(|n| n as u32),
-        echo: false,
     }
 }

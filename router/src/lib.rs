@@ -7,7 +7,6 @@ pub mod args;
 pub mod error;
 pub mod generation;
 pub mod http;
-pub mod key;
 pub mod metrics;
 pub mod openai;
 pub mod pool;

@@ -18,17 +18,6 @@ pub struct ValidRequest {
     pub eos: Vec<u32>,
 }
 
-impl ValidRequest {
-    /// The ids a worker stops at: end-of-sequence (unless ignored) and stop token ids.
-    pub fn worker_stop_ids(&self) -> Vec<u32> {
-        let mut ids = self.eos.clone();
-        ids.extend(&self.sampling.stop_token_ids);
-        ids.sort_unstable();
-        ids.dedup();
-        ids
-    }
-}
-
 /// What the router knows of the model it fronts: enough to tokenise and validate.
 pub struct ModelContext {
     pub name: String,

@@ -256,6 +256,14 @@ async fn generation_rules_and_the_openai_api() {
         "{:?} vs {full:?}",
         stopped.text
     );
+    // The first token (sampled by the prefill worker, which then decides its finish) as a
+    // stop token: one token, no text, finish `stop`.
+    let mut req = greedy(&base_prompt, 24);
+    req.sampling.as_mut().unwrap().stop_token_ids = vec![tokens[0]];
+    let stopped = c.generate(req).await.unwrap();
+    assert_eq!(stopped.token_ids, tokens[..1]);
+    assert_eq!(stopped.finish_reason, FinishReason::Stop as i32);
+    assert_eq!(stopped.text, "");
 
     // --- Log-probabilities: one per token, the sampled token first among the top ones, and
     // equal to the log-softmax of the same step's logits computed in one local process.

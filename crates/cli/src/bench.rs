@@ -7,7 +7,7 @@ use anyhow::{Result, ensure};
 use serde_json::json;
 use sluice_engine::backend::{Backend, BackendInfo};
 use sluice_engine::sampler::argmax;
-use sluice_engine::{CacheConfig, LogitsMode, Model, ModelCache, SeqChunk};
+use sluice_engine::{CacheConfig, LogitsMode, Model, ModelCache, PrefillPlan, SeqChunk};
 
 use crate::model_source::ModelArgs;
 use sluice_engine::allocation_count as allocations;
@@ -39,6 +39,9 @@ pub struct BenchArgs {
     /// prefills with its buffers and caches already in use.
     #[arg(long, default_value_t = 3)]
     pub prefill_runs: usize,
+    /// Prompt tokens per prefill step of one sequence, as the services cut them.
+    #[arg(long, default_value_t = sluice_engine::DEFAULT_PREFILL_CHUNK)]
+    pub prefill_chunk: usize,
     /// Bytes the read-bandwidth measurement streams per pass (0: skip it).
     #[arg(long, default_value_t = crate::read_bandwidth::DEFAULT_BYTES)]
     pub bandwidth_bytes: usize,
@@ -59,18 +62,31 @@ fn prompt(len: usize, vocab: usize, salt: u64) -> Vec<u32> {
         .collect()
 }
 
+/// Prefills every prompt, all of them in each step, cut as `plan` says (equal lengths: the
+/// prompts finish together); returns the last step's logits, one row per prompt.
 fn prefill(
     model: &Model,
+    plan: PrefillPlan,
     cache: &mut ModelCache,
-    seqs: &[u64],
+    seqs: &[sluice_engine::SeqId],
     prompts: &[Vec<u32>],
 ) -> Result<Vec<f32>> {
-    let batch: Vec<SeqChunk<'_>> = seqs
-        .iter()
-        .zip(prompts)
-        .map(|(&seq, p)| SeqChunk { seq, tokens: p })
-        .collect();
-    Ok(model.forward(cache, &batch, LogitsMode::LastPerSequence)?)
+    let len = prompts.first().map_or(0, Vec::len);
+    let (mut cached, mut logits) = (0, Vec::new());
+    while cached < len {
+        let feed = plan.next(cached, len);
+        let batch: Vec<SeqChunk<'_>> = seqs
+            .iter()
+            .zip(prompts)
+            .map(|(&seq, p)| SeqChunk {
+                seq,
+                tokens: &p[feed.clone()],
+            })
+            .collect();
+        model.forward_into(cache, &batch, LogitsMode::LastPerSequence, &mut logits)?;
+        cached = feed.end;
+    }
+    Ok(logits)
 }
 
 fn peak_rss_bytes() -> Option<u64> {
@@ -90,6 +106,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let load_s = load_start.elapsed().as_secs_f64();
     let vocab = model.spec().vocab;
     let b = args.batch;
+    let plan = PrefillPlan::new(args.prefill_chunk);
     let tokens = args
         .prompt_len
         .max(args.decode_context + args.gen_len + COUNTED_STEPS + 1);
@@ -102,11 +119,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .collect();
     let mut prefill_s = Vec::with_capacity(args.prefill_runs + 1);
     for _ in 0..=args.prefill_runs {
-        let seqs: Vec<u64> = (0..b)
+        let seqs: Vec<sluice_engine::SeqId> = (0..b)
             .map(|_| cache.add_sequence())
             .collect::<Result<_, _>>()?;
         let start = Instant::now();
-        prefill(&model, &mut cache, &seqs, &prompts)?;
+        prefill(&model, plan, &mut cache, &seqs, &prompts)?;
         prefill_s.push(start.elapsed().as_secs_f64());
         seqs.iter().for_each(|&s| cache.release(s));
     }
@@ -118,10 +135,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let contexts: Vec<Vec<u32>> = (0..b)
         .map(|i| prompt(args.decode_context.max(1), vocab, 1000 + i as u64))
         .collect();
-    let seqs: Vec<u64> = (0..b)
+    let seqs: Vec<sluice_engine::SeqId> = (0..b)
         .map(|_| cache.add_sequence())
         .collect::<Result<_, _>>()?;
-    let logits = prefill(&model, &mut cache, &seqs, &contexts)?;
+    let logits = prefill(&model, plan, &mut cache, &seqs, &contexts)?;
     let mut next: Vec<u32> = logits.chunks_exact(vocab).map(argmax).collect();
     let mut logits = Vec::new();
     // One decode step; with `count`, the model's allocations in it (the bench's own

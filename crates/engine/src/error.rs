@@ -54,7 +54,7 @@ pub enum EngineError {
     #[error("no free state slot: all {0} sequence slots are in use")]
     NoFreeSlot(usize),
     #[error("unknown sequence {0}")]
-    UnknownSequence(u64),
+    UnknownSequence(crate::cache::SeqId),
     #[error("cache snapshot does not fit this model: {0}")]
     SnapshotMismatch(String),
     #[error("device `{device}` is not available: {reason}")]

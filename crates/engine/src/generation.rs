@@ -10,12 +10,8 @@ use crate::cache::{CacheConfig, ModelCache};
 use crate::config::{ModelSpec, parse_token_ids};
 use crate::error::{EngineError, Result};
 use crate::model::{LogitsMode, Model, SeqChunk};
+use crate::prefill_plan::PrefillPlan;
 use crate::sampler::{Sampled, Sampler, SamplingParams};
-
-/// Prompt tokens per forward pass during prefill, unless configured otherwise. Services and
-/// the CLI share it: chunk boundaries are part of the arithmetic of the DeltaNet layers, so the
-/// same chunking gives bit-identical results.
-pub const DEFAULT_PREFILL_CHUNK: usize = 512;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
@@ -78,9 +74,8 @@ pub fn generate(
     let total = request.prompt.len() + request.max_tokens;
     let mut cache: ModelCache = model.new_cache(CacheConfig::for_sequences(1, total))?;
     let seq = cache.add_sequence()?;
-    let chunk = request.prefill_chunk.max(1);
     let mut logits = Vec::new();
-    for part in request.prompt.chunks(chunk) {
+    for part in PrefillPlan::new(request.prefill_chunk).chunks(&request.prompt) {
         model.forward_into(
             &mut cache,
             &[SeqChunk { seq, tokens: part }],

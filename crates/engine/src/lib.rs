@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod generation;
 pub mod model;
+pub mod prefill_plan;
 pub mod sampler;
 pub mod synth;
 pub mod tensor;
@@ -16,16 +17,17 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use backend::Device;
-pub use cache::{CacheConfig, CacheLayout, CacheSnapshot, ModelCache, SeqId, SeqLease};
+pub use cache::{
+    CacheConfig, CacheLayout, CacheSnapshot, KV_BLOCK_TOKENS, ModelCache, SeqId, SeqLease,
+};
 pub use config::{ModelFamily, ModelSpec};
 pub use error::{EngineError, Result};
-pub use generation::{
-    DEFAULT_PREFILL_CHUNK, FinishReason, GenerationOutput, GenerationRequest, generate,
-};
+pub use generation::{FinishReason, GenerationOutput, GenerationRequest, generate};
 pub use model::{
     ExpertExecutor, ExpertGroup, ExpertResidency, ExpertShard, LanguageModel, LogitsMode,
     MockModel, MockTiming, Model, SeqChunk, shard_range,
 };
+pub use prefill_plan::{DEFAULT_PREFILL_CHUNK, PrefillPlan};
 pub use sampler::{Sampled, Sampler, SamplingParams};
 pub use synth::Preset;
 pub use tensor::WeightFormat;

@@ -33,7 +33,7 @@ fn decode_allocations<B: Backend>(model: &Model<B>, steps: usize) -> Vec<u64> {
             max_sequences: 3,
         })
         .unwrap();
-    let seqs: Vec<u64> = (0..3).map(|_| cache.add_sequence().unwrap()).collect();
+    let seqs: Vec<sluice_engine::SeqId> = (0..3).map(|_| cache.add_sequence().unwrap()).collect();
     let prompts: [Vec<u32>; 3] = [
         (0..5).map(|i| (i * 7 % vocab) as u32).collect(),
         (0..9).map(|i| (i * 3 % vocab) as u32).collect(),

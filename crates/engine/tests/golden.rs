@@ -205,7 +205,7 @@ fn chunked_prompt_equals_one_shot() {
 fn continue_greedy(
     model: &Model,
     c: &mut ModelCache,
-    seq: u64,
+    seq: sluice_engine::SeqId,
     first: u32,
     steps: usize,
 ) -> Vec<Vec<f32>> {

@@ -62,7 +62,6 @@ fn binary_seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
             ],
         }),
         handoff: Some(wpb::SequenceHandoff {
-            request_id: "r".into(),
             first_token: 7,
             rng_state: 1,
         }),

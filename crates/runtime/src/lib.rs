@@ -4,6 +4,7 @@
 //! remote expert dispatch, gRPC serving plumbing (health, reflection, deadlines) and
 //! telemetry. Services stay thin on top of it.
 
+pub mod attempt_key;
 pub mod cli;
 pub mod directory;
 pub mod engine_thread;
@@ -23,6 +24,7 @@ pub mod transport;
 pub mod wire;
 pub mod worker_info;
 
+pub use attempt_key::AttemptKey;
 pub use directory::WorkerDirectory;
 pub use error::{Result, RuntimeError};
 pub use experts::RemoteExperts;

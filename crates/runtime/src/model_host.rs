@@ -92,7 +92,7 @@ pub struct ModelWorkerArgs {
     #[arg(long, env = "SLUICE_EXPERT_TIMEOUT", default_value_t = 30)]
     pub expert_timeout: u64,
     /// Longest sequence (prompt + output), in tokens.
-    #[arg(long, env = "SLUICE_MAX_CONTEXT", default_value_t = 8192)]
+    #[arg(long, env = "SLUICE_MAX_CONTEXT", default_value_t = DEFAULT_MAX_CONTEXT)]
     pub max_context: usize,
     /// Threads for the model's kernels, caller included (default: the CPUs this process may
     /// use, cgroup quota included; pinned to cores when the process owns exactly that many).
@@ -155,6 +155,9 @@ impl ModelWorkerArgs {
         self.transport.plan(self.device)
     }
 }
+
+/// `--max-context` unless set: the longest sequence (prompt + output) a worker takes.
+pub const DEFAULT_MAX_CONTEXT: usize = 8192;
 
 /// How a model worker reaches its remote experts.
 #[derive(Debug, Clone, Copy)]

@@ -1,9 +1,11 @@
 //! The public `SamplingParams` message → the engine's validated [`SamplingParams`] plus the
-//! stop rules. Unset optional fields take documented defaults; set ones are range-checked and
-//! refused naming the field.
+//! stop rules (at the router, once). Unset optional fields take documented defaults; set ones
+//! are range-checked and refused naming the field. Workers get only what their sampler uses
+//! (`WorkerSampling`: [`to_worker`] at the router, [`from_worker`] at the worker).
 
 use sluice_engine::{Sampled, SamplingParams};
 use sluice_proto::v1 as pb;
+use sluice_proto::worker::v1 as wpb;
 
 use crate::error::{Result, RuntimeError};
 
@@ -54,6 +56,70 @@ pub fn params_from_pb(p: Option<&pb::SamplingParams>) -> Result<SamplingParams> 
     }
     params.validate()?;
     Ok(params)
+}
+
+/// The sampling a worker runs for the validated request `s`.
+pub fn to_worker(s: &RequestSampling) -> wpb::WorkerSampling {
+    let p = &s.params;
+    wpb::WorkerSampling {
+        temperature: p.temperature,
+        top_p: p.top_p,
+        top_k: p.top_k as u32,
+        min_p: p.min_p,
+        seed: p.seed,
+        repetition_penalty: p.repetition_penalty,
+        presence_penalty: p.presence_penalty,
+        frequency_penalty: p.frequency_penalty,
+        logprobs: s.logprobs.map(|n| n as u32),
+    }
+}
+
+/// A worker's sampler parameters (unset: the engine's defaults, greedy) and whether it
+/// reports log-probabilities. Not validated again here: the router did, and the engine's
+/// sampler refuses parameters out of range when it is made.
+pub fn from_worker(w: Option<&wpb::WorkerSampling>) -> (SamplingParams, bool) {
+    let Some(w) = w else {
+        return (SamplingParams::default(), false);
+    };
+    let params = SamplingParams {
+        temperature: w.temperature,
+        top_p: w.top_p,
+        top_k: w.top_k as usize,
+        min_p: w.min_p,
+        repetition_penalty: w.repetition_penalty,
+        presence_penalty: w.presence_penalty,
+        frequency_penalty: w.frequency_penalty,
+        seed: w.seed,
+        top_logprobs: w.logprobs.unwrap_or(0) as usize,
+    };
+    (params, w.logprobs.is_some())
+}
+
+/// How a worker ends a sequence at a token it sampled: a stop token id → `Stop`, an
+/// end-of-sequence id → `Eos`, the last of its budget → `Length`. The worker that samples a
+/// token is the one owner of these; the router ends a request only at a stop string.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FinishRule {
+    /// End-of-sequence ids (empty when the request ignores them).
+    pub eos: Vec<u32>,
+    /// The request's stop token ids.
+    pub stop: Vec<u32>,
+}
+
+impl FinishRule {
+    /// The finish reason of `token` with `remaining` tokens of the budget left after it
+    /// (`Unspecified`: the sequence goes on).
+    pub fn judge(&self, token: u32, remaining: usize) -> pb::FinishReason {
+        if self.stop.contains(&token) {
+            pb::FinishReason::Stop
+        } else if self.eos.contains(&token) {
+            pb::FinishReason::Eos
+        } else if remaining == 0 {
+            pb::FinishReason::Length
+        } else {
+            pb::FinishReason::Unspecified
+        }
+    }
 }
 
 /// Refuses `ids` (the request field `field`) when one is not below `vocab`.
@@ -168,5 +234,44 @@ mod tests {
         )
         .unwrap();
         assert_eq!((s.logprobs, s.params.top_logprobs), (Some(3), 3));
+    }
+
+    #[test]
+    fn finish_rule_prefers_stop_tokens_then_eos_then_length() {
+        let rule = FinishRule {
+            eos: vec![1, 2],
+            stop: vec![2, 3],
+        };
+        assert_eq!(rule.judge(2, 5), pb::FinishReason::Stop);
+        assert_eq!(rule.judge(1, 5), pb::FinishReason::Eos);
+        assert_eq!(rule.judge(3, 0), pb::FinishReason::Stop);
+        assert_eq!(rule.judge(9, 0), pb::FinishReason::Length);
+        assert_eq!(rule.judge(9, 1), pb::FinishReason::Unspecified);
+    }
+
+    /// What the router sends is what the worker's sampler runs.
+    #[test]
+    fn worker_sampling_round_trips() {
+        let s = from_pb(
+            Some(&pb::SamplingParams {
+                temperature: Some(0.7),
+                top_p: Some(0.9),
+                top_k: 40,
+                min_p: 0.05,
+                seed: Some(11),
+                repetition_penalty: Some(1.1),
+                presence_penalty: 0.3,
+                frequency_penalty: -0.2,
+                logprobs: Some(2),
+                stop: vec!["x".into()],
+                ..Default::default()
+            }),
+            100,
+        )
+        .unwrap();
+        assert_eq!(from_worker(Some(&to_worker(&s))), (s.params.clone(), true));
+        let plain = from_pb(None, 100).unwrap();
+        assert_eq!(from_worker(Some(&to_worker(&plain))), (plain.params, false));
+        assert_eq!(from_worker(None), (SamplingParams::default(), false));
     }
 }

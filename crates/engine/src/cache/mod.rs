@@ -13,7 +13,18 @@ use crate::config::{MixerKind, ModelSpec};
 use crate::error::{EngineError, Result};
 
 /// Identifies a sequence inside one [`ModelCache`].
-pub type SeqId = u64;
+/// A sequence in one [`ModelCache`]: minted by the cache, meaningless outside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeqId(u64);
+
+impl std::fmt::Display for SeqId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Tokens per KV block in the services' caches.
+pub const KV_BLOCK_TOKENS: usize = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheConfig {
@@ -149,7 +160,7 @@ impl ModelCache {
             free_blocks: (0..config.num_blocks as u32).rev().collect(),
             free_slots: (0..config.max_sequences).rev().collect(),
             seqs: HashMap::new(),
-            next_id: 1,
+            next_id: SeqId(1),
             returned: Arc::default(),
         })
     }
@@ -212,7 +223,7 @@ impl ModelCache {
             state.recurrent[slot * self.recurrent_len..(slot + 1) * self.recurrent_len].fill(0.0);
         }
         let id = self.next_id;
-        self.next_id += 1;
+        self.next_id = SeqId(id.0 + 1);
         // Room for a fair share of the pool up front, so growing a sequence during decode
         // does not allocate.
         let share = self

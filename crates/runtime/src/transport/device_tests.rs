@@ -60,7 +60,6 @@ fn header(id: &str, fingerprint: u64, tokens: usize) -> TransferHeader {
         fingerprint,
         layout: layout(tokens),
         handoff: Handoff {
-            request_id: format!("req-{id}"),
             first_token: 3,
             rng_state: 4,
         },
@@ -91,7 +90,7 @@ async fn receiver(name: &str, device: &DeviceTransports, communicators: usize) -
     Receiver {
         inbox,
         dest: Destination {
-            worker_id: name.into(),
+            worker_id: crate::WorkerId::new(name).unwrap(),
             address,
         },
         stop,
@@ -127,7 +126,7 @@ async fn cuda_ipc_moves_the_cache_and_frees_the_export() {
         assert_eq!(bytes, sent.total_bytes() as u64);
         let got = arrived(&decode, &id).await;
         assert_eq!(got.snapshot, sent);
-        assert_eq!(got.handoff.request_id, format!("req-{id}"));
+        assert_eq!((got.handoff.first_token, got.handoff.rng_state), (3, 4));
         assert_eq!(
             ipc.live(),
             0,

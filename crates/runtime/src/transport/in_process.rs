@@ -59,7 +59,7 @@ impl CacheTransport for InProcessTransport {
             .hub
             .get(&dest.address)
             .ok_or_else(|| RuntimeError::Unavailable {
-                worker: dest.worker_id.clone(),
+                worker: dest.worker_id.to_string(),
                 message: "not a decode worker of this process".into(),
             })?;
         let bytes = snapshot.total_bytes() as u64;

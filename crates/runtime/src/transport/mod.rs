@@ -97,17 +97,42 @@ impl FromStr for TransportKind {
     }
 }
 
+impl TransportKind {
+    /// The wire form (`PrefillRequest.transport`, `HandshakeRequest.transport`).
+    pub fn to_pb(self) -> i32 {
+        (match self {
+            TransportKind::Tcp => pb::TransportKind::Tcp,
+            TransportKind::InProcess => pb::TransportKind::InProcess,
+            TransportKind::Nccl => pb::TransportKind::Nccl,
+            TransportKind::CudaIpc => pb::TransportKind::CudaIpc,
+        }) as i32
+    }
+
+    /// Reads the wire form of `field`, refusing an unset or unknown value.
+    pub fn from_pb(field: &str, value: i32) -> Result<Self> {
+        match pb::TransportKind::try_from(value) {
+            Ok(pb::TransportKind::Tcp) => Ok(TransportKind::Tcp),
+            Ok(pb::TransportKind::InProcess) => Ok(TransportKind::InProcess),
+            Ok(pb::TransportKind::Nccl) => Ok(TransportKind::Nccl),
+            Ok(pb::TransportKind::CudaIpc) => Ok(TransportKind::CudaIpc),
+            Ok(pb::TransportKind::Unspecified) | Err(_) => Err(RuntimeError::invalid(
+                field,
+                format!("{value} is not a transport (tcp, in-process, nccl or cuda-ipc)"),
+            )),
+        }
+    }
+}
+
 /// Where a cache goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Destination {
-    pub worker_id: String,
+    pub worker_id: crate::WorkerId,
     pub address: String,
 }
 
 /// What the decode worker needs besides the cache to continue the sequence.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Handoff {
-    pub request_id: String,
     pub first_token: u32,
     /// Sampler RNG state after the first token.
     pub rng_state: u64,
@@ -178,7 +203,7 @@ pub struct InboxLimits {
 impl Default for InboxLimits {
     fn default() -> Self {
         InboxLimits {
-            max_tokens: 8192,
+            max_tokens: crate::model_host::DEFAULT_MAX_CONTEXT,
             max_staged: 64,
         }
     }
@@ -409,7 +434,6 @@ pub fn header_to_pb(h: &TransferHeader, total_bytes: u64) -> pb::CacheHeader {
         model_fingerprint: h.fingerprint,
         layout: Some(layout_to_pb(&h.layout)),
         handoff: Some(pb::SequenceHandoff {
-            request_id: h.handoff.request_id.clone(),
             first_token: h.handoff.first_token,
             rng_state: h.handoff.rng_state,
         }),
@@ -431,7 +455,6 @@ pub fn header_from_pb(h: &pb::CacheHeader) -> Result<TransferHeader> {
         fingerprint: h.model_fingerprint,
         layout: layout_from_pb(layout)?,
         handoff: Handoff {
-            request_id: handoff.request_id.clone(),
             first_token: handoff.first_token,
             rng_state: handoff.rng_state,
         },
@@ -468,7 +491,6 @@ mod tests {
             fingerprint,
             layout: layout(tokens),
             handoff: Handoff {
-                request_id: "r".into(),
                 first_token: 7,
                 rng_state: 9,
             },

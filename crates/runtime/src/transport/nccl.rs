@@ -112,8 +112,8 @@ pub struct NcclTransport {
     sender_id: String,
     factory: Arc<dyn CommunicatorFactory>,
     /// By destination worker id; each remembers its unique id for `PushNccl`.
-    pool: CommunicatorPool<String>,
-    ids: Mutex<HashMap<String, Vec<u8>>>,
+    pool: CommunicatorPool<crate::WorkerId>,
+    ids: Mutex<HashMap<crate::WorkerId, Vec<u8>>>,
     /// One communicator set-up at a time, so concurrent first pushes to a new peer make one.
     creating: AsyncMutex<()>,
     channels: Channels,
@@ -159,7 +159,7 @@ impl NcclTransport {
         client
             .handshake(pb::HandshakeRequest {
                 sender_id: self.sender_id.clone(),
-                transport: TransportKind::Nccl.to_string(),
+                transport: TransportKind::Nccl.to_pb(),
                 payload: id.clone(),
             })
             .await

@@ -75,7 +75,7 @@ impl CacheTransfer for CacheTransferService {
         request: Request<pb::HandshakeRequest>,
     ) -> Result<Response<pb::HandshakeResponse>, Status> {
         let r = request.into_inner();
-        match r.transport.parse::<TransportKind>()? {
+        match TransportKind::from_pb("transport", r.transport)? {
             TransportKind::Tcp | TransportKind::InProcess => {}
             TransportKind::CudaIpc if self.ipc.is_some() => {}
             TransportKind::Nccl => match &self.nccl {

@@ -55,7 +55,7 @@ pub(super) fn push_error(dest: &Destination, status: Status) -> RuntimeError {
             RuntimeError::Rpc(status)
         }
         _ => RuntimeError::Unavailable {
-            worker: dest.worker_id.clone(),
+            worker: dest.worker_id.to_string(),
             message: format!("cache push failed: {}", status.message()),
         },
     }
