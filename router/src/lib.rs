@@ -40,7 +40,7 @@ use crate::validate::ModelContext;
 pub const DEFAULT_TTFT_TARGET: Duration = Duration::from_secs(5);
 
 /// How often the router asks every worker for its load report.
-const LOAD_POLL_PERIOD: Duration = Duration::from_millis(200);
+const LOAD_POLL_PERIOD: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone)]
 pub struct RouterConfig {
