@@ -268,8 +268,9 @@ impl DecodeService {
         Ok(())
     }
 
-    /// The request's key and sampler parameters, once its fields are checked.
-    fn validate(&self, req: &pb::DecodeRequest) -> Result<(AttemptKey, SamplingParams)> {
+    /// The request's key, its sampler parameters and whether it reports log-probabilities,
+    /// once its fields are checked.
+    fn validate(&self, req: &pb::DecodeRequest) -> Result<(AttemptKey, (SamplingParams, bool))> {
         let key: AttemptKey = req.request_id.parse()?;
         if req.transfer_id.is_empty() && !req.prefill {
             return Err(RuntimeError::invalid(
@@ -315,7 +316,7 @@ impl DecodeService {
         }
         sampling::check_token_ids("prompt_token_ids", &req.prompt_token_ids, self.vocab)?;
         sampling::check_token_ids("generated_token_ids", &req.generated_token_ids, self.vocab)?;
-        Ok((key, sampling::from_worker(req.sampling.as_ref()).0))
+        Ok((key, sampling::from_worker(req.sampling.as_ref())))
     }
 }
 
@@ -323,13 +324,12 @@ impl DecodeService {
 async fn start_sequence(
     key: AttemptKey,
     req: pb::DecodeRequest,
-    params: SamplingParams,
+    (params, logprobs): (SamplingParams, bool),
     inbox: Arc<CacheInbox>,
     commands: mpsc::UnboundedSender<Command>,
     timeout: Duration,
     tx: ChunkSender,
 ) {
-    let (_, logprobs) = sampling::from_worker(req.sampling.as_ref());
     // Only a sequence that has sent nothing may be shed (a migrated one has).
     let shed_at = (req.prefill && req.generated_token_ids.is_empty() && req.queue_budget_ms > 0)
         .then(|| std::time::Instant::now() + Duration::from_millis(req.queue_budget_ms.into()));
@@ -408,7 +408,7 @@ impl Decode for DecodeService {
     ) -> Result<Response<Self::DecodeStream>, Status> {
         let metadata = request.metadata().clone();
         let req = request.into_inner();
-        let (key, params) = self.validate(&req)?;
+        let (key, sampling) = self.validate(&req)?;
         self.check_room()?;
         let (tx, rx) = mpsc::unbounded_channel();
         let span = tracing::info_span!(
@@ -421,7 +421,7 @@ impl Decode for DecodeService {
             start_sequence(
                 key,
                 req,
-                params,
+                sampling,
                 self.inbox.clone(),
                 self.commands.clone(),
                 self.transfer_timeout,
