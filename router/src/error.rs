@@ -1,5 +1,7 @@
 //! The router's one error type, mapped to `tonic::Status` here.
 
+use std::borrow::Cow;
+
 use sluice_runtime::RuntimeError;
 use tonic::{Code, Status};
 
@@ -7,7 +9,7 @@ use tonic::{Code, Status};
 pub enum RouterError {
     #[error("invalid argument `{field}`: {message}")]
     InvalidArgument {
-        field: &'static str,
+        field: Cow<'static, str>,
         message: String,
     },
     /// Refused for load (never for the request itself): `retry_after` is when the queues
@@ -76,9 +78,10 @@ impl RouterError {
         }
     }
 
-    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+    /// A refusal of the request field `field` (a name such as `messages[2].content`).
+    pub fn invalid(field: impl Into<Cow<'static, str>>, message: impl Into<String>) -> Self {
         RouterError::InvalidArgument {
-            field,
+            field: field.into(),
             message: message.into(),
         }
     }

@@ -114,6 +114,14 @@ impl Emitter<'_> {
         // A stop token ends the text without adding to it.
         let piece = if finish == Some(FinishReason::Stop) {
             String::new()
+        } else if let Some(markup) = self.relay.model.markup_text(token) {
+            // The decoder skips special tokens: release what it holds, then the tag.
+            let mut piece = self
+                .decoder
+                .finish(tokenizer)
+                .map_err(|e| RouterError::Runtime(e.into()))?;
+            piece.push_str(markup);
+            piece
         } else {
             self.decoder
                 .push(tokenizer, token)

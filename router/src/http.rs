@@ -25,8 +25,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic::metadata::MetadataMap;
 
+use crate::chat_output::ChatDelta;
 use crate::error::RouterError;
-use crate::openai::{self, ChatRequest, CompletionRequest, ErrorBody, ErrorDetail};
+use crate::openai::{self, ChatRequest, CompletionRequest, ErrorBody, ErrorDetail, WireRequest};
 use crate::service::{ChunkRx, Frontend};
 
 #[derive(Clone)]
@@ -157,15 +158,16 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// `Json` whose rejections are OpenAI-shaped errors.
+/// `Json` whose rejections are OpenAI-shaped errors, and whose fields are all known.
 struct Body<T>(T);
 
-impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Body<T> {
+impl<S: Send + Sync, T: WireRequest> FromRequest<S> for Body<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let Json(value) = Json::<T>::from_request(req, state).await?;
-        Ok(Body(value))
+        let Json(value) = Json::<serde_json::Map<String, Value>>::from_request(req, state).await?;
+        let body = T::from_body(value)?;
+        Ok(Body(body))
     }
 }
 
@@ -318,10 +320,11 @@ async fn chat_completions(
     let stream = request.sampling.stream;
     let include_usage = request.sampling.include_usage();
     let logprobs = request.logprobs;
-    let wire = request
+    let (wire, mut reader) = request
         .to_pb(&frontend.model().tokenizer)
         .inspect_err(|e| frontend.refused(e))?;
     let (id, rx) = start(frontend, wire, headers).await?;
+    let call_ids = ToolCallIds(id.clone());
     let id = format!("chatcmpl-{id}");
     let created = unix_now();
     let f = frontend.clone();
@@ -340,15 +343,20 @@ async fn chat_completions(
         let event = move |c: pb::GenerateChunk| {
             let tokenizer = &f.model().tokenizer;
             let lp = logprobs.then(|| openai::chat_logprobs(tokenizer, &c.logprobs));
-            let finish = openai::finish_reason(c.finish_reason);
-            let delta = if c.text.is_empty() && finish.is_some() {
-                json!({})
+            let mut delta = reader.push(&c.text);
+            let finish = if c.finish_reason == pb::FinishReason::Unspecified as i32 {
+                None
             } else {
-                json!({"content": c.text})
+                delta.append(reader.finish());
+                openai::chat_finish_reason(c.finish_reason, reader.called_tools())
             };
-            let mut events = vec![chunk(json!([{
-                "index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish,
-            }]))];
+            let mut events = Vec::new();
+            if !delta.is_empty() || finish.is_some() || lp.is_some() {
+                events.push(chunk(json!([{
+                    "index": 0, "delta": delta_json(&delta, &call_ids, true),
+                    "logprobs": lp, "finish_reason": finish,
+                }])));
+            }
             if include_usage && c.usage.is_some() {
                 let mut last = chunk(json!([]));
                 last["usage"] = openai::usage(c.usage.as_ref());
@@ -359,18 +367,65 @@ async fn chat_completions(
         return Ok(sse(rx, event, Some(first)).into_response());
     }
     let out = collect(rx).await?;
+    let mut answer = reader.push(&out.text);
+    answer.append(reader.finish());
     let lp = logprobs.then(|| openai::chat_logprobs(&frontend.model().tokenizer, &out.logprobs));
+    let mut message = delta_json(&answer, &call_ids, false);
+    message["role"] = json!("assistant");
     Ok(Json(json!({
         "id": id, "object": "chat.completion", "created": created, "model": model,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": out.text},
+            "message": message,
             "logprobs": lp,
-            "finish_reason": openai::finish_reason(out.finish_reason),
+            "finish_reason": openai::chat_finish_reason(out.finish_reason, reader.called_tools()),
         }],
         "usage": openai::usage(out.usage.as_ref()),
     }))
     .into_response())
+}
+
+/// Tool-call ids of one answer: the router's request id (never the client's) and the call's
+/// position.
+struct ToolCallIds(String);
+
+impl ToolCallIds {
+    fn id(&self, index: usize) -> String {
+        format!("call_{}_{index}", self.0)
+    }
+}
+
+/// A message (`streamed`: false) or a streamed delta: `content`, `reasoning_content` (the field
+/// vLLM and SGLang use) and `tool_calls`, each only when it has something (a whole message
+/// always has `content`, `null` when it only calls tools).
+fn delta_json(d: &ChatDelta, ids: &ToolCallIds, streamed: bool) -> Value {
+    let mut v = json!({});
+    if !d.content.is_empty() {
+        v["content"] = json!(d.content);
+    } else if !streamed {
+        v["content"] = Value::Null;
+    }
+    if !d.reasoning.is_empty() {
+        v["reasoning_content"] = json!(d.reasoning);
+    }
+    if !d.tool_calls.is_empty() {
+        let calls: Vec<Value> = d
+            .tool_calls
+            .iter()
+            .map(|c| {
+                let mut call = json!({
+                    "id": ids.id(c.index), "type": "function",
+                    "function": {"name": c.name, "arguments": c.arguments},
+                });
+                if streamed {
+                    call["index"] = json!(c.index);
+                }
+                call
+            })
+            .collect();
+        v["tool_calls"] = Value::Array(calls);
+    }
+    v
 }
 
 async fn models(State(app): State<AppState>) -> Json<Value> {

@@ -4,6 +4,7 @@
 
 pub mod admission;
 pub mod args;
+pub mod chat_output;
 pub mod error;
 pub mod generation;
 pub mod http;

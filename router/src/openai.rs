@@ -1,12 +1,14 @@
 //! OpenAI wire types (the fields Sluice honours) and their mapping to and from the public
-//! `sluice.v1` messages. Unknown fields are ignored, as OpenAI-compatible servers do; fields
-//! Sluice cannot honour (`n > 1`, tools) are refused by name.
+//! `sluice.v1` messages. A field Sluice does not know, or cannot honour (`n > 1`,
+//! `response_format` JSON, a forced `tool_choice`), is refused by name: a client asking for
+//! something never gets a 200 without it.
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
-use sluice_engine::{ChatMessage, Tokenizer};
+use serde_json::{Map, Value, json};
+use sluice_engine::{ChatMessage, ChatPrompt, MessageContent, TextPart, Tokenizer, ToolCallTurn};
 use sluice_proto::v1::{self as pb, FinishReason};
 
+use crate::chat_output::{ChatOutputReader, THINK_CLOSE, THINK_OPEN, ToolSet};
 use crate::error::RouterError;
 
 /// A string or a list of strings (`stop`, a completion `prompt`).
@@ -75,6 +77,7 @@ pub struct CompletionRequest {
     pub logprobs: Option<u32>,
     #[serde(default)]
     pub echo: bool,
+    pub logit_bias: Option<Map<String, Value>>,
     #[serde(flatten)]
     pub sampling: Sampling,
 }
@@ -94,10 +97,53 @@ pub struct ContentPart {
     pub text: Option<String>,
 }
 
+/// An earlier assistant turn's tool call, as OpenAI sends it back: `arguments` is JSON text.
+#[derive(Debug, Deserialize)]
+pub struct ToolCallWire {
+    pub id: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub function: FunctionWire,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct FunctionWire {
+    pub name: String,
+    #[serde(default)]
+    pub arguments: Option<String>,
+}
+
 #[derive(Debug, Deserialize)]
 pub struct Message {
     pub role: String,
     pub content: Option<Content>,
+    #[serde(default)]
+    pub tool_calls: Vec<ToolCallWire>,
+    pub tool_call_id: Option<String>,
+    pub name: Option<String>,
+    /// An earlier turn's reasoning (`reasoning` is the newer name some clients send).
+    #[serde(alias = "reasoning")]
+    pub reasoning_content: Option<String>,
+}
+
+/// `tool_choice`: `"none"`, `"auto"`, `"required"`, or `{"type": "function", "function":
+/// {"name": ...}}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ToolChoiceWire {
+    Mode(String),
+    Named { function: NamedFunction },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct NamedFunction {
+    pub name: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ResponseFormat {
+    #[serde(rename = "type")]
+    pub kind: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -106,9 +152,88 @@ pub struct ChatRequest {
     #[serde(default)]
     pub logprobs: bool,
     pub top_logprobs: Option<u32>,
-    pub tools: Option<Value>,
+    /// OpenAI `tools`, kept as sent: the template renders them as JSON, key order included.
+    pub tools: Option<Vec<Value>>,
+    pub tool_choice: Option<ToolChoiceWire>,
+    pub parallel_tool_calls: Option<bool>,
+    /// Template variables (`enable_thinking`, ...), as vLLM and SGLang take them.
+    pub chat_template_kwargs: Option<Map<String, Value>>,
+    pub add_generation_prompt: Option<bool>,
+    pub response_format: Option<ResponseFormat>,
+    pub logit_bias: Option<Map<String, Value>>,
     #[serde(flatten)]
     pub sampling: Sampling,
+}
+
+/// Fields shared by both endpoints' bodies (`Sampling`'s).
+const SAMPLING_FIELDS: &[&str] = &[
+    "model",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "n",
+    "stream",
+    "stream_options",
+    // Accepted and not acted on: they change nothing a response contains.
+    "user",
+    "metadata",
+];
+
+/// A request body whose every field Sluice honours: any other field is refused by name
+/// rather than dropped (a client asking for something must not get a 200 without it).
+pub trait WireRequest: serde::de::DeserializeOwned {
+    /// Fields of this body beyond the sampling ones.
+    const FIELDS: &'static [&'static str];
+
+    /// Refuses the first field of `body` that is not known.
+    fn check_fields(body: &Map<String, Value>) -> Result<(), RouterError> {
+        match body
+            .keys()
+            .find(|k| !Self::FIELDS.contains(&k.as_str()) && !SAMPLING_FIELDS.contains(&k.as_str()))
+        {
+            Some(k) => Err(RouterError::invalid(
+                k.clone(),
+                format!("`{k}` is not supported by this server"),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// The request in a parsed JSON body: fields checked, then typed.
+    fn from_body(body: Map<String, Value>) -> Result<Self, RouterError> {
+        Self::check_fields(&body)?;
+        serde_json::from_value(Value::Object(body))
+            .map_err(|e| RouterError::invalid("body", format!("invalid request body: {e}")))
+    }
+}
+
+impl WireRequest for ChatRequest {
+    const FIELDS: &'static [&'static str] = &[
+        "messages",
+        "logprobs",
+        "top_logprobs",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "chat_template_kwargs",
+        "add_generation_prompt",
+        "response_format",
+        "logit_bias",
+    ];
+}
+
+impl WireRequest for CompletionRequest {
+    const FIELDS: &'static [&'static str] = &["prompt", "logprobs", "echo", "logit_bias"];
 }
 
 impl Sampling {
@@ -156,6 +281,7 @@ impl Sampling {
 
 impl CompletionRequest {
     pub fn to_pb(self) -> Result<pb::GenerateRequest, RouterError> {
+        refuse_logit_bias(self.logit_bias.as_ref())?;
         let mut sampling = self.sampling.to_pb(self.logprobs)?;
         sampling.echo = self.echo;
         let mut request = pb::GenerateRequest {
@@ -188,15 +314,130 @@ impl CompletionRequest {
     }
 }
 
+/// Refuses a non-empty `logit_bias` (the sampler does not take one yet).
+fn refuse_logit_bias(bias: Option<&Map<String, Value>>) -> Result<(), RouterError> {
+    match bias {
+        Some(b) if !b.is_empty() => Err(RouterError::invalid(
+            "logit_bias",
+            "logit_bias is not supported yet",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A chat request's prompt as the model's template renders it.
+#[derive(Debug)]
+pub struct RenderedChat {
+    pub prompt: String,
+    /// The prompt leaves a `<think>` block open: the answer begins with reasoning.
+    pub opens_reasoning: bool,
+}
+
 impl ChatRequest {
-    /// The conversation rendered with the model's chat template, as a text prompt.
-    pub fn to_pb(self, tokenizer: &Tokenizer) -> Result<pb::GenerateRequest, RouterError> {
-        if self.tools.as_ref().is_some_and(|t| !t.is_null()) {
-            return Err(RouterError::invalid(
-                "tools",
-                "tool calls are not supported",
-            ));
+    /// Which tools the model is offered and its answer is read for (`tool_choice: none`
+    /// offers none).
+    fn offered_tools(&self) -> Result<Option<&[Value]>, RouterError> {
+        let tools = match self.tools.as_deref() {
+            None | Some([]) => None,
+            Some(t) => Some(t),
+        };
+        match &self.tool_choice {
+            None => Ok(tools),
+            Some(ToolChoiceWire::Mode(m)) if m == "auto" => Ok(tools),
+            Some(ToolChoiceWire::Mode(m)) if m == "none" => Ok(None),
+            Some(ToolChoiceWire::Mode(m)) if m == "required" => Err(RouterError::invalid(
+                "tool_choice",
+                "`required` needs guided decoding, which this server does not do yet; use `auto`",
+            )),
+            Some(ToolChoiceWire::Mode(m)) => Err(RouterError::invalid(
+                "tool_choice",
+                format!("`{m}` is not one of none, auto, required or a named function"),
+            )),
+            Some(ToolChoiceWire::Named { function }) => Err(RouterError::invalid(
+                "tool_choice",
+                format!(
+                    "a named function (`{}`) needs guided decoding, which this server does not do \
+                     yet; use `auto`",
+                    function.name
+                ),
+            )),
         }
+    }
+
+    /// The conversation in the shape templates read.
+    fn template_messages(&self) -> Result<Vec<ChatMessage>, RouterError> {
+        let mut messages = Vec::with_capacity(self.messages.len());
+        for (i, m) in self.messages.iter().enumerate() {
+            // OpenAI's newer name for the system turn.
+            let role = if m.role == "developer" {
+                "system"
+            } else {
+                m.role.as_str()
+            };
+            if !matches!(role, "system" | "user" | "assistant" | "tool") {
+                return Err(RouterError::invalid(
+                    format!("messages[{i}].role"),
+                    format!(
+                        "`{}` is not one of system, developer, user, assistant, tool",
+                        m.role
+                    ),
+                ));
+            }
+            let content = match &m.content {
+                None => MessageContent::Text(String::new()),
+                Some(Content::Text(t)) => MessageContent::Text(t.clone()),
+                Some(Content::Parts(parts)) => {
+                    let mut texts = Vec::with_capacity(parts.len());
+                    for (j, p) in parts.iter().enumerate() {
+                        if p.kind != "text" {
+                            return Err(RouterError::invalid(
+                                format!("messages[{i}].content[{j}].type"),
+                                format!("content parts of type `{}` are not supported", p.kind),
+                            ));
+                        }
+                        texts.push(TextPart::new(p.text.clone().unwrap_or_default()));
+                    }
+                    MessageContent::Parts(texts)
+                }
+            };
+            let mut tool_calls = Vec::with_capacity(m.tool_calls.len());
+            for (j, c) in m.tool_calls.iter().enumerate() {
+                if c.kind.as_deref().is_some_and(|k| k != "function") {
+                    return Err(RouterError::invalid(
+                        format!("messages[{i}].tool_calls[{j}].type"),
+                        "only `function` tool calls are supported",
+                    ));
+                }
+                // Templates iterate the arguments' items: parse the JSON text once here.
+                let arguments = match c.function.arguments.as_deref() {
+                    None | Some("") => Value::Object(Map::new()),
+                    Some(text) => serde_json::from_str(text).map_err(|e| {
+                        RouterError::invalid(
+                            format!("messages[{i}].tool_calls[{j}].function.arguments"),
+                            format!("not JSON: {e}"),
+                        )
+                    })?,
+                };
+                tool_calls.push(ToolCallTurn::function(
+                    c.id.clone(),
+                    c.function.name.clone(),
+                    arguments,
+                ));
+            }
+            messages.push(ChatMessage {
+                role: role.to_string(),
+                content,
+                reasoning_content: m.reasoning_content.clone(),
+                tool_calls,
+                tool_call_id: m.tool_call_id.clone(),
+                name: m.name.clone(),
+            });
+        }
+        Ok(messages)
+    }
+
+    /// Renders the conversation with the model's chat template (compiled at load).
+    pub fn render(&self, tokenizer: &Tokenizer) -> Result<RenderedChat, RouterError> {
         if self.messages.is_empty() {
             return Err(RouterError::invalid(
                 "messages",
@@ -209,33 +450,51 @@ impl ChatRequest {
                 "this model has no chat template",
             ));
         }
-        let mut messages = Vec::with_capacity(self.messages.len());
-        for m in self.messages {
-            let content = match m.content {
-                None => String::new(),
-                Some(Content::Text(t)) => t,
-                Some(Content::Parts(parts)) => {
-                    let mut text = String::new();
-                    for p in parts {
-                        if p.kind != "text" {
-                            return Err(RouterError::invalid(
-                                "messages",
-                                format!("content parts of type `{}` are not supported", p.kind),
-                            ));
-                        }
-                        text.push_str(p.text.as_deref().unwrap_or_default());
-                    }
-                    text
-                }
-            };
-            messages.push(ChatMessage {
-                role: m.role,
-                content,
-            });
-        }
+        let messages = self.template_messages()?;
         let prompt = tokenizer
-            .apply_chat_template(&messages, true)
-            .map_err(|e| RouterError::Runtime(e.into()))?;
+            .render_chat(&ChatPrompt {
+                messages: &messages,
+                tools: self.offered_tools()?,
+                add_generation_prompt: self.add_generation_prompt.unwrap_or(true),
+                kwargs: self.chat_template_kwargs.as_ref(),
+            })
+            // A template refusing the conversation (`raise_exception`) is the client's to fix.
+            .map_err(|e| RouterError::invalid("messages", e.to_string()))?;
+        let opens_reasoning = match (prompt.rfind(THINK_OPEN), prompt.rfind(THINK_CLOSE)) {
+            (Some(open), Some(close)) => open > close,
+            (Some(_), None) => true,
+            _ => false,
+        };
+        Ok(RenderedChat {
+            prompt,
+            opens_reasoning,
+        })
+    }
+
+    /// The public request for this conversation and the reader of its answer.
+    pub fn to_pb(
+        self,
+        tokenizer: &Tokenizer,
+    ) -> Result<(pb::GenerateRequest, ChatOutputReader), RouterError> {
+        refuse_logit_bias(self.logit_bias.as_ref())?;
+        if let Some(f) = &self.response_format
+            && f.kind != "text"
+        {
+            return Err(RouterError::invalid(
+                "response_format",
+                format!(
+                    "`{}` needs guided decoding, which this server does not do yet",
+                    f.kind
+                ),
+            ));
+        }
+        let rendered = self.render(tokenizer)?;
+        let tools = ToolSet::from_openai(self.offered_tools()?.unwrap_or_default());
+        let reader = ChatOutputReader::new(
+            rendered.opens_reasoning,
+            tools,
+            self.parallel_tool_calls.unwrap_or(true),
+        );
         let logprobs = if self.logprobs {
             Some(self.top_logprobs.unwrap_or(0))
         } else if self.top_logprobs.is_some() {
@@ -246,22 +505,30 @@ impl ChatRequest {
         } else {
             None
         };
-        Ok(pb::GenerateRequest {
-            prompt,
+        let request = pb::GenerateRequest {
+            prompt: rendered.prompt,
             sampling: Some(self.sampling.to_pb(logprobs)?),
             ..Default::default()
-        })
+        };
+        Ok((request, reader))
     }
 }
 
-/// OpenAI's finish reasons: end-of-sequence and stop rules are both `stop`.
+/// OpenAI's finish reasons: end-of-sequence and stop rules are both `stop`. Requests end
+/// in no other way on the client's stream (a failure is an error, not a finish).
 pub fn finish_reason(reason: i32) -> Option<&'static str> {
     match FinishReason::try_from(reason).unwrap_or(FinishReason::Unspecified) {
-        FinishReason::Unspecified => None,
         FinishReason::Length => Some("length"),
         FinishReason::Stop | FinishReason::Eos => Some("stop"),
-        FinishReason::Cancelled => Some("cancelled"),
-        FinishReason::Error => Some("error"),
+        FinishReason::Unspecified | FinishReason::Cancelled | FinishReason::Error => None,
+    }
+}
+
+/// A chat answer's finish reason: `tool_calls` when it ended by itself after calling tools.
+pub fn chat_finish_reason(reason: i32, called_tools: bool) -> Option<&'static str> {
+    match finish_reason(reason) {
+        Some("stop") if called_tools => Some("tool_calls"),
+        other => other,
     }
 }
 

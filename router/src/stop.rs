@@ -55,7 +55,7 @@ impl StopMatcher {
 
 /// Length in bytes of the longest suffix of `text` that is a proper prefix of `stop`, cut on
 /// character boundaries.
-fn longest_suffix_prefix(text: &str, stop: &str) -> usize {
+pub(crate) fn longest_suffix_prefix(text: &str, stop: &str) -> usize {
     let max = (stop.len().saturating_sub(1)).min(text.len());
     (1..=max)
         .rev()

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use sluice_engine::{ChatMessage, ModelSpec, Tokenizer};
 use sluice_proto::v1 as pb;
-use sluice_runtime::sampling::{self, RequestSampling};
+use sluice_runtime::sampling::{self, RequestLimits, RequestSampling, SamplingDefaults};
 
 use crate::error::RouterError;
 
@@ -29,7 +29,16 @@ pub struct ModelContext {
     pub max_context: usize,
     /// Most `max_tokens` a request may ask for.
     pub max_tokens_limit: usize,
+    /// Special tokens whose text answers keep (`<think>`, `<tool_call>` and their ends):
+    /// the chat reader splits reasoning and tool calls on them, and they would otherwise
+    /// vanish with the other special tokens.
+    pub markup: Vec<(u32, String)>,
+    /// `generation_config.json`'s sampling, for requests that set none.
+    pub sampling_defaults: SamplingDefaults,
 }
+
+/// Tags of reasoning and tool calls, which Qwen3.5's tokenizer has as special tokens.
+const MARKUP_TOKENS: &[&str] = &["<think>", "</think>", "<tool_call>", "</tool_call>"];
 
 impl ModelContext {
     pub fn load(
@@ -40,7 +49,13 @@ impl ModelContext {
         let spec: ModelSpec = sluice_engine::config::load_spec(dir).map_err(runtime)?;
         let eos = sluice_engine::generation::eos_token_ids(dir, &spec).map_err(runtime)?;
         let tokenizer = Tokenizer::from_dir(dir).map_err(runtime)?;
+        let markup = MARKUP_TOKENS
+            .iter()
+            .filter_map(|t| tokenizer.token_id(t).map(|id| (id, t.to_string())))
+            .collect();
         Ok(ModelContext {
+            markup,
+            sampling_defaults: SamplingDefaults::load(dir)?,
             name: sluice_runtime::model_host::model_name(dir),
             model_type: spec.model_type.clone(),
             tokenizer,
@@ -68,6 +83,14 @@ impl ModelContext {
         } else {
             self.tokenizer.encode(text).map_err(runtime)
         }
+    }
+
+    /// The text `token` keeps in answers, if it is a markup token.
+    pub fn markup_text(&self, token: u32) -> Option<&str> {
+        self.markup
+            .iter()
+            .find(|(id, _)| *id == token)
+            .map(|(_, t)| t.as_str())
     }
 
     pub fn validate(&self, req: pb::GenerateRequest) -> Result<ValidRequest, RouterError> {
@@ -99,7 +122,22 @@ impl ModelContext {
                 req.prompt_token_ids
             }
         };
-        let sampling = sampling::from_pb(req.sampling.as_ref(), self.max_tokens_limit)?;
+        if prompt.len() >= self.max_context {
+            return Err(RouterError::invalid(
+                "prompt",
+                format!(
+                    "the prompt ({} tokens) leaves no room in the context limit of {}",
+                    prompt.len(),
+                    self.max_context
+                ),
+            ));
+        }
+        let limits = RequestLimits {
+            max_tokens_limit: self.max_tokens_limit,
+            default_max_tokens: self.max_context - prompt.len(),
+            defaults: self.sampling_defaults,
+        };
+        let sampling = sampling::from_pb(req.sampling.as_ref(), &limits)?;
         sampling::check_token_ids("stop_token_ids", &sampling.stop_token_ids, self.vocab)?;
         if prompt.len() + sampling.max_tokens > self.max_context {
             return Err(RouterError::invalid(

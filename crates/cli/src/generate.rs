@@ -86,6 +86,7 @@ impl SamplingArgs {
             frequency_penalty: self.frequency_penalty,
             seed: self.seed,
             top_logprobs: 0,
+            logprobs: false,
         }
     }
 }

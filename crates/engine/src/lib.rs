@@ -5,6 +5,7 @@
 pub mod allocation_count;
 pub mod backend;
 pub mod cache;
+pub mod chat_template;
 pub mod config;
 pub mod error;
 pub mod generation;
@@ -20,6 +21,9 @@ pub use backend::Device;
 pub use cache::{
     CacheConfig, CacheLayout, CacheSnapshot, KV_BLOCK_TOKENS, ModelCache, SeqId, SeqLease,
 };
+pub use chat_template::{
+    ChatMessage, ChatPrompt, ChatTemplate, MessageContent, TextPart, ToolCallTurn,
+};
 pub use config::{ModelFamily, ModelSpec};
 pub use error::{EngineError, Result};
 pub use generation::{FinishReason, GenerationOutput, GenerationRequest, generate};
@@ -31,4 +35,4 @@ pub use prefill_plan::{DEFAULT_PREFILL_CHUNK, PrefillPlan};
 pub use sampler::{Sampled, Sampler, SamplingParams};
 pub use synth::Preset;
 pub use tensor::WeightFormat;
-pub use tokenizer::{ChatMessage, IncrementalDecoder, Tokenizer};
+pub use tokenizer::{IncrementalDecoder, Tokenizer};

@@ -31,6 +31,9 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     /// Number of most likely alternatives to report with each token (0 = none).
     pub top_logprobs: usize,
+    /// Report the sampled token's log-probability (implied by `top_logprobs > 0`). Off, the
+    /// sampler never normalises over the whole vocabulary.
+    pub logprobs: bool,
 }
 
 impl Default for SamplingParams {
@@ -45,6 +48,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             seed: None,
             top_logprobs: 0,
+            logprobs: false,
         }
     }
 }
@@ -127,8 +131,9 @@ impl Rng {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sampled {
     pub token: u32,
-    /// log p(token) under the model's distribution (before penalties and truncation).
-    pub logprob: f32,
+    /// log p(token) under the model's distribution (before penalties and truncation), when
+    /// the parameters ask for log-probabilities.
+    pub logprob: Option<f32>,
     /// The `top_logprobs` most likely tokens, most likely first.
     pub top: Vec<(u32, f32)>,
 }
@@ -140,8 +145,10 @@ pub struct Sampler {
     seen: HashMap<u32, u32>,
     /// Times each token was generated (presence / frequency penalties).
     generated: HashMap<u32, u32>,
+    /// Penalised logits (only when a penalty is set).
     scratch: Vec<f32>,
-    order: Vec<u32>,
+    /// Candidates and their weights e^((logit - max) / T): reused, so a draw allocates nothing.
+    candidates: Vec<(u32, f64)>,
 }
 
 impl Sampler {
@@ -162,7 +169,7 @@ impl Sampler {
             seen,
             generated: HashMap::new(),
             scratch: Vec::new(),
-            order: Vec::new(),
+            candidates: Vec::new(),
         })
     }
 
@@ -195,17 +202,28 @@ impl Sampler {
 
     /// Picks the next token from one row of logits and records it.
     pub fn sample(&mut self, logits: &[f32]) -> Sampled {
-        let mut work = std::mem::take(&mut self.scratch);
-        work.clear();
-        work.extend_from_slice(logits);
-        self.apply_penalties(&mut work);
-        let token = if self.params.temperature == 0.0 {
-            argmax(&work)
+        // The logits are copied only when a penalty has to change them.
+        let mut penalised = std::mem::take(&mut self.scratch);
+        let work: &[f32] = if self.has_penalties() {
+            penalised.clear();
+            penalised.extend_from_slice(logits);
+            self.apply_penalties(&mut penalised);
+            &penalised
         } else {
-            self.draw(&mut work)
+            logits
         };
-        self.scratch = work;
-        let (logprob, top) = self.logprobs(logits, token);
+        let token = if self.params.temperature == 0.0 {
+            argmax(work)
+        } else {
+            self.draw(work)
+        };
+        self.scratch = penalised;
+        let (logprob, top) = if self.params.logprobs || self.params.top_logprobs > 0 {
+            let (logprob, top) = self.logprobs(logits, token);
+            (Some(logprob), top)
+        } else {
+            (None, Vec::new())
+        };
         *self.seen.entry(token).or_insert(0) += 1;
         *self.generated.entry(token).or_insert(0) += 1;
         Sampled {
@@ -213,6 +231,11 @@ impl Sampler {
             logprob,
             top,
         }
+    }
+
+    fn has_penalties(&self) -> bool {
+        let p = &self.params;
+        p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0
     }
 
     fn apply_penalties(&self, logits: &mut [f32]) {
@@ -237,64 +260,53 @@ impl Sampler {
         }
     }
 
-    /// Temperature, then top-k / min-p / top-p truncation, then one draw.
-    fn draw(&mut self, logits: &mut [f32]) -> u32 {
-        let p = &self.params;
-        let inv_t = 1.0 / p.temperature;
-        let truncate = p.top_k > 0 || p.top_p < 1.0 || p.min_p > 0.0;
-        self.order.clear();
-        self.order.extend(0..logits.len() as u32);
-        if truncate {
-            let by_logit = |a: &u32, b: &u32| {
-                logits[*b as usize]
-                    .total_cmp(&logits[*a as usize])
-                    .then(a.cmp(b))
-            };
-            if p.top_k > 0 && p.top_k < self.order.len() {
-                self.order.select_nth_unstable_by(p.top_k - 1, by_logit);
-                self.order.truncate(p.top_k);
+    /// Temperature, then top-k / min-p / top-p truncation, then one draw. Truncation selects
+    /// rather than sorts: top-k by one partial selection, min-p by a threshold on the weights
+    /// (p ≥ min_p · p_max is w ≥ min_p, the top weight being 1), top-p by sorting only as
+    /// long a prefix as its mass needs.
+    fn draw(&mut self, logits: &[f32]) -> u32 {
+        let keep = self.truncate(logits);
+        let kept = &self.candidates[..keep.max(1)];
+        let mass: f64 = kept.iter().map(|c| c.1).sum();
+        let mut u = self.rng.next_f64() * mass;
+        for c in kept {
+            if u < c.1 {
+                return c.0;
             }
-            self.order.sort_unstable_by(by_logit);
+            u -= c.1;
         }
-        // Softmax over the candidates (max first when sorted; found otherwise).
-        let max = self
-            .order
-            .iter()
-            .map(|&i| logits[i as usize])
-            .fold(f32::NEG_INFINITY, f32::max);
-        let mut probs: Vec<f64> = self
-            .order
-            .iter()
-            .map(|&i| (((logits[i as usize] - max) * inv_t) as f64).exp())
-            .collect();
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|q| *q /= total);
-        let mut keep = probs.len();
+        kept[kept.len() - 1].0
+    }
+
+    /// Fills `candidates` with the tokens truncation keeps first (how many: the result) and
+    /// their weights.
+    fn truncate(&mut self, logits: &[f32]) -> usize {
+        let p = &self.params;
+        let inv_t = 1.0 / p.temperature as f64;
+        let cands = &mut self.candidates;
+        cands.clear();
+        cands.extend((0..logits.len() as u32).map(|i| (i, logits[i as usize] as f64)));
+        // Larger logit first, then lower id: the order ties are broken in.
+        let by_weight = |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if p.top_k > 0 && p.top_k < cands.len() {
+            cands.select_nth_unstable_by(p.top_k - 1, by_weight);
+            cands.truncate(p.top_k);
+        }
+        let max = cands.iter().map(|c| c.1).fold(f64::NEG_INFINITY, f64::max);
+        let mut total = 0.0;
+        for c in cands.iter_mut() {
+            c.1 = ((c.1 - max) * inv_t).exp();
+            total += c.1;
+        }
         if p.min_p > 0.0 {
-            let floor = probs.first().copied().unwrap_or(0.0) * p.min_p as f64;
-            keep = probs.iter().take_while(|&&q| q >= floor).count().max(1);
+            let floor = p.min_p as f64;
+            cands.retain(|c| c.1 >= floor);
         }
         if p.top_p < 1.0 {
-            let mut mass = 0.0;
-            let mut n = 0;
-            for q in &probs[..keep] {
-                mass += q;
-                n += 1;
-                if mass >= p.top_p as f64 {
-                    break;
-                }
-            }
-            keep = n.max(1);
+            nucleus(cands, p.top_p as f64 * total, by_weight)
+        } else {
+            cands.len()
         }
-        let kept: f64 = probs[..keep].iter().sum();
-        let mut u = self.rng.next_f64() * kept;
-        for (i, q) in probs[..keep].iter().enumerate() {
-            if u < *q {
-                return self.order[i];
-            }
-            u -= q;
-        }
-        self.order[keep - 1]
     }
 
     fn logprobs(&self, logits: &[f32], token: u32) -> (f32, Vec<(u32, f32)>) {
@@ -330,6 +342,38 @@ impl Sampler {
     }
 }
 
+/// How many of `cands`' heaviest (left sorted at its front) reach `need` of weight: the
+/// prefix sorted grows ×4 from 64 until it does, so a peaked distribution costs a partial
+/// selection and a short sort, not a sort of the vocabulary.
+fn nucleus(
+    cands: &mut [(u32, f64)],
+    need: f64,
+    by_weight: impl Fn(&(u32, f64), &(u32, f64)) -> std::cmp::Ordering + Copy,
+) -> usize {
+    let n = cands.len();
+    let mut k = n.min(64);
+    loop {
+        if k == 0 {
+            return 0;
+        }
+        if k < n {
+            cands.select_nth_unstable_by(k - 1, by_weight);
+        }
+        cands[..k].sort_unstable_by(by_weight);
+        let mut mass = 0.0;
+        for (j, c) in cands[..k].iter().enumerate() {
+            mass += c.1;
+            if mass >= need {
+                return j + 1;
+            }
+        }
+        if k == n {
+            return n;
+        }
+        k = (k * 4).min(n);
+    }
+}
+
 /// Index of the largest logit (the lowest index on ties).
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
@@ -360,7 +404,10 @@ mod tests {
         let out = s.sample(&[0.0, 2.0, 1.0]);
         assert_eq!(out.token, 1);
         let z: f32 = [0.0f32, 2.0, 1.0].iter().map(|l| l.exp()).sum();
-        assert!((out.logprob - (2.0 - z.ln())).abs() < 1e-6);
+        assert!((out.logprob.unwrap() - (2.0 - z.ln())).abs() < 1e-6);
+        // Not asked for: not computed.
+        let mut s = Sampler::new(params(|_| {}), &[]).unwrap();
+        assert_eq!(s.sample(&[0.0, 2.0, 1.0]).logprob, None);
         assert_eq!(out.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2]);
     }
 
@@ -420,6 +467,93 @@ mod tests {
             for _ in 0..300 {
                 let t = s.sample(&logits).token;
                 assert!(allowed.contains(&t), "{t} not in {allowed:?}");
+            }
+        }
+    }
+
+    /// The candidates a reference keeps: all tokens sorted by logit (ties: lower id), the
+    /// first `top_k`, softmax at `temperature` over them, those with p ≥ min_p · p_max, then
+    /// the shortest prefix whose mass reaches `top_p`.
+    fn reference_candidates(logits: &[f32], p: &SamplingParams) -> Vec<u32> {
+        let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+        ids.sort_by(|a, b| {
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
+        });
+        if p.top_k > 0 {
+            ids.truncate(p.top_k);
+        }
+        let max = logits[ids[0] as usize] as f64;
+        let w: Vec<f64> = ids
+            .iter()
+            .map(|&i| ((logits[i as usize] as f64 - max) / p.temperature as f64).exp())
+            .collect();
+        let total: f64 = w.iter().sum();
+        let mut kept: Vec<(u32, f64)> = ids
+            .iter()
+            .zip(&w)
+            .filter(|(_, w)| **w >= p.min_p as f64)
+            .map(|(i, w)| (*i, *w))
+            .collect();
+        if p.top_p < 1.0 {
+            let mut mass = 0.0;
+            let n = kept
+                .iter()
+                .position(|(_, w)| {
+                    mass += w;
+                    mass >= p.top_p as f64 * total
+                })
+                .map_or(kept.len(), |j| j + 1);
+            kept.truncate(n);
+        }
+        let mut out: Vec<u32> = kept.into_iter().map(|(i, _)| i).collect();
+        out.sort_unstable();
+        out
+    }
+
+    #[test]
+    fn truncation_keeps_exactly_the_reference_candidates() {
+        // Deterministic pseudo-random logits over a 5000-token vocabulary, peaked and flat.
+        let mut state = 7u64;
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as f32 / (1u64 << 31) as f32
+        };
+        for spread in [0.5f32, 4.0, 12.0] {
+            let mut logits: Vec<f32> = (0..5000).map(|_| next() * spread).collect();
+            logits[17] = logits[18]; // a tie
+            for (top_k, top_p, min_p, temperature) in [
+                (0, 0.9, 0.0, 1.0),
+                (0, 0.5, 0.0, 0.7),
+                (0, 0.999, 0.0, 1.3),
+                (40, 0.95, 0.0, 1.0),
+                (0, 1.0, 0.05, 1.0),
+                (20, 1.0, 0.0, 1.0),
+                (100, 0.8, 0.1, 0.6),
+                (0, 0.3, 0.5, 2.0),
+            ] {
+                let p = params(|p| {
+                    p.temperature = temperature;
+                    p.top_k = top_k;
+                    p.top_p = top_p;
+                    p.min_p = min_p;
+                });
+                let expected = reference_candidates(&logits, &p);
+                let mut s = Sampler::new(p.clone(), &[]).unwrap();
+                let keep = s.truncate(&logits);
+                let mut got: Vec<u32> = s.candidates[..keep].iter().map(|c| c.0).collect();
+                got.sort_unstable();
+                assert_eq!(got, expected, "{p:?} spread {spread}");
+                for _ in 0..50 {
+                    let t = s.sample(&logits).token;
+                    assert!(
+                        expected.binary_search(&t).is_ok(),
+                        "{t} drawn outside {p:?}"
+                    );
+                }
             }
         }
     }

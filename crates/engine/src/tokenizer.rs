@@ -4,31 +4,14 @@
 
 use std::path::Path;
 
-use serde::Serialize;
 use serde_json::Value;
 
+use crate::chat_template::{ChatMessage, ChatPrompt, ChatTemplate};
 use crate::error::{EngineError, Result};
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ChatMessage {
-    pub role: String,
-    pub content: String,
-}
-
-impl ChatMessage {
-    pub fn user(content: impl Into<String>) -> Self {
-        ChatMessage {
-            role: "user".into(),
-            content: content.into(),
-        }
-    }
-}
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
-    chat_template: Option<String>,
-    bos_token: Option<String>,
-    eos_token: Option<String>,
+    chat_template: Option<ChatTemplate>,
 }
 
 impl Tokenizer {
@@ -55,25 +38,34 @@ impl Tokenizer {
         } else {
             Value::Null
         };
-        let jinja = dir.join("chat_template.jinja");
-        let chat_template = if jinja.exists() {
-            Some(std::fs::read_to_string(&jinja).map_err(|e| EngineError::io(&jinja, e))?)
-        } else {
-            config
-                .get("chat_template")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        };
         let token = |key: &str| match config.get(key) {
             Some(Value::String(s)) => Some(s.clone()),
             Some(Value::Object(o)) => o.get("content").and_then(Value::as_str).map(str::to_string),
             _ => None,
         };
+        let jinja = dir.join("chat_template.jinja");
+        let source = if jinja.exists() {
+            let text = std::fs::read_to_string(&jinja).map_err(|e| EngineError::io(&jinja, e))?;
+            Some((text, jinja.display().to_string()))
+        } else {
+            config
+                .get("chat_template")
+                .and_then(Value::as_str)
+                .map(|t| {
+                    (
+                        t.to_string(),
+                        format!("{}: chat_template", config_path.display()),
+                    )
+                })
+        };
+        let chat_template = source
+            .map(|(text, origin)| {
+                ChatTemplate::compile(text, &origin, token("bos_token"), token("eos_token"))
+            })
+            .transpose()?;
         Ok(Tokenizer {
             inner,
             chat_template,
-            bos_token: token("bos_token"),
-            eos_token: token("eos_token"),
         })
     }
 
@@ -104,39 +96,26 @@ impl Tokenizer {
         self.chat_template.is_some()
     }
 
-    /// Renders the conversation with the model's chat template.
+    /// Renders one user-visible conversation with the model's chat template (no tools, no
+    /// template variables).
     pub fn apply_chat_template(
         &self,
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String> {
-        let source = self
-            .chat_template
-            .as_deref()
-            .ok_or_else(|| EngineError::ChatTemplate("this model has no chat template".into()))?;
-        let mut env = minijinja::Environment::new();
-        minijinja_contrib::add_to_environment(&mut env);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
-            },
-        );
-        let template = env
-            .template_from_str(source)
-            .map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
-        template
-            .render(minijinja::context! {
-                messages => messages,
-                add_generation_prompt => add_generation_prompt,
-                bos_token => self.bos_token.clone().unwrap_or_default(),
-                eos_token => self.eos_token.clone().unwrap_or_default(),
-            })
-            .map_err(|e| EngineError::ChatTemplate(e.to_string()))
+        self.render_chat(&ChatPrompt {
+            messages,
+            add_generation_prompt,
+            ..Default::default()
+        })
+    }
+
+    /// Renders `prompt` with the model's chat template, compiled when the tokenizer loaded.
+    pub fn render_chat(&self, prompt: &ChatPrompt<'_>) -> Result<String> {
+        self.chat_template
+            .as_ref()
+            .ok_or_else(|| EngineError::ChatTemplate("this model has no chat template".into()))?
+            .render(prompt)
     }
 }
 

@@ -14,7 +14,8 @@ use sluice_engine::CacheLayout;
 use sluice_engine::cache::{RegionKind, RegionLayout};
 use sluice_proto::v1 as pb;
 use sluice_proto::worker::v1 as wpb;
-use sluice_router::openai::{ChatRequest, CompletionRequest};
+use sluice_router::chat_output::{ChatOutputReader, ToolSet};
+use sluice_router::openai::{ChatRequest, CompletionRequest, WireRequest};
 use sluice_router::validate::ModelContext;
 use sluice_runtime::transport::PushAssembly;
 use sluice_runtime::{CacheInbox, InboxLimits};
@@ -132,18 +133,33 @@ pub fn openai_body(data: &[u8]) {
         return;
     };
     let model = model();
+    let Ok(map) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body) else {
+        // Not a JSON object: read it as a chat answer instead (tool calls, reasoning).
+        let mut reader = ChatOutputReader::new(which % 3 == 0, weather_tool(), which % 5 != 0);
+        let _ = reader.push(&String::from_utf8_lossy(body));
+        let _ = reader.finish();
+        return;
+    };
     let wire = if which % 2 == 0 {
-        serde_json::from_slice::<CompletionRequest>(body)
+        CompletionRequest::from_body(map)
             .ok()
             .and_then(|r| r.to_pb().ok())
     } else {
-        serde_json::from_slice::<ChatRequest>(body)
+        ChatRequest::from_body(map)
             .ok()
             .and_then(|r| r.to_pb(&model.tokenizer).ok())
+            .map(|(wire, _reader)| wire)
     };
     if let Some(wire) = wire {
         let _ = model.validate(wire);
     }
+}
+
+/// One tool with typed parameters, for the chat-answer reader.
+fn weather_tool() -> ToolSet {
+    ToolSet::from_openai(&[serde_json::json!({"type": "function", "function": {
+        "name": "get_weather", "parameters": {"type": "object", "properties": {
+            "city": {"type": "string"}, "days": {"type": "integer"}}}}})])
 }
 
 /// `fuzz/corpus/` of this repository.

@@ -9,10 +9,54 @@ use sluice_proto::worker::v1 as wpb;
 
 use crate::error::{Result, RuntimeError};
 
-/// `max_tokens` when a request leaves it unset.
-pub const DEFAULT_MAX_TOKENS: usize = 256;
-/// `temperature` when a request leaves it unset (as OpenAI-style servers do).
+/// `temperature` when neither the request nor the checkpoint sets one (as OpenAI-style
+/// servers do).
 pub const DEFAULT_TEMPERATURE: f32 = 1.0;
+
+/// The checkpoint's recommended sampling (`generation_config.json`: `temperature`, `top_p`,
+/// `top_k`). It applies as a whole to a request that sets none of the three: the values are
+/// tuned together, and a request's `top_k` of 0 (off) cannot be told from unset.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SamplingDefaults {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<usize>,
+}
+
+impl SamplingDefaults {
+    /// Reads `generation_config.json` in `dir` (absent: no defaults).
+    pub fn load(dir: &std::path::Path) -> Result<Self> {
+        let path = dir.join("generation_config.json");
+        if !path.exists() {
+            return Ok(SamplingDefaults::default());
+        }
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| RuntimeError::Engine(sluice_engine::EngineError::io(&path, e)))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+            RuntimeError::Engine(sluice_engine::EngineError::MalformedJson {
+                path: path.clone(),
+                message: e.to_string(),
+            })
+        })?;
+        let number = |key: &str| v.get(key).and_then(serde_json::Value::as_f64);
+        Ok(SamplingDefaults {
+            temperature: number("temperature").map(|t| t as f32),
+            top_p: number("top_p").map(|t| t as f32),
+            top_k: number("top_k").filter(|k| *k > 0.0).map(|k| k as usize),
+        })
+    }
+}
+
+/// What `from_pb` checks a request against and fills its unset fields from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RequestLimits {
+    /// Most `max_tokens` a request may ask for.
+    pub max_tokens_limit: usize,
+    /// `max_tokens` when unset: what is left of the context after the prompt (OpenAI's rule),
+    /// at most `max_tokens_limit`.
+    pub default_max_tokens: usize,
+    pub defaults: SamplingDefaults,
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RequestSampling {
@@ -32,19 +76,31 @@ pub struct RequestSampling {
 pub const MAX_LOGPROBS: u32 = 20;
 
 /// The engine parameters of `p` (absent = all defaults), validated.
-pub fn params_from_pb(p: Option<&pb::SamplingParams>) -> Result<SamplingParams> {
+pub fn params_from_pb(
+    p: Option<&pb::SamplingParams>,
+    defaults: &SamplingDefaults,
+) -> Result<SamplingParams> {
     let d = pb::SamplingParams::default();
     let p = p.unwrap_or(&d);
+    let defaults = if p.temperature.is_none() && p.top_p.is_none() && p.top_k == 0 {
+        *defaults
+    } else {
+        SamplingDefaults::default()
+    };
     let params = SamplingParams {
-        temperature: p.temperature.unwrap_or(DEFAULT_TEMPERATURE),
-        top_p: p.top_p.unwrap_or(1.0),
-        top_k: p.top_k as usize,
+        temperature: p
+            .temperature
+            .or(defaults.temperature)
+            .unwrap_or(DEFAULT_TEMPERATURE),
+        top_p: p.top_p.or(defaults.top_p).unwrap_or(1.0),
+        top_k: defaults.top_k.unwrap_or(p.top_k as usize),
         min_p: p.min_p,
         repetition_penalty: p.repetition_penalty.unwrap_or(1.0),
         presence_penalty: p.presence_penalty,
         frequency_penalty: p.frequency_penalty,
         seed: p.seed,
         top_logprobs: p.logprobs.unwrap_or(0) as usize,
+        logprobs: p.logprobs.is_some(),
     };
     if let Some(n) = p.logprobs
         && n > MAX_LOGPROBS
@@ -91,6 +147,7 @@ pub fn from_worker(w: Option<&wpb::WorkerSampling>) -> (SamplingParams, bool) {
         frequency_penalty: w.frequency_penalty,
         seed: w.seed,
         top_logprobs: w.logprobs.unwrap_or(0) as usize,
+        logprobs: w.logprobs.is_some(),
     };
     (params, w.logprobs.is_some())
 }
@@ -137,7 +194,9 @@ pub fn check_token_ids(field: &str, ids: &[u32], vocab: usize) -> Result<()> {
 pub fn token_logprobs(sampled: &Sampled) -> pb::TokenLogprobs {
     pb::TokenLogprobs {
         token_id: sampled.token,
-        logprob: sampled.logprob,
+        // Computed whenever the request asked for log-probabilities, the only time a worker
+        // reports them.
+        logprob: sampled.logprob.unwrap_or(f32::NAN),
         top: sampled
             .top
             .iter()
@@ -146,11 +205,12 @@ pub fn token_logprobs(sampled: &Sampled) -> pb::TokenLogprobs {
     }
 }
 
-/// Everything a request asks of sampling, with `max_tokens` checked against `max_tokens_limit`.
-pub fn from_pb(p: Option<&pb::SamplingParams>, max_tokens_limit: usize) -> Result<RequestSampling> {
-    let params = params_from_pb(p)?;
+/// Everything a request asks of sampling, checked against `limits` and completed from them.
+pub fn from_pb(p: Option<&pb::SamplingParams>, limits: &RequestLimits) -> Result<RequestSampling> {
+    let params = params_from_pb(p, &limits.defaults)?;
+    let max_tokens_limit = limits.max_tokens_limit;
     let max_tokens = match p.and_then(|p| p.max_tokens) {
-        None => DEFAULT_MAX_TOKENS.min(max_tokens_limit),
+        None => limits.default_max_tokens.clamp(1, max_tokens_limit),
         Some(0) => {
             return Err(RuntimeError::invalid("max_tokens", "must be at least 1"));
         }
@@ -184,13 +244,58 @@ pub fn from_pb(p: Option<&pb::SamplingParams>, max_tokens_limit: usize) -> Resul
 mod tests {
     use super::*;
 
+    /// A limit of 100 tokens, 100 left in the context, no checkpoint defaults.
+    const LIMITS: RequestLimits = RequestLimits {
+        max_tokens_limit: 100,
+        default_max_tokens: 100,
+        defaults: SamplingDefaults {
+            temperature: None,
+            top_p: None,
+            top_k: None,
+        },
+    };
+
     fn field_of(p: pb::SamplingParams) -> String {
-        from_pb(Some(&p), 100).unwrap_err().to_string()
+        from_pb(Some(&p), &LIMITS).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unset_fields_take_the_room_left_and_the_checkpoint_defaults_together() {
+        let limits = RequestLimits {
+            default_max_tokens: 37,
+            defaults: SamplingDefaults {
+                temperature: Some(0.6),
+                top_p: Some(0.95),
+                top_k: Some(20),
+            },
+            ..LIMITS
+        };
+        let s = from_pb(None, &limits).unwrap();
+        assert_eq!(s.max_tokens, 37);
+        let p = &s.params;
+        assert_eq!((p.temperature, p.top_p, p.top_k), (0.6, 0.95, 20));
+        // Setting any of the three leaves the others at Sluice's own defaults.
+        let s = from_pb(
+            Some(&pb::SamplingParams {
+                temperature: Some(0.0),
+                ..Default::default()
+            }),
+            &limits,
+        )
+        .unwrap();
+        let p = &s.params;
+        assert_eq!((p.temperature, p.top_p, p.top_k), (0.0, 1.0, 0));
+        // The room left never exceeds the limit.
+        let wide = RequestLimits {
+            default_max_tokens: 1000,
+            ..LIMITS
+        };
+        assert_eq!(from_pb(None, &wide).unwrap().max_tokens, 100);
     }
 
     #[test]
     fn defaults_and_ranges() {
-        let s = from_pb(None, 100).unwrap();
+        let s = from_pb(None, &LIMITS).unwrap();
         assert_eq!(s.max_tokens, 100);
         assert_eq!(s.params.temperature, DEFAULT_TEMPERATURE);
         assert_eq!(s.params.top_p, 1.0);
@@ -199,7 +304,10 @@ mod tests {
             max_tokens: Some(5),
             ..Default::default()
         };
-        assert_eq!(from_pb(Some(&greedy), 100).unwrap().params.temperature, 0.0);
+        assert_eq!(
+            from_pb(Some(&greedy), &LIMITS).unwrap().params.temperature,
+            0.0
+        );
 
         let msg = field_of(pb::SamplingParams {
             temperature: Some(-0.5),
@@ -230,7 +338,7 @@ mod tests {
                 logprobs: Some(3),
                 ..Default::default()
             }),
-            100,
+            &LIMITS,
         )
         .unwrap();
         assert_eq!((s.logprobs, s.params.top_logprobs), (Some(3), 3));
@@ -266,11 +374,11 @@ mod tests {
                 stop: vec!["x".into()],
                 ..Default::default()
             }),
-            100,
+            &LIMITS,
         )
         .unwrap();
         assert_eq!(from_worker(Some(&to_worker(&s))), (s.params.clone(), true));
-        let plain = from_pb(None, 100).unwrap();
+        let plain = from_pb(None, &LIMITS).unwrap();
         assert_eq!(from_worker(Some(&to_worker(&plain))), (plain.params, false));
         assert_eq!(from_worker(None), (SamplingParams::default(), false));
     }

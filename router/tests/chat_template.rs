@@ -1,0 +1,99 @@
+//! The router's chat conversion against HF: each conversation of
+//! `tests/fixtures/chat_template/conversations.json` (OpenAI wire form; ids and text from
+//! transformers' `apply_chat_template` with the real Qwen3.5 tokenizer and template, made by
+//! `tests/oracle/make_chat_fixtures.py`) goes through the HTTP edge's parsing and the
+//! compiled template, and must give exactly HF's token ids.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+
+use serde_json::{Map, Value};
+use sluice_engine::Tokenizer;
+use sluice_router::openai::{ChatRequest, WireRequest};
+
+fn repo() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+#[test]
+fn qwen35_template_gives_hf_token_ids() {
+    let tokenizer =
+        Tokenizer::from_dir(&repo().join("../shared/fixtures/qwen3_5-tokenizer")).unwrap();
+    let text =
+        std::fs::read_to_string(repo().join("tests/fixtures/chat_template/conversations.json"))
+            .unwrap();
+    let cases: Vec<Map<String, Value>> = serde_json::from_str(&text).unwrap();
+    assert!(cases.len() >= 10, "{} conversations", cases.len());
+    for mut case in cases {
+        let name = case.remove("name").unwrap();
+        let expected_text = case.remove("text").unwrap();
+        let ids: Vec<u32> = serde_json::from_value(case.remove("ids").unwrap()).unwrap();
+        let request = ChatRequest::from_body(case).unwrap();
+        let rendered = request.render(&tokenizer).unwrap();
+        assert_eq!(
+            rendered.prompt,
+            expected_text.as_str().unwrap(),
+            "{name}: text"
+        );
+        assert_eq!(
+            tokenizer.encode(&rendered.prompt).unwrap(),
+            ids,
+            "{name}: ids"
+        );
+        // Thinking on leaves the block open; off (or a finished turn) closes it.
+        let thinking_off = request_kwarg_false(&expected_text);
+        if thinking_off {
+            assert!(!rendered.opens_reasoning, "{name}");
+        }
+    }
+}
+
+/// Whether the rendered prompt ends with the closed empty think block of `enable_thinking:
+/// false`.
+fn request_kwarg_false(text: &Value) -> bool {
+    text.as_str().unwrap().ends_with("<think>\n\n</think>\n\n")
+}
+
+#[test]
+fn template_refusals_name_the_messages() {
+    let tokenizer =
+        Tokenizer::from_dir(&repo().join("../shared/fixtures/qwen3_5-tokenizer")).unwrap();
+    // The template itself refuses a conversation with no user turn.
+    let body: Map<String, Value> =
+        serde_json::from_str(r#"{"messages": [{"role": "system", "content": "x"}]}"#).unwrap();
+    let err = ChatRequest::from_body(body)
+        .unwrap()
+        .render(&tokenizer)
+        .unwrap_err();
+    assert!(err.to_string().contains("No user query"), "{err}");
+    // Unknown fields and a forced tool choice are refused by name, not dropped.
+    for (body, field) in [
+        (r#"{"messages": [], "frobnicate": 1}"#, "frobnicate"),
+        (
+            r#"{"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}"#,
+            "tool_choice",
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}"#,
+            "response_format",
+        ),
+        (
+            r#"{"messages": [{"role": "robot", "content": "x"}]}"#,
+            "messages[0].role",
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}"#,
+            "messages[0].content[0].type",
+        ),
+    ] {
+        let body: Map<String, Value> = serde_json::from_str(body).unwrap();
+        let err = ChatRequest::from_body(body)
+            .and_then(|r| r.to_pb(&tokenizer).map(|_| ()))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains(&format!("`{field}`")),
+            "{field}: {err}"
+        );
+    }
+}
