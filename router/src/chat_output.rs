@@ -239,10 +239,8 @@ impl ChatOutputReader {
         out: &mut ChatDelta,
     ) {
         let cut = self.held.len() - keep;
-        let mut part = ChatDelta::default();
-        to(&mut part).push_str(&self.held[..cut]);
+        to(out).push_str(&self.held[..cut]);
         self.held.drain(..cut);
-        out.append(part);
     }
 }
 

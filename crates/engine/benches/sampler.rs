@@ -3,9 +3,6 @@
 //! the other (as a decode step does), under the parameter sets requests use.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-// Parameters are set field by field so this builds against older `SamplingParams` too (the
-// before/after figures in docs/performance.md).
-#![allow(clippy::field_reassign_with_default)]
 
 use std::time::Instant;
 
@@ -32,46 +29,60 @@ fn logits(seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// Default parameters with `f` applied (field by field, so this builds against older
+/// `SamplingParams` too: the before/after figures in docs/performance.md).
+fn with(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
+    let mut p = SamplingParams::default();
+    f(&mut p);
+    p
+}
+
 fn main() {
     let cases: Vec<(&str, SamplingParams)> = vec![
         ("greedy", SamplingParams::default()),
-        ("greedy + 5 logprobs", {
-            let mut p = SamplingParams::default();
-            p.top_logprobs = 5;
-            p
-        }),
-        ("temperature 1", {
-            let mut p = SamplingParams::default();
-            p.temperature = 1.0;
-            p
-        }),
-        ("T 1, top_p 0.95", {
-            let mut p = SamplingParams::default();
-            p.temperature = 1.0;
-            p.top_p = 0.95;
-            p
-        }),
-        ("Qwen3.5's: T 0.6, top_p 0.95, top_k 20", {
-            let mut p = SamplingParams::default();
-            p.temperature = 0.6;
-            p.top_p = 0.95;
-            p.top_k = 20;
-            p
-        }),
-        ("T 1, min_p 0.05", {
-            let mut p = SamplingParams::default();
-            p.temperature = 1.0;
-            p.min_p = 0.05;
-            p
-        }),
-        ("T 0.7, top_p 0.9, repetition 1.1, frequency 0.3", {
-            let mut p = SamplingParams::default();
-            p.temperature = 0.7;
-            p.top_p = 0.9;
-            p.repetition_penalty = 1.1;
-            p.frequency_penalty = 0.3;
-            p
-        }),
+        (
+            "greedy + 5 logprobs",
+            with(|p| {
+                p.top_logprobs = 5;
+            }),
+        ),
+        (
+            "temperature 1",
+            with(|p| {
+                p.temperature = 1.0;
+            }),
+        ),
+        (
+            "T 1, top_p 0.95",
+            with(|p| {
+                p.temperature = 1.0;
+                p.top_p = 0.95;
+            }),
+        ),
+        (
+            "Qwen3.5's: T 0.6, top_p 0.95, top_k 20",
+            with(|p| {
+                p.temperature = 0.6;
+                p.top_p = 0.95;
+                p.top_k = 20;
+            }),
+        ),
+        (
+            "T 1, min_p 0.05",
+            with(|p| {
+                p.temperature = 1.0;
+                p.min_p = 0.05;
+            }),
+        ),
+        (
+            "T 0.7, top_p 0.9, repetition 1.1, frequency 0.3",
+            with(|p| {
+                p.temperature = 0.7;
+                p.top_p = 0.9;
+                p.repetition_penalty = 1.1;
+                p.frequency_penalty = 0.3;
+            }),
+        ),
     ];
     let rows: Vec<Vec<f32>> = (0..32).map(|i| logits(i + 1)).collect();
     let prompt: Vec<u32> = (0..512).map(|i| (i * 7919) % VOCAB as u32).collect();
