@@ -16,6 +16,7 @@ use sluice_proto::worker::v1::decode_server::{Decode, DecodeServer};
 use sluice_proto::worker::v1::worker_status_server::WorkerStatusServer;
 use sluice_runtime::engine_thread::EngineWatch;
 use sluice_runtime::error::engine_status;
+use sluice_runtime::grammar::{Constraint, GrammarCompiler, GuidedSampler, start_guide};
 use sluice_runtime::serve::{advertised_address, serve_draining, standard_routes};
 use sluice_runtime::status::{LoadCounters, WorkerLimits, WorkerStatusService, report_health};
 use sluice_runtime::transport::select::TransportPlan;
@@ -59,6 +60,8 @@ pub struct DecodeConfig {
     pub node: String,
     /// After shutdown is asked, how long calls in flight may still finish.
     pub drain_timeout: Duration,
+    /// Compiles constrained requests' grammars; `None`: such requests are refused.
+    pub grammars: Option<Arc<GrammarCompiler>>,
 }
 
 pub use sluice_engine::KV_BLOCK_TOKENS;
@@ -118,6 +121,7 @@ impl DecodeConfig {
             transport: TransportPlan::tcp(),
             node: sluice_runtime::worker_info::this_host(),
             drain_timeout: Duration::from_secs(30),
+            grammars: None,
         }
     }
 
@@ -207,6 +211,7 @@ pub async fn run(
         max_waiting: config.max_waiting,
         transfer_timeout: config.transfer_timeout,
         max_context: config.max_context,
+        grammars: config.grammars.clone(),
     };
     let routes = routes
         .add_service(DecodeServer::new(service))
@@ -248,6 +253,15 @@ struct DecodeService {
     max_waiting: usize,
     transfer_timeout: Duration,
     max_context: usize,
+    grammars: Option<Arc<GrammarCompiler>>,
+}
+
+/// What a `Decode` call asks of sampling, read once at the edge.
+struct DecodeSampling {
+    params: SamplingParams,
+    logprobs: bool,
+    /// A constrained request's constraint and the compiler that makes its guide.
+    constraint: Option<(Constraint, Arc<GrammarCompiler>)>,
 }
 
 impl DecodeService {
@@ -270,7 +284,7 @@ impl DecodeService {
 
     /// The request's key, its sampler parameters and whether it reports log-probabilities,
     /// once its fields are checked.
-    fn validate(&self, req: &pb::DecodeRequest) -> Result<(AttemptKey, (SamplingParams, bool))> {
+    fn validate(&self, req: &pb::DecodeRequest) -> Result<(AttemptKey, DecodeSampling)> {
         let key: AttemptKey = req.request_id.parse()?;
         if req.transfer_id.is_empty() && !req.prefill {
             return Err(RuntimeError::invalid(
@@ -316,7 +330,27 @@ impl DecodeService {
         }
         sampling::check_token_ids("prompt_token_ids", &req.prompt_token_ids, self.vocab)?;
         sampling::check_token_ids("generated_token_ids", &req.generated_token_ids, self.vocab)?;
-        Ok((key, sampling::from_worker(req.sampling.as_ref())))
+        let (params, logprobs) = sampling::from_worker(req.sampling.as_ref());
+        let constraint = match sampling::constraint_from_worker(req.sampling.as_ref())? {
+            None => None,
+            Some(c) => {
+                let compiler = self.grammars.clone().ok_or_else(|| {
+                    RuntimeError::invalid(
+                        "constraint",
+                        "this worker runs without a tokenizer: guided decoding is off",
+                    )
+                })?;
+                Some((c, compiler))
+            }
+        };
+        Ok((
+            key,
+            DecodeSampling {
+                params,
+                logprobs,
+                constraint,
+            },
+        ))
     }
 }
 
@@ -324,12 +358,17 @@ impl DecodeService {
 async fn start_sequence(
     key: AttemptKey,
     req: pb::DecodeRequest,
-    (params, logprobs): (SamplingParams, bool),
+    sampling: DecodeSampling,
     inbox: Arc<CacheInbox>,
     commands: mpsc::UnboundedSender<Command>,
     timeout: Duration,
     tx: ChunkSender,
 ) {
+    let DecodeSampling {
+        params,
+        logprobs,
+        constraint,
+    } = sampling;
     // Only a sequence that has sent nothing may be shed (a migrated one has).
     let shed_at = (req.prefill && req.generated_token_ids.is_empty() && req.queue_budget_ms > 0)
         .then(|| std::time::Instant::now() + Duration::from_millis(req.queue_budget_ms.into()));
@@ -374,6 +413,24 @@ async fn start_sequence(
             return;
         }
     };
+    let guide = match constraint {
+        None => None,
+        Some((constraint, compiler)) => {
+            // The guide resumes after every token generated before this worker took over.
+            let replay = match &adopted {
+                Some((first, _)) => vec![*first],
+                None => req.generated_token_ids.clone(),
+            };
+            match start_guide(Some(&compiler), constraint, replay).await {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    let _ = tx.send(Err(e.into()));
+                    return;
+                }
+            }
+        }
+    };
+    let sampler = GuidedSampler::new(sampler, guide);
     let new = NewSequence {
         key,
         prompt: req.prompt_token_ids,

@@ -30,6 +30,9 @@ fn main() -> anyhow::Result<()> {
         let mut config =
             sluice_decode::DecodeConfig::new(s.worker_id(Role::Decode)?, model_name(&s.model));
         config.advertise = s.advertise.clone();
+        config.grammars = Some(sluice_runtime::grammar::GrammarCompiler::for_checkpoint(
+            &s.model,
+        )?);
         config.node = s.node();
         config.drain_timeout = s.drain_timeout();
         args.decode.apply(&mut config);

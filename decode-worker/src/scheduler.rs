@@ -12,13 +12,14 @@ use std::sync::Arc;
 
 use sluice_engine::{
     CacheSnapshot, EngineError, LanguageModel, LogitsMode, ModelCache, PrefillPlan, Sampled,
-    Sampler, SeqChunk, SeqLease,
+    SeqChunk, SeqLease,
 };
 use sluice_proto::v1::FinishReason;
 use sluice_proto::worker::v1 as pb;
 use sluice_runtime::AttemptKey;
 use sluice_runtime::error::engine_status;
 use sluice_runtime::estimate::{CostModel, DecodeQueue, StepCost};
+use sluice_runtime::grammar::GuidedSampler;
 use sluice_runtime::sampling::{FinishRule, token_logprobs};
 use sluice_runtime::status::LoadCounters;
 use tokio::sync::{mpsc, oneshot};
@@ -33,7 +34,7 @@ pub struct NewSequence {
     /// The router's key for this attempt: what `Abort` names.
     pub key: AttemptKey,
     pub prompt: Vec<u32>,
-    pub sampler: Sampler,
+    pub sampler: GuidedSampler,
     /// The prefill worker's first token and cache; `None` to prefill here.
     pub adopted: Option<(u32, CacheSnapshot)>,
     /// Prefilled here only: tokens generated before a migration, recomputed after the prompt
@@ -78,7 +79,7 @@ struct Sequence {
     lease: Option<SeqLease>,
     /// A pushed cache not imported yet (no room when it came).
     pending: Option<CacheSnapshot>,
-    sampler: Sampler,
+    sampler: GuidedSampler,
     remaining: usize,
     finish: FinishRule,
     logprobs: bool,
@@ -468,9 +469,17 @@ impl Scheduler {
                 // Still prefilling or recomputing: these logits were computed before.
                 continue;
             }
-            let sampled = s.sampler.sample(logits);
-            if emit(s, &sampled) {
-                finished.push(i);
+            match s.sampler.sample(logits) {
+                Ok(sampled) => {
+                    if emit(s, &sampled) {
+                        finished.push(i);
+                    }
+                }
+                Err(e) => {
+                    // Its constraint failed (this sequence only): it ends with the error.
+                    let _ = s.tx.send(Err(e.into()));
+                    finished.push(i);
+                }
             }
         }
         for i in finished.into_iter().rev() {
@@ -485,7 +494,9 @@ fn emit(s: &mut Sequence, sampled: &Sampled) -> bool {
     let token = sampled.token;
     s.tokens.push(token);
     s.remaining = s.remaining.saturating_sub(1);
-    let finish = s.finish.judge(token, s.remaining);
+    let finish = s
+        .finish
+        .judge_guided(token, s.remaining, s.sampler.grammar_complete());
     let logprobs = if s.logprobs {
         vec![token_logprobs(sampled)]
     } else {

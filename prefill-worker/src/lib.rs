@@ -20,6 +20,7 @@ use sluice_proto::worker::v1::worker_status_server::WorkerStatusServer;
 use sluice_runtime::engine_thread::EngineWatch;
 use sluice_runtime::error::engine_status;
 use sluice_runtime::estimate::{CostModel, StepCost, prefill_wait};
+use sluice_runtime::grammar::{GrammarCompiler, GuidedSampler, TokenGuide, start_guide};
 use sluice_runtime::serve::{advertised_address, serve_draining, standard_routes};
 use sluice_runtime::status::{LoadCounters, WorkerLimits, WorkerStatusService, report_health};
 use sluice_runtime::transport::TransferHeader;
@@ -54,6 +55,8 @@ pub struct PrefillConfig {
     pub node: String,
     /// After shutdown is asked, how long calls in flight may still finish.
     pub drain_timeout: Duration,
+    /// Compiles constrained requests' grammars; `None`: such requests are refused.
+    pub grammars: Option<Arc<GrammarCompiler>>,
 }
 
 /// `--max-batch-tokens` (prefill) unless set.
@@ -74,6 +77,7 @@ impl PrefillConfig {
             prefill_chunk: sluice_engine::DEFAULT_PREFILL_CHUNK,
             node: sluice_runtime::worker_info::this_host(),
             drain_timeout: Duration::from_secs(30),
+            grammars: None,
         }
     }
 }
@@ -82,12 +86,16 @@ impl PrefillConfig {
 struct Prefilled {
     first: Sampled,
     rng_state: u64,
+    /// The constraint is complete after the first token: nothing more may follow.
+    grammar_complete: bool,
     snapshot: CacheSnapshot,
 }
 
 struct Job {
     prompt: Vec<u32>,
     params: SamplingParams,
+    /// The constrained request's guide, taken by the engine when the job runs.
+    guide: Option<TokenGuide>,
     /// When it was queued, and how long it may wait before it is shed unrun.
     queued: Instant,
     budget: Option<Duration>,
@@ -99,6 +107,8 @@ enum JobError {
     Engine(Arc<EngineError>),
     /// It waited longer than its budget: shed before any work was spent on it.
     Shed(Duration),
+    /// Its constraint failed at its first token (this prompt only).
+    Guide(RuntimeError),
 }
 
 /// Serves `Prefill` on `listener` and registers in `membership` until `shutdown`.
@@ -151,6 +161,7 @@ pub async fn run(
         metrics,
         max_context: config.max_context,
         max_waiting: config.max_waiting,
+        grammars: config.grammars.clone(),
     };
     let routes =
         routes
@@ -267,9 +278,10 @@ impl PrefillEngine {
             }
             LoadCounters::set(&self.counters.running, batch.len());
             self.metrics.load.running.set(batch.len() as f64);
-            let results = self.prefill(&batch);
+            let mut batch = batch;
+            let results = self.prefill(&mut batch);
             for (job, result) in batch.into_iter().zip(results) {
-                let _ = job.reply.send(result.map_err(JobError::Engine));
+                let _ = job.reply.send(result);
             }
             LoadCounters::set(&self.counters.running, 0);
             self.metrics.load.running.set(0.0);
@@ -282,15 +294,18 @@ impl PrefillEngine {
     }
 
     /// Runs every prompt of `batch` in chunks, all prompts in each step.
-    fn prefill(&mut self, batch: &[Job]) -> Vec<Result<Prefilled, Arc<EngineError>>> {
+    fn prefill(&mut self, batch: &mut [Job]) -> Vec<Result<Prefilled, JobError>> {
         let mut seqs = Vec::with_capacity(batch.len());
         let result = self.prefill_sequences(batch, &mut seqs);
         let out = match result {
-            Ok(out) => out.into_iter().map(Ok).collect(),
+            Ok(out) => out,
             Err(e) => {
                 tracing::warn!("prefill batch of {} failed: {e}", batch.len());
                 let e = Arc::new(e);
-                batch.iter().map(|_| Err(e.clone())).collect()
+                batch
+                    .iter()
+                    .map(|_| Err(JobError::Engine(e.clone())))
+                    .collect()
             }
         };
         for seq in seqs {
@@ -301,16 +316,19 @@ impl PrefillEngine {
 
     fn prefill_sequences(
         &mut self,
-        batch: &[Job],
+        batch: &mut [Job],
         seqs: &mut Vec<sluice_engine::SeqId>,
-    ) -> Result<Vec<Prefilled>, EngineError> {
+    ) -> Result<Vec<Result<Prefilled, JobError>>, EngineError> {
         let mut samplers = Vec::with_capacity(batch.len());
-        for job in batch {
+        for job in batch.iter_mut() {
             seqs.push(self.cache.add_sequence()?);
-            samplers.push(Sampler::new(job.params.clone(), &job.prompt)?);
+            let sampler = Sampler::new(job.params.clone(), &job.prompt)?;
+            samplers.push(GuidedSampler::new(sampler, job.guide.take()));
         }
+        let batch = &*batch;
         let mut done = vec![0usize; batch.len()];
-        let mut first: Vec<Option<Sampled>> = vec![None; batch.len()];
+        let mut first: Vec<Option<Result<Sampled, RuntimeError>>> =
+            (0..batch.len()).map(|_| None).collect();
         let vocab = self.model.spec().vocab;
         loop {
             let active: Vec<usize> = (0..batch.len())
@@ -359,10 +377,14 @@ impl PrefillEngine {
                 field: "prompt",
                 message: "a prompt in the batch was never completed".into(),
             })?;
-            out.push(Prefilled {
-                first,
-                rng_state: sampler.rng_state(),
-                snapshot: self.cache.export(*seq)?,
+            out.push(match first {
+                Ok(first) => Ok(Prefilled {
+                    first,
+                    rng_state: sampler.rng_state(),
+                    grammar_complete: sampler.grammar_complete(),
+                    snapshot: self.cache.export(*seq)?,
+                }),
+                Err(e) => Err(JobError::Guide(e)),
             });
         }
         Ok(out)
@@ -377,6 +399,7 @@ struct PrefillService {
     metrics: Arc<PrefillMetrics>,
     max_context: usize,
     max_waiting: usize,
+    grammars: Option<Arc<GrammarCompiler>>,
 }
 
 impl PrefillService {
@@ -405,6 +428,12 @@ impl PrefillService {
             return Err(RuntimeError::invalid("transfer_id", "must not be empty"));
         }
         let (params, logprobs) = sampling::from_worker(req.sampling.as_ref());
+        let guide = match sampling::constraint_from_worker(req.sampling.as_ref())? {
+            Some(constraint) => {
+                Some(start_guide(self.grammars.as_ref(), constraint, Vec::new()).await?)
+            }
+            None => None,
+        };
         let transport = if push {
             let dest = Destination {
                 worker_id: WorkerId::new(req.decode_worker_id.clone())?,
@@ -447,6 +476,7 @@ impl PrefillService {
         let sent = self.jobs.send(Job {
             prompt: req.prompt_token_ids.clone(),
             params,
+            guide,
             queued: Instant::now(),
             budget: (req.queue_budget_ms > 0)
                 .then(|| Duration::from_millis(req.queue_budget_ms.into())),
@@ -468,6 +498,7 @@ impl PrefillService {
         let prefilled = match prefilled {
             Ok(Ok(p)) => p,
             Ok(Err(JobError::Engine(e))) => return Err(engine_status(&e).into()),
+            Ok(Err(JobError::Guide(e))) => return Err(e),
             Ok(Err(JobError::Shed(waited))) => {
                 return Err(RuntimeError::Overloaded(format!(
                     "shed unrun: waited {} ms in this prefill worker's queue, past the request's budget of {} ms",
@@ -487,7 +518,11 @@ impl PrefillService {
             eos: req.eos_token_ids.clone(),
             stop: req.stop_token_ids.clone(),
         }
-        .judge(first_token, (req.max_new_tokens as usize).saturating_sub(1));
+        .judge_guided(
+            first_token,
+            (req.max_new_tokens as usize).saturating_sub(1),
+            prefilled.grammar_complete,
+        );
         let response = pb::PrefillResponse {
             first_token,
             first_logprobs,
@@ -589,6 +624,7 @@ mod tests {
         let job = Job {
             prompt: vec![1, 2, 3],
             params: SamplingParams::default(),
+            guide: None,
             queued: Instant::now(),
             budget,
             reply,

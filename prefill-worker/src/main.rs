@@ -35,6 +35,9 @@ fn main() -> anyhow::Result<()> {
         let mut config =
             sluice_prefill::PrefillConfig::new(s.worker_id(Role::Prefill)?, model_name(&s.model));
         config.advertise = s.advertise.clone();
+        config.grammars = Some(sluice_runtime::grammar::GrammarCompiler::for_checkpoint(
+            &s.model,
+        )?);
         config.node = s.node();
         config.drain_timeout = s.drain_timeout();
         config.max_batch_tokens = args.max_batch_tokens;

@@ -111,22 +111,24 @@ impl Emitter<'_> {
                 sampling.max_tokens
             )));
         }
-        // A stop token ends the text without adding to it.
-        let piece = if finish == Some(FinishReason::Stop) {
-            String::new()
-        } else if let Some(markup) = self.relay.model.markup_text(token) {
-            // The decoder skips special tokens: release what it holds, then the tag.
-            let mut piece = self
-                .decoder
-                .finish(tokenizer)
-                .map_err(|e| RouterError::Runtime(e.into()))?;
-            piece.push_str(markup);
-            piece
-        } else {
-            self.decoder
-                .push(tokenizer, token)
-                .map_err(|e| RouterError::Runtime(e.into()))?
-        };
+        // A stop token ends the text without adding to it (a complete constraint, the other
+        // way a worker stops, ends it with its last token's text).
+        let piece =
+            if finish == Some(FinishReason::Stop) && sampling.stop_token_ids.contains(&token) {
+                String::new()
+            } else if let Some(markup) = self.relay.model.markup_text(token) {
+                // The decoder skips special tokens: release what it holds, then the tag.
+                let mut piece = self
+                    .decoder
+                    .finish(tokenizer)
+                    .map_err(|e| RouterError::Runtime(e.into()))?;
+                piece.push_str(markup);
+                piece
+            } else {
+                self.decoder
+                    .push(tokenizer, token)
+                    .map_err(|e| RouterError::Runtime(e.into()))?
+            };
         let (mut text, stopped) = self.stops.push(&piece);
         let finish = if stopped {
             Some(FinishReason::Stop)

@@ -13,6 +13,7 @@ pub mod openai;
 pub mod pool;
 pub mod service;
 pub mod stop;
+pub mod tool_grammar;
 pub mod validate;
 
 use std::path::PathBuf;

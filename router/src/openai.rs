@@ -1,7 +1,6 @@
 //! OpenAI wire types (the fields Sluice honours) and their mapping to and from the public
-//! `sluice.v1` messages. A field Sluice does not know, or cannot honour (`n > 1`,
-//! `response_format` JSON, a forced `tool_choice`), is refused by name: a client asking for
-//! something never gets a 200 without it.
+//! `sluice.v1` messages. A field Sluice does not know, or cannot honour (`n > 1`, image
+//! parts), is refused by name: a client asking for something never gets a 200 without it.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
@@ -10,6 +9,7 @@ use sluice_proto::v1::{self as pb, FinishReason};
 
 use crate::chat_output::{ChatOutputReader, THINK_CLOSE, THINK_OPEN, ToolSet};
 use crate::error::RouterError;
+use crate::tool_grammar::{CallTags, ForcedCalls, tool_call_grammar};
 
 /// A string or a list of strings (`stop`, a completion `prompt`).
 #[derive(Debug, Clone, Deserialize)]
@@ -140,10 +140,53 @@ pub struct NamedFunction {
     pub name: String,
 }
 
+/// `response_format`: `text`, `json_object`, or `json_schema` with its schema.
 #[derive(Debug, Deserialize)]
 pub struct ResponseFormat {
     #[serde(rename = "type")]
     pub kind: String,
+    pub json_schema: Option<JsonSchemaFormat>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct JsonSchemaFormat {
+    pub name: String,
+    pub description: Option<String>,
+    /// Absent: any JSON value.
+    pub schema: Option<Value>,
+    /// Guided decoding always holds the output to the schema, strict or not.
+    pub strict: Option<bool>,
+}
+
+impl ResponseFormat {
+    /// The constraint this format asks for (`None`: free text).
+    fn constraint(&self) -> Result<Option<pb::Constraint>, RouterError> {
+        use pb::constraint::Kind;
+        let schema = match self.kind.as_str() {
+            "text" => return Ok(None),
+            // OpenAI's JSON mode: some JSON object.
+            "json_object" => json!({ "type": "object" }),
+            "json_schema" => {
+                let format = self.json_schema.as_ref().ok_or_else(|| {
+                    RouterError::invalid(
+                        "response_format.json_schema",
+                        "`json_schema` needs its `name` and `schema`",
+                    )
+                })?;
+                format.schema.clone().unwrap_or_else(|| json!({}))
+            }
+            other => {
+                return Err(RouterError::invalid(
+                    "response_format.type",
+                    format!("`{other}` is not one of text, json_object, json_schema"),
+                ));
+            }
+        };
+        Ok(Some(pb::Constraint {
+            kind: Some(Kind::JsonSchema(schema.to_string())),
+            after_token: None,
+        }))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -269,6 +312,8 @@ impl Sampling {
             stop_token_ids: self.stop_token_ids.clone(),
             logprobs,
             echo: false,
+            logit_bias: Default::default(),
+            constraint: None,
         })
     }
 
@@ -281,9 +326,9 @@ impl Sampling {
 
 impl CompletionRequest {
     pub fn to_pb(self) -> Result<pb::GenerateRequest, RouterError> {
-        refuse_logit_bias(self.logit_bias.as_ref())?;
         let mut sampling = self.sampling.to_pb(self.logprobs)?;
         sampling.echo = self.echo;
+        sampling.logit_bias = logit_bias(self.logit_bias.as_ref())?;
         let mut request = pb::GenerateRequest {
             sampling: Some(sampling),
             ..Default::default()
@@ -314,15 +359,22 @@ impl CompletionRequest {
     }
 }
 
-/// Refuses a non-empty `logit_bias` (the sampler does not take one yet).
-fn refuse_logit_bias(bias: Option<&Map<String, Value>>) -> Result<(), RouterError> {
-    match bias {
-        Some(b) if !b.is_empty() => Err(RouterError::invalid(
-            "logit_bias",
-            "logit_bias is not supported yet",
-        )),
-        _ => Ok(()),
+/// OpenAI's `logit_bias` (token ids as JSON keys) as the public message carries it. Its
+/// ranges are checked where every request's are (the router's validation).
+fn logit_bias(
+    bias: Option<&Map<String, Value>>,
+) -> Result<std::collections::HashMap<u32, f32>, RouterError> {
+    let mut out = std::collections::HashMap::new();
+    for (key, value) in bias.into_iter().flatten() {
+        let token: u32 = key.parse().map_err(|_| {
+            RouterError::invalid("logit_bias", format!("key `{key}` is not a token id"))
+        })?;
+        let bias = value.as_f64().ok_or_else(|| {
+            RouterError::invalid(format!("logit_bias.{key}"), "the bias must be a number")
+        })?;
+        out.insert(token, bias as f32);
     }
+    Ok(out)
 }
 
 /// A chat request's prompt as the model's template renders it.
@@ -342,25 +394,25 @@ impl ChatRequest {
             Some(t) => Some(t),
         };
         match &self.tool_choice {
-            None => Ok(tools),
-            Some(ToolChoiceWire::Mode(m)) if m == "auto" => Ok(tools),
             Some(ToolChoiceWire::Mode(m)) if m == "none" => Ok(None),
-            Some(ToolChoiceWire::Mode(m)) if m == "required" => Err(RouterError::invalid(
-                "tool_choice",
-                "`required` needs guided decoding, which this server does not do yet; use `auto`",
-            )),
-            Some(ToolChoiceWire::Mode(m)) => Err(RouterError::invalid(
-                "tool_choice",
-                format!("`{m}` is not one of none, auto, required or a named function"),
-            )),
-            Some(ToolChoiceWire::Named { function }) => Err(RouterError::invalid(
-                "tool_choice",
-                format!(
-                    "a named function (`{}`) needs guided decoding, which this server does not do \
-                     yet; use `auto`",
-                    function.name
-                ),
-            )),
+            // `auto`, `required` and a named function all offer every tool (OpenAI's rule);
+            // the last two also force the answer (`forced_calls`).
+            Some(ToolChoiceWire::Mode(m)) if !matches!(m.as_str(), "auto" | "required") => {
+                Err(RouterError::invalid(
+                    "tool_choice",
+                    format!("`{m}` is not one of none, auto, required or a named function"),
+                ))
+            }
+            _ => Ok(tools),
+        }
+    }
+
+    /// The calls `tool_choice` forces (`None`: the model chooses).
+    fn forced_calls(&self) -> Option<ForcedCalls<'_>> {
+        match &self.tool_choice {
+            Some(ToolChoiceWire::Mode(m)) if m == "required" => Some(ForcedCalls::Any),
+            Some(ToolChoiceWire::Named { function }) => Some(ForcedCalls::Named(&function.name)),
+            _ => None,
         }
     }
 
@@ -476,19 +528,37 @@ impl ChatRequest {
         self,
         tokenizer: &Tokenizer,
     ) -> Result<(pb::GenerateRequest, ChatOutputReader), RouterError> {
-        refuse_logit_bias(self.logit_bias.as_ref())?;
-        if let Some(f) = &self.response_format
-            && f.kind != "text"
-        {
-            return Err(RouterError::invalid(
-                "response_format",
-                format!(
-                    "`{}` needs guided decoding, which this server does not do yet",
-                    f.kind
-                ),
-            ));
+        let bias = logit_bias(self.logit_bias.as_ref())?;
+        let mut constraint = match &self.response_format {
+            Some(f) => f.constraint()?,
+            None => None,
+        };
+        if let Some(forced) = self.forced_calls() {
+            if constraint.is_some() {
+                return Err(RouterError::invalid(
+                    "response_format",
+                    "a forced tool_choice already fixes the answer's format",
+                ));
+            }
+            let tags = CallTags {
+                open: tokenizer.token_id("<tool_call>"),
+                close: tokenizer.token_id("</tool_call>"),
+            };
+            let tools = self.offered_tools()?.unwrap_or_default();
+            let parallel = self.parallel_tool_calls.unwrap_or(true);
+            let lark = tool_call_grammar(tools, forced, parallel, tags)?;
+            constraint = Some(pb::Constraint {
+                kind: Some(pb::constraint::Kind::Lark(lark)),
+                after_token: None,
+            });
         }
         let rendered = self.render(tokenizer)?;
+        if let Some(c) = constraint.as_mut()
+            && rendered.opens_reasoning
+        {
+            // The model reasons first: the format holds from the end of its reasoning on.
+            c.after_token = tokenizer.token_id(THINK_CLOSE);
+        }
         let tools = ToolSet::from_openai(self.offered_tools()?.unwrap_or_default());
         let reader = ChatOutputReader::new(
             rendered.opens_reasoning,
@@ -505,9 +575,12 @@ impl ChatRequest {
         } else {
             None
         };
+        let mut sampling = self.sampling.to_pb(logprobs)?;
+        sampling.logit_bias = bias;
+        sampling.constraint = constraint;
         let request = pb::GenerateRequest {
             prompt: rendered.prompt,
-            sampling: Some(self.sampling.to_pb(logprobs)?),
+            sampling: Some(sampling),
             ..Default::default()
         };
         Ok((request, reader))

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use sluice_engine::{ChatMessage, ModelSpec, Tokenizer};
 use sluice_proto::v1 as pb;
+use sluice_runtime::grammar::GrammarCompiler;
 use sluice_runtime::sampling::{self, RequestLimits, RequestSampling, SamplingDefaults};
 
 use crate::error::RouterError;
@@ -35,6 +36,8 @@ pub struct ModelContext {
     pub markup: Vec<(u32, String)>,
     /// `generation_config.json`'s sampling, for requests that set none.
     pub sampling_defaults: SamplingDefaults,
+    /// Checks constraints against the tokenizer (guided decoding).
+    pub grammars: std::sync::Arc<GrammarCompiler>,
 }
 
 /// Tags of reasoning and tool calls, which Qwen3.5's tokenizer has as special tokens.
@@ -53,8 +56,12 @@ impl ModelContext {
             .iter()
             .filter_map(|t| tokenizer.token_id(t).map(|id| (id, t.to_string())))
             .collect();
+        let grammars = GrammarCompiler::new(dir, spec.vocab, &eos);
+        // The router checks constraints on its request threads: build the trie beforehand.
+        grammars.warm_up();
         Ok(ModelContext {
             markup,
+            grammars,
             sampling_defaults: SamplingDefaults::load(dir)?,
             name: sluice_runtime::model_host::model_name(dir),
             model_type: spec.model_type.clone(),
@@ -139,6 +146,11 @@ impl ModelContext {
         };
         let sampling = sampling::from_pb(req.sampling.as_ref(), &limits)?;
         sampling::check_token_ids("stop_token_ids", &sampling.stop_token_ids, self.vocab)?;
+        let biased: Vec<u32> = sampling.params.logit_bias.iter().map(|b| b.0).collect();
+        sampling::check_token_ids("logit_bias", &biased, self.vocab)?;
+        if let Some(constraint) = &sampling.constraint {
+            self.grammars.check(constraint, "constraint")?;
+        }
         if prompt.len() + sampling.max_tokens > self.max_context {
             return Err(RouterError::invalid(
                 "max_tokens",

@@ -72,11 +72,27 @@ fn template_refusals_name_the_messages() {
         (r#"{"messages": [], "frobnicate": 1}"#, "frobnicate"),
         (
             r#"{"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}"#,
+            "tools",
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": "x"}], "tool_choice": "sometimes"}"#,
             "tool_choice",
         ),
         (
-            r#"{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}"#,
-            "response_format",
+            r#"{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "a"}}], "tool_choice": {"type": "function", "function": {"name": "b"}}}"#,
+            "tool_choice.function.name",
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}"#,
+            "response_format.type",
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}}"#,
+            "response_format.json_schema",
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": "x"}], "logit_bias": {"a": 1}}"#,
+            "logit_bias",
         ),
         (
             r#"{"messages": [{"role": "robot", "content": "x"}]}"#,
@@ -96,4 +112,40 @@ fn template_refusals_name_the_messages() {
             "{field}: {err}"
         );
     }
+}
+
+#[test]
+fn a_response_format_holds_from_the_end_of_reasoning() {
+    let tokenizer =
+        Tokenizer::from_dir(&repo().join("../shared/fixtures/qwen3_5-tokenizer")).unwrap();
+    let think_close = tokenizer.token_id("</think>").unwrap();
+    let constraint_of = |thinking: bool| {
+        let body = serde_json::json!({
+            "messages": [{"role": "user", "content": "x"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "integer"}}},
+            "chat_template_kwargs": {"enable_thinking": thinking},
+            "logit_bias": {"7": -100},
+        });
+        let Value::Object(body) = body else {
+            unreachable!()
+        };
+        let (req, _) = ChatRequest::from_body(body)
+            .unwrap()
+            .to_pb(&tokenizer)
+            .unwrap();
+        let sampling = req.sampling.unwrap();
+        assert_eq!(sampling.logit_bias.get(&7), Some(&-100.0));
+        sampling.constraint.unwrap()
+    };
+    // Thinking on: the template opens `<think>`, and the schema holds after `</think>`.
+    let on = constraint_of(true);
+    assert_eq!(on.after_token, Some(think_close));
+    assert_eq!(
+        on.kind,
+        Some(sluice_proto::v1::constraint::Kind::JsonSchema(
+            r#"{"type":"integer"}"#.into()
+        ))
+    );
+    // Thinking off: the reasoning block is closed in the prompt; the schema holds at once.
+    assert_eq!(constraint_of(false).after_token, None);
 }

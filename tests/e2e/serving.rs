@@ -12,7 +12,10 @@ use opentelemetry_proto::tonic as otlp;
 use otlp::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
 use otlp::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use serde_json::{Value, json};
-use sluice_client::{ClientError, FinishReason, GenerateChunk, GenerateRequest, SamplingParams};
+use sluice_client::{
+    ClientError, Constraint, FinishReason, GenerateChunk, GenerateRequest, SamplingParams,
+    constraint,
+};
 use sluice_harness::http::{metric, request};
 use sluice_harness::{Cluster, ClusterSpec, local_greedy, synth};
 
@@ -264,6 +267,46 @@ async fn generation_rules_and_the_openai_api() {
     assert_eq!(stopped.token_ids, tokens[..1]);
     assert_eq!(stopped.finish_reason, FinishReason::Stop as i32);
     assert_eq!(stopped.text, "");
+
+    // --- Guided decoding across the handoff: the prefill worker samples the first token
+    // under the regex, the decode worker replays it into its own guide and goes on. The
+    // text matches (checked by hand here) and ends where the regex is complete.
+    let regex = |rx: &str| {
+        Some(Constraint {
+            kind: Some(constraint::Kind::Regex(rx.into())),
+            after_token: None,
+        })
+    };
+    let mut req = greedy(&base_prompt, 40);
+    req.sampling.as_mut().unwrap().constraint = regex("[a-z]{3}-[0-9]{4}");
+    let guided = c.generate(req).await.unwrap();
+    let b = guided.text.as_bytes();
+    assert_eq!(b.len(), 8, "{:?}", guided.text);
+    assert!(
+        b[..3].iter().all(u8::is_ascii_lowercase),
+        "{:?}",
+        guided.text
+    );
+    assert_eq!(b[3], b'-');
+    assert!(b[4..].iter().all(u8::is_ascii_digit), "{:?}", guided.text);
+    assert_eq!(guided.finish_reason, FinishReason::Stop as i32);
+    // A constraint that cannot compile is refused before any work, naming the field.
+    let mut req = greedy(&base_prompt, 4);
+    req.sampling.as_mut().unwrap().constraint = regex("(");
+    match c.generate(req).await {
+        Err(ClientError::InvalidArgument(m)) => assert!(m.contains("constraint.regex"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // --- logit_bias: +100 on one token makes greedy pick it at every step (the first one at
+    // the prefill worker, the rest at the decode worker); -100 on the unbiased first token
+    // makes greedy pick another.
+    let favoured = tokens[3];
+    let mut req = greedy(&base_prompt, 6);
+    req.sampling.as_mut().unwrap().logit_bias = [(favoured, 100.0)].into();
+    assert_eq!(c.generate(req).await.unwrap().token_ids, vec![favoured; 6]);
+    let mut req = greedy(&base_prompt, 1);
+    req.sampling.as_mut().unwrap().logit_bias = [(tokens[0], -100.0)].into();
+    assert_ne!(c.generate(req).await.unwrap().token_ids, tokens[..1]);
 
     // --- Log-probabilities: one per token, the sampled token first among the top ones, and
     // equal to the log-softmax of the same step's logits computed in one local process.

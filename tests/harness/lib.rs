@@ -303,3 +303,17 @@ pub fn assert_refuses_to_start_without_etcd(binary: &Path) {
         "{err}"
     );
 }
+
+/// Logits of a model that knows nothing: seeded noise in [0, 8), a fresh row per `step`
+/// (guided-decoding tests: whatever the logits, the output must satisfy the constraint).
+pub fn noise_logits(seed: u64, step: usize, vocab: usize) -> Vec<f32> {
+    let mut x = seed ^ (step as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..vocab)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 * 8.0
+        })
+        .collect()
+}

@@ -2,7 +2,8 @@
 tool results given back (unary and streamed), and fields Sluice does not honour refused by
 name with a 400 (never a 200 that ignores them). The synthetic model's weights are random, so
 these check the API's shape and refusals; what its answers contain is checked by the router's
-unit tests (tool-call and reasoning reader) and against HF (the template)."""
+unit tests (tool-call and reasoning reader) and against HF (the template). Guided decoding is
+the exception: whatever the weights, an answer under a JSON schema must parse and satisfy it."""
 
 import json
 
@@ -81,9 +82,15 @@ def test_tool_choice_none_and_thinking_kwargs_are_accepted(client, model):
     "extra, param",
     [
         (dict(extra_body={"frobnicate": True}), "frobnicate"),
-        (dict(tool_choice="required", tools=[WEATHER]), "tool_choice"),
-        (dict(response_format={"type": "json_object"}), "response_format"),
-        (dict(logit_bias={"5": 10}), "logit_bias"),
+        (dict(tool_choice="sometimes", tools=[WEATHER]), "tool_choice"),
+        (dict(tool_choice="required"), "tools"),
+        (dict(tool_choice={"type": "function", "function": {"name": "nope"}}, tools=[WEATHER]),
+         "tool_choice.function.name"),
+        (dict(response_format={"type": "xml"}), "response_format.type"),
+        (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frob"}}}),
+         "constraint.json_schema"),
+        (dict(logit_bias={"five": 10}), "logit_bias"),
+        (dict(logit_bias={"5": 101}), "logit_bias"),
         (dict(n=2), "n"),
         (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
          "messages[0].content[0].type"),
@@ -102,3 +109,88 @@ def test_a_prompt_past_the_context_is_a_400_not_a_retry(client, model):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=model, prompt="river " * 20000, max_tokens=4)
     assert e.value.status_code == 400
+
+
+BOOKING = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 10},
+        "nights": {"type": "integer", "minimum": 1, "maximum": 14},
+        "refundable": {"type": "boolean"},
+    },
+    "required": ["city", "nights", "refundable"],
+    "additionalProperties": False,
+}
+
+
+def check_booking(text):
+    v = json.loads(text)
+    assert set(v) == {"city", "nights", "refundable"}, text
+    assert isinstance(v["city"], str) and len(v["city"]) <= 10, text
+    assert isinstance(v["nights"], int) and 1 <= v["nights"] <= 14, text
+    assert isinstance(v["refundable"], bool), text
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_json_schema_answers_parse_and_satisfy_the_schema(client, model, seed):
+    fmt = {"type": "json_schema", "json_schema": {"name": "booking", "schema": BOOKING, "strict": True}}
+    args = dict(model=model, messages=[{"role": "user", "content": "Book Oslo"}], max_tokens=300,
+                seed=seed, temperature=1, response_format=fmt)
+    r = client.chat.completions.create(**args)
+    assert r.choices[0].finish_reason == "stop"
+    check_booking(r.choices[0].message.content)
+    # Streamed: the same answer, piece by piece.
+    chunks = list(client.chat.completions.create(stream=True, **args))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == r.choices[0].message.content
+
+
+def test_logit_bias_forces_a_token(client, model):
+    free = client.completions.create(model=model, prompt="hello", max_tokens=1, temperature=0)
+    forced = client.completions.create(model=model, prompt="hello", max_tokens=6, temperature=0,
+                                       logit_bias={"300": 100})
+    text = forced.choices[0].text
+    assert forced.usage.completion_tokens == 6
+    # Six times the same token: the text is one piece repeated.
+    assert text and text == text[: len(text) // 6] * 6, repr(text)
+    banned = client.completions.create(model=model, prompt="hello", max_tokens=6, temperature=0,
+                                       logit_bias={"300": -100})
+    assert banned.choices[0].text != text
+    assert free.choices[0].finish_reason in OPENAI_FINISH
+
+
+BOUNDED_WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 8},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            },
+            "required": ["city", "days"],
+        },
+    },
+}
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_forced_tool_choice_always_calls_with_valid_arguments(client, model, choice):
+    for seed in (1, 2):
+        r = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Weather?"}], tools=[BOUNDED_WEATHER, CLOCK],
+            tool_choice=choice, parallel_tool_calls=False, max_tokens=300, temperature=1, seed=seed)
+        choice_out = r.choices[0]
+        assert choice_out.finish_reason == "tool_calls", choice_out
+        (call,) = choice_out.message.tool_calls
+        if isinstance(choice, dict):
+            assert call.function.name == "get_weather"
+        args = json.loads(call.function.arguments)
+        if call.function.name == "get_weather":
+            assert set(args) == {"city", "days"}, args
+            assert isinstance(args["city"], str) and len(args["city"]) <= 8, args
+            assert isinstance(args["days"], int) and 1 <= args["days"] <= 7, args
+        else:
+            assert call.function.name == "get_time" and args == {}, args

@@ -87,6 +87,7 @@ impl SamplingArgs {
             seed: self.seed,
             top_logprobs: 0,
             logprobs: false,
+            logit_bias: Vec::new(),
         }
     }
 }

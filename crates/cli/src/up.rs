@@ -111,8 +111,11 @@ pub fn run(args: UpArgs) -> Result<()> {
                 None => args.engine.mock(&dir)?,
             })
         };
+        // One compiler (one vocabulary trie) for every worker of the process.
+        let grammars = sluice_runtime::grammar::GrammarCompiler::for_checkpoint(&dir)?;
         for _ in 0..args.decode {
             let mut config = sluice_decode::DecodeConfig::new(WorkerId::generate(Role::Decode), name.clone());
+            config.grammars = Some(grammars.clone());
             args.decode_batching.apply(&mut config);
             config.max_context = args.router.max_context;
             let listener = sluice_runtime::serve::bind(SocketAddr::from(LOOPBACK)).await?;
@@ -121,6 +124,7 @@ pub fn run(args: UpArgs) -> Result<()> {
         }
         for _ in 0..args.prefill {
             let mut config = sluice_prefill::PrefillConfig::new(WorkerId::generate(Role::Prefill), name.clone());
+            config.grammars = Some(grammars.clone());
             config.max_context = args.router.max_context;
             let listener = sluice_runtime::serve::bind(SocketAddr::from(LOOPBACK)).await?;
             let transports: Vec<Arc<dyn CacheTransport>> = vec![

@@ -37,8 +37,8 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 pub use error::ClientError;
 pub use sluice_proto::v1::{
-    FinishReason, GenerateChunk, GenerateRequest, GenerateResponse, ModelInfo, SamplingParams,
-    TokenLogprobs, TopLogprob, Usage,
+    Constraint, FinishReason, GenerateChunk, GenerateRequest, GenerateResponse, ModelInfo,
+    SamplingParams, TokenLogprobs, TopLogprob, Usage, constraint,
 };
 pub use stream::GenerateStream;
 

@@ -32,7 +32,7 @@ pub use model::{
     MockModel, MockTiming, Model, SeqChunk, shard_range,
 };
 pub use prefill_plan::{DEFAULT_PREFILL_CHUNK, PrefillPlan};
-pub use sampler::{Sampled, Sampler, SamplingParams};
+pub use sampler::{MAX_LOGIT_BIAS, Sampled, Sampler, SamplingParams, TokenMask};
 pub use synth::Preset;
 pub use tensor::WeightFormat;
 pub use tokenizer::{IncrementalDecoder, Tokenizer};

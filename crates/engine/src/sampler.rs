@@ -11,6 +11,22 @@ use crate::error::{EngineError, Result};
 /// Most top-n logprobs a request may ask for.
 pub const MAX_TOP_LOGPROBS: usize = 20;
 
+/// The largest `logit_bias` magnitude (OpenAI's range).
+pub const MAX_LOGIT_BIAS: f32 = 100.0;
+
+/// The tokens a step may pick, as a bitset over the vocabulary: token `t` is allowed when
+/// bit `t % 32` of word `t / 32` is set (the layout guided-decoding engines produce).
+#[derive(Debug, Clone, Copy)]
+pub struct TokenMask<'a>(pub &'a [u32]);
+
+impl TokenMask<'_> {
+    pub fn allows(&self, token: u32) -> bool {
+        self.0
+            .get(token as usize / 32)
+            .is_some_and(|w| w >> (token % 32) & 1 == 1)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
     /// 0 = greedy.
@@ -34,6 +50,8 @@ pub struct SamplingParams {
     /// Report the sampled token's log-probability (implied by `top_logprobs > 0`). Off, the
     /// sampler never normalises over the whole vocabulary.
     pub logprobs: bool,
+    /// Added to these tokens' logits before penalties (OpenAI's `logit_bias`), ids ascending.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -49,6 +67,7 @@ impl Default for SamplingParams {
             seed: None,
             top_logprobs: 0,
             logprobs: false,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -96,6 +115,17 @@ impl SamplingParams {
                 self.frequency_penalty,
                 "-2 ≤ frequency_penalty ≤ 2",
             );
+        }
+        if let Some(&(token, bias)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-MAX_LOGIT_BIAS..=MAX_LOGIT_BIAS).contains(b))
+        {
+            return Err(EngineError::InvalidSampling {
+                field: "logit_bias",
+                value: format!("{bias} (token {token})"),
+                allowed: "-100 ≤ bias ≤ 100",
+            });
         }
         if self.top_logprobs > MAX_TOP_LOGPROBS {
             return Err(EngineError::InvalidSampling {
@@ -145,7 +175,7 @@ pub struct Sampler {
     seen: HashMap<u32, u32>,
     /// Times each token was generated (presence / frequency penalties).
     generated: HashMap<u32, u32>,
-    /// Penalised logits (only when a penalty is set).
+    /// Adjusted logits (only when a bias, penalty or mask changes them).
     scratch: Vec<f32>,
     /// Candidates and their weights e^((logit - max) / T): reused, so a draw allocates nothing.
     candidates: Vec<(u32, f64)>,
@@ -202,13 +232,29 @@ impl Sampler {
 
     /// Picks the next token from one row of logits and records it.
     pub fn sample(&mut self, logits: &[f32]) -> Sampled {
-        // The logits are copied only when a penalty has to change them.
-        let mut penalised = std::mem::take(&mut self.scratch);
-        let work: &[f32] = if self.has_penalties() {
-            penalised.clear();
-            penalised.extend_from_slice(logits);
-            self.apply_penalties(&mut penalised);
-            &penalised
+        self.sample_within(logits, None)
+    }
+
+    /// As `sample`, picking only among the tokens `allowed` lets through (all when `None`).
+    /// A mask that allows nothing picks the best token regardless: the caller that made the
+    /// mask is the one to notice a dead end, and it does so before sampling.
+    pub fn sample_within(&mut self, logits: &[f32], allowed: Option<TokenMask<'_>>) -> Sampled {
+        // The logits are copied only when a bias, a penalty or a mask has to change them.
+        let mut adjusted = std::mem::take(&mut self.scratch);
+        let work: &[f32] = if self.has_penalties() || allowed.is_some() {
+            adjusted.clear();
+            adjusted.extend_from_slice(logits);
+            self.apply_penalties(&mut adjusted);
+            if let Some(mask) = allowed
+                && (0..adjusted.len() as u32).any(|t| mask.allows(t))
+            {
+                for (t, l) in adjusted.iter_mut().enumerate() {
+                    if !mask.allows(t as u32) {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            &adjusted
         } else {
             logits
         };
@@ -217,7 +263,7 @@ impl Sampler {
         } else {
             self.draw(work)
         };
-        self.scratch = penalised;
+        self.scratch = adjusted;
         let (logprob, top) = if self.params.logprobs || self.params.top_logprobs > 0 {
             let (logprob, top) = self.logprobs(logits, token);
             (Some(logprob), top)
@@ -235,11 +281,20 @@ impl Sampler {
 
     fn has_penalties(&self) -> bool {
         let p = &self.params;
-        p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0
+        p.repetition_penalty != 1.0
+            || p.presence_penalty != 0.0
+            || p.frequency_penalty != 0.0
+            || !p.logit_bias.is_empty()
     }
 
+    /// Bias first (as OpenAI and vLLM apply it, to the raw logits), then the penalties.
     fn apply_penalties(&self, logits: &mut [f32]) {
         let p = &self.params;
+        for &(t, bias) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += bias;
+            }
+        }
         if p.repetition_penalty != 1.0 {
             for &t in self.seen.keys() {
                 if let Some(l) = logits.get_mut(t as usize) {
@@ -285,7 +340,16 @@ impl Sampler {
         let inv_t = 1.0 / p.temperature as f64;
         let cands = &mut self.candidates;
         cands.clear();
-        cands.extend((0..logits.len() as u32).map(|i| (i, logits[i as usize] as f64)));
+        // Tokens a mask ruled out (logit -inf) are never candidates.
+        cands.extend(
+            (0..logits.len() as u32)
+                .map(|i| (i, logits[i as usize] as f64))
+                .filter(|c| c.1 > f64::NEG_INFINITY),
+        );
+        if cands.is_empty() {
+            cands.push((argmax(logits), 1.0));
+            return 1;
+        }
         // Larger logit first, then lower id: the order ties are broken in.
         let by_weight = |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if p.top_k > 0 && p.top_k < cands.len() {
@@ -615,5 +679,80 @@ mod tests {
         let mut rest = Sampler::resume(params, &prompt, &head, first.rng_state()).unwrap();
         let tail: Vec<u32> = logits[4..].iter().map(|l| rest.sample(l).token).collect();
         assert_eq!([head, tail].concat(), expected);
+    }
+
+    /// A bitset allowing `tokens` out of `vocab`.
+    fn mask_of(tokens: &[u32], vocab: usize) -> Vec<u32> {
+        let mut words = vec![0u32; vocab.div_ceil(32)];
+        for &t in tokens {
+            words[t as usize / 32] |= 1 << (t % 32);
+        }
+        words
+    }
+
+    #[test]
+    fn a_mask_confines_every_mode_to_its_tokens() {
+        let vocab = 100;
+        // Logits that favour the masked-out tokens strongly.
+        let logits: Vec<f32> = (0..vocab).map(|i| (i % 7) as f32).collect();
+        let allowed = [3u32, 40, 77];
+        let words = mask_of(&allowed, vocab);
+        let modes = [
+            params(|_| {}),
+            params(|p| p.temperature = 1.0),
+            params(|p| {
+                p.temperature = 1.5;
+                p.top_k = 5;
+            }),
+            params(|p| {
+                p.temperature = 1.0;
+                p.top_p = 0.5;
+                p.min_p = 0.1;
+            }),
+            params(|p| {
+                p.temperature = 1.0;
+                p.repetition_penalty = 1.3;
+                p.top_logprobs = 3;
+            }),
+        ];
+        for p in modes {
+            let mut s = Sampler::new(p.clone(), &[3]).unwrap();
+            for _ in 0..200 {
+                let out = s.sample_within(&logits, Some(TokenMask(&words)));
+                assert!(allowed.contains(&out.token), "{p:?} picked {}", out.token);
+            }
+        }
+        // Greedy under the mask is the argmax among the allowed: 40 % 7 = 5 is the largest.
+        let mut s = Sampler::new(params(|_| {}), &[]).unwrap();
+        assert_eq!(s.sample_within(&logits, Some(TokenMask(&words))).token, 40);
+        // The log-probability stays the model's (unmasked) one, as documented.
+        let mut s = Sampler::new(params(|p| p.logprobs = true), &[]).unwrap();
+        let out = s.sample_within(&logits, Some(TokenMask(&words)));
+        let lse = logits.iter().map(|l| (*l as f64).exp()).sum::<f64>().ln();
+        assert!((out.logprob.unwrap() as f64 - (5.0 - lse)).abs() < 1e-4);
+    }
+
+    #[test]
+    fn logit_bias_moves_the_choice_and_is_range_checked() {
+        let logits = [1.0f32, 3.0, 2.0];
+        let mut s = Sampler::new(params(|p| p.logit_bias = vec![(0, 2.5)]), &[]).unwrap();
+        assert_eq!(s.sample(&logits).token, 0); // 1 + 2.5 > 3
+        let mut s = Sampler::new(params(|p| p.logit_bias = vec![(1, -100.0)]), &[]).unwrap();
+        assert_eq!(s.sample(&logits).token, 2);
+        // With temperature, a -100 bias all but bans: never drawn in 2000 draws.
+        let mut s = Sampler::new(
+            params(|p| {
+                p.temperature = 1.0;
+                p.logit_bias = vec![(1, -100.0)];
+            }),
+            &[],
+        )
+        .unwrap();
+        assert!((0..2000).all(|_| s.sample(&logits).token != 1));
+        let err = Sampler::new(params(|p| p.logit_bias = vec![(2, 100.5)]), &[])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("logit_bias"), "{err}");
     }
 }

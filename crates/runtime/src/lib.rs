@@ -11,6 +11,7 @@ pub mod engine_thread;
 pub mod error;
 pub mod estimate;
 pub mod experts;
+pub mod grammar;
 pub mod keys;
 pub mod membership;
 pub mod metrics;

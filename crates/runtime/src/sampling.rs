@@ -8,6 +8,7 @@ use sluice_proto::v1 as pb;
 use sluice_proto::worker::v1 as wpb;
 
 use crate::error::{Result, RuntimeError};
+use crate::grammar::Constraint;
 
 /// `temperature` when neither the request nor the checkpoint sets one (as OpenAI-style
 /// servers do).
@@ -70,6 +71,8 @@ pub struct RequestSampling {
     pub logprobs: Option<usize>,
     /// Prepend the prompt's text to the output.
     pub echo: bool,
+    /// What the output must match (checked against the tokenizer by the router).
+    pub constraint: Option<Constraint>,
 }
 
 /// Most alternatives a request may ask log-probabilities for (OpenAI's limit).
@@ -101,6 +104,7 @@ pub fn params_from_pb(
         seed: p.seed,
         top_logprobs: p.logprobs.unwrap_or(0) as usize,
         logprobs: p.logprobs.is_some(),
+        logit_bias: sorted_bias(&p.logit_bias),
     };
     if let Some(n) = p.logprobs
         && n > MAX_LOGPROBS
@@ -112,6 +116,13 @@ pub fn params_from_pb(
     }
     params.validate()?;
     Ok(params)
+}
+
+/// A wire bias map as the sampler takes it: ids ascending (a map's order is arbitrary).
+fn sorted_bias(bias: &std::collections::HashMap<u32, f32>) -> Vec<(u32, f32)> {
+    let mut v: Vec<(u32, f32)> = bias.iter().map(|(&t, &b)| (t, b)).collect();
+    v.sort_unstable_by_key(|&(t, _)| t);
+    v
 }
 
 /// The sampling a worker runs for the validated request `s`.
@@ -127,7 +138,14 @@ pub fn to_worker(s: &RequestSampling) -> wpb::WorkerSampling {
         presence_penalty: p.presence_penalty,
         frequency_penalty: p.frequency_penalty,
         logprobs: s.logprobs.map(|n| n as u32),
+        logit_bias: p.logit_bias.iter().copied().collect(),
+        constraint: s.constraint.as_ref().map(Constraint::to_pb),
     }
+}
+
+/// The constraint a worker's request carries (`None`: free text).
+pub fn constraint_from_worker(w: Option<&wpb::WorkerSampling>) -> Result<Option<Constraint>> {
+    Constraint::from_pb(w.and_then(|w| w.constraint.as_ref()), "constraint")
 }
 
 /// A worker's sampler parameters (unset: the engine's defaults, greedy) and whether it
@@ -148,6 +166,7 @@ pub fn from_worker(w: Option<&wpb::WorkerSampling>) -> (SamplingParams, bool) {
         seed: w.seed,
         top_logprobs: w.logprobs.unwrap_or(0) as usize,
         logprobs: w.logprobs.is_some(),
+        logit_bias: sorted_bias(&w.logit_bias),
     };
     (params, w.logprobs.is_some())
 }
@@ -175,6 +194,22 @@ impl FinishRule {
             pb::FinishReason::Length
         } else {
             pb::FinishReason::Unspecified
+        }
+    }
+
+    /// As `judge`, for a constrained sequence: one whose grammar is complete after `token`
+    /// stops there (`Stop`), as if at a stop token.
+    pub fn judge_guided(
+        &self,
+        token: u32,
+        remaining: usize,
+        grammar_complete: bool,
+    ) -> pb::FinishReason {
+        match self.judge(token, remaining) {
+            pb::FinishReason::Unspecified | pb::FinishReason::Length if grammar_complete => {
+                pb::FinishReason::Stop
+            }
+            reason => reason,
         }
     }
 }
@@ -237,6 +272,7 @@ pub fn from_pb(p: Option<&pb::SamplingParams>, limits: &RequestLimits) -> Result
         stop_token_ids: p.map(|p| p.stop_token_ids.clone()).unwrap_or_default(),
         logprobs: p.and_then(|p| p.logprobs).map(|n| n as usize),
         echo: p.is_some_and(|p| p.echo),
+        constraint: Constraint::from_pb(p.and_then(|p| p.constraint.as_ref()), "constraint")?,
     })
 }
 

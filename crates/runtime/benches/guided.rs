@@ -1,0 +1,103 @@
+//! `cargo bench -p sluice-runtime --bench guided`: what guided decoding costs at Qwen3.5's
+//! real tokenizer (`../shared/fixtures`, 248 320 rows): building the vocabulary's trie (once
+//! per process), compiling a schema (once per request, per worker), and a token's mask plus
+//! masked sampling against plain sampling.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::time::Instant;
+
+use serde_json::json;
+use sluice_engine::{Sampler, SamplingParams, Tokenizer};
+use sluice_harness::noise_logits;
+use sluice_runtime::grammar::{Constraint, Grammar, GrammarCompiler, GuidedSampler};
+
+const VOCAB: usize = 248_320;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// This process's resident set (Linux), in MiB.
+fn resident_mib() -> f64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: f64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0.0);
+    pages * 4096.0 / (1024.0 * 1024.0)
+}
+
+fn main() {
+    let dir =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/qwen3_5-tokenizer");
+    let tokenizer = Tokenizer::from_dir(&dir).unwrap();
+    let eos = tokenizer.token_id("<|im_end|>").unwrap();
+    let schema = Constraint {
+        grammar: Grammar::JsonSchema(json!({
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 40},
+                "nights": {"type": "integer", "minimum": 1, "maximum": 30},
+                "refundable": {"type": "boolean"},
+                "class": {"enum": ["economy", "premium", "business", "first"]},
+                "guests": {"type": "array", "items": {"type": "string"}, "maxItems": 4}
+            },
+            "required": ["city", "nights", "refundable", "class", "guests"]
+        })),
+        after_token: None,
+    };
+    let before = resident_mib();
+    let started = Instant::now();
+    let compiler = GrammarCompiler::new(&dir, VOCAB, &[eos]);
+    compiler.check(&schema, "constraint").unwrap();
+    let first = started.elapsed().as_secs_f64() * 1e3;
+    println!(
+        "resident memory the compiler added: {:.0} MiB",
+        resident_mib() - before
+    );
+    let compiles: Vec<f64> = (0..20)
+        .map(|_| {
+            let t = Instant::now();
+            compiler.guide(&schema, &[]).unwrap();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    println!("first constrained request (trie + compile): {first:.0} ms");
+    println!("compile a schema, median of 20: {:.2} ms", median(compiles));
+
+    let rows: Vec<Vec<f32>> = (0..8).map(|i| noise_logits(i, 0, VOCAB)).collect();
+    let params = SamplingParams {
+        temperature: 1.0,
+        seed: Some(1),
+        ..SamplingParams::default()
+    };
+    for (name, guided) in [("plain", false), ("schema", true)] {
+        let mut per_token = Vec::new();
+        for round in 0..5 {
+            let mut tokens = 0usize;
+            let t = Instant::now();
+            // Whole answers, from the schema's start to its end (or 200 tokens).
+            for answer in 0..4u64 {
+                let guide = guided.then(|| compiler.guide(&schema, &[]).unwrap());
+                let mut s = GuidedSampler::new(Sampler::new(params.clone(), &[]).unwrap(), guide);
+                for step in 0..200 {
+                    let row = &rows[(answer as usize + step + round) % rows.len()];
+                    let token = s.sample(row).unwrap().token;
+                    tokens += 1;
+                    if token == eos || s.grammar_complete() {
+                        break;
+                    }
+                }
+            }
+            per_token.push(t.elapsed().as_secs_f64() * 1e6 / tokens as f64);
+        }
+        println!(
+            "{name}: {:.0} µs per token (median of 5)",
+            median(per_token)
+        );
+    }
+}
