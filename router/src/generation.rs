@@ -157,6 +157,8 @@ impl Emitter<'_> {
                 .filter(|_| sampling.logprobs.is_some())
                 .into_iter()
                 .collect(),
+            // A chat answer's reader (the front end's) fills these from `text`.
+            ..Default::default()
         };
         // A closed channel means the caller left; the select in `run` handles that.
         let _ = self.tx.send(Ok(chunk)).await;

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic::metadata::MetadataMap;
 
+use crate::chat::ToolCallIds;
 use crate::chat_output::ChatDelta;
 use crate::error::RouterError;
 use crate::openai::{self, ChatRequest, CompletionRequest, ErrorBody, ErrorDetail, WireRequest};
@@ -383,16 +384,6 @@ async fn chat_completions(
         "usage": openai::usage(out.usage.as_ref()),
     }))
     .into_response())
-}
-
-/// Tool-call ids of one answer: the router's request id (never the client's) and the call's
-/// position.
-struct ToolCallIds(String);
-
-impl ToolCallIds {
-    fn id(&self, index: usize) -> String {
-        format!("call_{}_{index}", self.0)
-    }
 }
 
 /// A message (`streamed`: false) or a streamed delta: `content`, `reasoning_content` (the field

@@ -4,6 +4,7 @@
 
 pub mod admission;
 pub mod args;
+pub mod chat;
 pub mod chat_output;
 pub mod error;
 pub mod generation;
@@ -22,6 +23,7 @@ use std::time::Duration;
 
 use sluice_proto::v1::inference_server::InferenceServer;
 use sluice_proto::worker::v1::router_status_server::RouterStatusServer;
+use sluice_runtime::grammar::GrammarCompiler;
 use sluice_runtime::serve::{serve, standard_routes};
 use sluice_runtime::{Membership, Role, WorkerDirectory};
 use tokio::net::TcpListener;
@@ -67,6 +69,9 @@ pub struct RouterConfig {
     /// Prompts shorter than this many tokens are prefilled on the decode worker; 0 sends
     /// every prompt to a prefill worker.
     pub disagg_min_tokens: usize,
+    /// The constraint compiler to share (one vocabulary trie for the workers of the same
+    /// process); `None`: the router builds its own from `model`.
+    pub grammars: Option<Arc<GrammarCompiler>>,
 }
 
 impl RouterConfig {
@@ -85,6 +90,7 @@ impl RouterConfig {
             token_timeout: Duration::from_secs(60),
             migration_limit: 3,
             disagg_min_tokens: 0,
+            grammars: None,
         }
     }
 }
@@ -98,11 +104,13 @@ pub async fn run(
     config: RouterConfig,
     shutdown: CancellationToken,
 ) -> Result<(), RouterError> {
-    let model = Arc::new(ModelContext::load(
-        &config.model,
-        config.max_context,
-        config.max_tokens_limit,
-    )?);
+    let mut model = ModelContext::load(&config.model, config.max_context, config.max_tokens_limit)?;
+    if let Some(grammars) = &config.grammars {
+        model.grammars = grammars.clone();
+    }
+    // Constraints are checked on the request threads: the trie is built before any comes.
+    model.grammars.warm_up();
+    let model = Arc::new(model);
     let directory = WorkerDirectory::start(membership, shutdown.clone()).await?;
     let pool = WorkerPool::new(directory.clone(), Box::new(LeastLoaded));
     let metrics = Arc::new(RouterMetrics::new());

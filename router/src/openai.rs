@@ -4,12 +4,13 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
-use sluice_engine::{ChatMessage, ChatPrompt, MessageContent, TextPart, Tokenizer, ToolCallTurn};
+use sluice_engine::{ChatMessage, MessageContent, TextPart, Tokenizer, ToolCallTurn};
 use sluice_proto::v1::{self as pb, FinishReason};
 
-use crate::chat_output::{ChatOutputReader, THINK_CLOSE, THINK_OPEN, ToolSet};
+use crate::chat::{Conversation, RenderedChat, call_arguments, template_role};
+use crate::chat_output::ChatOutputReader;
 use crate::error::RouterError;
-use crate::tool_grammar::{CallTags, ForcedCalls, tool_call_grammar};
+use crate::tool_grammar::ForcedCalls;
 
 /// A string or a list of strings (`stop`, a completion `prompt`).
 #[derive(Debug, Clone, Deserialize)]
@@ -377,14 +378,6 @@ fn logit_bias(
     Ok(out)
 }
 
-/// A chat request's prompt as the model's template renders it.
-#[derive(Debug)]
-pub struct RenderedChat {
-    pub prompt: String,
-    /// The prompt leaves a `<think>` block open: the answer begins with reasoning.
-    pub opens_reasoning: bool,
-}
-
 impl ChatRequest {
     /// Which tools the model is offered and its answer is read for (`tool_choice: none`
     /// offers none).
@@ -420,21 +413,7 @@ impl ChatRequest {
     fn template_messages(&self) -> Result<Vec<ChatMessage>, RouterError> {
         let mut messages = Vec::with_capacity(self.messages.len());
         for (i, m) in self.messages.iter().enumerate() {
-            // OpenAI's newer name for the system turn.
-            let role = if m.role == "developer" {
-                "system"
-            } else {
-                m.role.as_str()
-            };
-            if !matches!(role, "system" | "user" | "assistant" | "tool") {
-                return Err(RouterError::invalid(
-                    format!("messages[{i}].role"),
-                    format!(
-                        "`{}` is not one of system, developer, user, assistant, tool",
-                        m.role
-                    ),
-                ));
-            }
+            let role = template_role(&m.role, format!("messages[{i}].role"))?;
             let content = match &m.content {
                 None => MessageContent::Text(String::new()),
                 Some(Content::Text(t)) => MessageContent::Text(t.clone()),
@@ -461,15 +440,10 @@ impl ChatRequest {
                     ));
                 }
                 // Templates iterate the arguments' items: parse the JSON text once here.
-                let arguments = match c.function.arguments.as_deref() {
-                    None | Some("") => Value::Object(Map::new()),
-                    Some(text) => serde_json::from_str(text).map_err(|e| {
-                        RouterError::invalid(
-                            format!("messages[{i}].tool_calls[{j}].function.arguments"),
-                            format!("not JSON: {e}"),
-                        )
-                    })?,
-                };
+                let arguments = call_arguments(
+                    c.function.arguments.as_deref(),
+                    format!("messages[{i}].tool_calls[{j}].function.arguments"),
+                )?;
                 tool_calls.push(ToolCallTurn::function(
                     c.id.clone(),
                     c.function.name.clone(),
@@ -488,39 +462,21 @@ impl ChatRequest {
         Ok(messages)
     }
 
+    /// The conversation, validated.
+    pub fn conversation(&self) -> Result<Conversation<'_>, RouterError> {
+        Ok(Conversation {
+            messages: self.template_messages()?,
+            tools: self.offered_tools()?,
+            forced: self.forced_calls(),
+            parallel: self.parallel_tool_calls.unwrap_or(true),
+            kwargs: self.chat_template_kwargs.as_ref(),
+            add_generation_prompt: self.add_generation_prompt.unwrap_or(true),
+        })
+    }
+
     /// Renders the conversation with the model's chat template (compiled at load).
     pub fn render(&self, tokenizer: &Tokenizer) -> Result<RenderedChat, RouterError> {
-        if self.messages.is_empty() {
-            return Err(RouterError::invalid(
-                "messages",
-                "at least one message is needed",
-            ));
-        }
-        if !tokenizer.has_chat_template() {
-            return Err(RouterError::invalid(
-                "messages",
-                "this model has no chat template",
-            ));
-        }
-        let messages = self.template_messages()?;
-        let prompt = tokenizer
-            .render_chat(&ChatPrompt {
-                messages: &messages,
-                tools: self.offered_tools()?,
-                add_generation_prompt: self.add_generation_prompt.unwrap_or(true),
-                kwargs: self.chat_template_kwargs.as_ref(),
-            })
-            // A template refusing the conversation (`raise_exception`) is the client's to fix.
-            .map_err(|e| RouterError::invalid("messages", e.to_string()))?;
-        let opens_reasoning = match (prompt.rfind(THINK_OPEN), prompt.rfind(THINK_CLOSE)) {
-            (Some(open), Some(close)) => open > close,
-            (Some(_), None) => true,
-            _ => false,
-        };
-        Ok(RenderedChat {
-            prompt,
-            opens_reasoning,
-        })
+        self.conversation()?.render(tokenizer)
     }
 
     /// The public request for this conversation and the reader of its answer.
@@ -533,38 +489,9 @@ impl ChatRequest {
             Some(f) => f.constraint()?,
             None => None,
         };
-        if let Some(forced) = self.forced_calls() {
-            if constraint.is_some() {
-                return Err(RouterError::invalid(
-                    "response_format",
-                    "a forced tool_choice already fixes the answer's format",
-                ));
-            }
-            let tags = CallTags {
-                open: tokenizer.token_id("<tool_call>"),
-                close: tokenizer.token_id("</tool_call>"),
-            };
-            let tools = self.offered_tools()?.unwrap_or_default();
-            let parallel = self.parallel_tool_calls.unwrap_or(true);
-            let lark = tool_call_grammar(tools, forced, parallel, tags)?;
-            constraint = Some(pb::Constraint {
-                kind: Some(pb::constraint::Kind::Lark(lark)),
-                after_token: None,
-            });
-        }
-        let rendered = self.render(tokenizer)?;
-        if let Some(c) = constraint.as_mut()
-            && rendered.opens_reasoning
-        {
-            // The model reasons first: the format holds from the end of its reasoning on.
-            c.after_token = tokenizer.token_id(THINK_CLOSE);
-        }
-        let tools = ToolSet::from_openai(self.offered_tools()?.unwrap_or_default());
-        let reader = ChatOutputReader::new(
-            rendered.opens_reasoning,
-            tools,
-            self.parallel_tool_calls.unwrap_or(true),
-        );
+        let (prompt, reader) =
+            self.conversation()?
+                .prepare(tokenizer, &mut constraint, "response_format")?;
         let logprobs = if self.logprobs {
             Some(self.top_logprobs.unwrap_or(0))
         } else if self.top_logprobs.is_some() {
@@ -579,7 +506,7 @@ impl ChatRequest {
         sampling.logit_bias = bias;
         sampling.constraint = constraint;
         let request = pb::GenerateRequest {
-            prompt: rendered.prompt,
+            prompt,
             sampling: Some(sampling),
             ..Default::default()
         };

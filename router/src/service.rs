@@ -4,7 +4,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use sluice_proto::v1::inference_server::Inference;
 use sluice_proto::v1::{self as pb, FinishReason};
 use sluice_proto::worker::v1 as wpb;
@@ -17,11 +17,12 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::admission::{Admission, estimate};
+use crate::chat::{GrpcChat, GrpcChatReader, ToolCallIds};
 use crate::error::RouterError;
 use crate::generation::Relay;
 use crate::metrics::RouterMetrics;
 use crate::pool::{Work, WorkerPool};
-use crate::validate::{ModelContext, ValidRequest};
+use crate::validate::{ModelContext, ValidRequest, new_request_id};
 
 /// The router's core, shared by the gRPC and HTTP front ends: admission, then the relay of
 /// each admitted request on its own task.
@@ -168,16 +169,46 @@ pub struct InferenceService {
 }
 
 impl InferenceService {
-    async fn start(&self, request: Request<pb::GenerateRequest>) -> Result<ChunkRx, Status> {
+    /// Starts the request; with `messages`, also the reader that splits its answer.
+    async fn start(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<(ChunkRx, Option<GrpcChatReader>), Status> {
         let deadline = grpc_timeout(request.metadata());
         let metadata = request.metadata().clone();
-        let valid = self
-            .frontend
-            .model()
-            .validate(request.into_inner())
+        let mut request = request.into_inner();
+        let model = self.frontend.model();
+        let reader = if request.messages.is_empty() {
+            None
+        } else {
+            Some(render_chat(model, &mut request).inspect_err(|e| self.frontend.refused(e))?)
+        };
+        let valid = model
+            .validate(request)
             .inspect_err(|e| self.frontend.refused(e))?;
-        Ok(self.frontend.start(valid, deadline, &metadata).await?)
+        Ok((
+            self.frontend.start(valid, deadline, &metadata).await?,
+            reader,
+        ))
     }
+}
+
+/// Renders `request`'s conversation into its prompt (and its forced calls into its
+/// constraint), returning the reader of the answer.
+fn render_chat(
+    model: &ModelContext,
+    request: &mut pb::GenerateRequest,
+) -> Result<GrpcChatReader, RouterError> {
+    let chat = GrpcChat::read(request)?;
+    let mut constraint = request.sampling.as_ref().and_then(|s| s.constraint.clone());
+    let (prompt, reader) = chat.conversation(request)?.prepare(
+        &model.tokenizer,
+        &mut constraint,
+        "sampling.constraint",
+    )?;
+    request.prompt = prompt;
+    request.sampling.get_or_insert_default().constraint = constraint;
+    Ok(GrpcChatReader::new(reader, ToolCallIds(new_request_id())))
 }
 
 #[tonic::async_trait]
@@ -186,14 +217,19 @@ impl Inference for InferenceService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
-        let mut rx = self.start(request).await?;
+        let (mut rx, mut reader) = self.start(request).await?;
         let mut out = pb::GenerateResponse::default();
         while let Some(chunk) = rx.recv().await {
-            let chunk = chunk?;
+            let mut chunk = chunk?;
+            if let Some(r) = reader.as_mut() {
+                r.read(&mut chunk);
+            }
             out.request_id = chunk.request_id;
             out.token_ids.extend(chunk.token_ids);
             out.text.push_str(&chunk.text);
             out.logprobs.extend(chunk.logprobs);
+            out.reasoning.push_str(&chunk.reasoning);
+            out.tool_calls.extend(chunk.tool_calls);
             if chunk.finish_reason != FinishReason::Unspecified as i32 {
                 out.finish_reason = chunk.finish_reason;
                 out.usage = chunk.usage;
@@ -211,8 +247,17 @@ impl Inference for InferenceService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let rx = self.start(request).await?;
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let (rx, reader) = self.start(request).await?;
+        let chunks = ReceiverStream::new(rx);
+        Ok(Response::new(match reader {
+            None => Box::pin(chunks),
+            Some(mut reader) => Box::pin(chunks.map(move |chunk| {
+                chunk.map(|mut c| {
+                    reader.read(&mut c);
+                    c
+                })
+            })),
+        }))
     }
 
     async fn tokenize(

@@ -36,7 +36,8 @@ pub struct ModelContext {
     pub markup: Vec<(u32, String)>,
     /// `generation_config.json`'s sampling, for requests that set none.
     pub sampling_defaults: SamplingDefaults,
-    /// Checks constraints against the tokenizer (guided decoding).
+    /// Checks constraints against the tokenizer (guided decoding). `load` leaves its trie
+    /// unbuilt; `run` replaces it with `RouterConfig::grammars` if given, then warms it up.
     pub grammars: std::sync::Arc<GrammarCompiler>,
 }
 
@@ -56,12 +57,9 @@ impl ModelContext {
             .iter()
             .filter_map(|t| tokenizer.token_id(t).map(|id| (id, t.to_string())))
             .collect();
-        let grammars = GrammarCompiler::new(dir, spec.vocab, &eos);
-        // The router checks constraints on its request threads: build the trie beforehand.
-        grammars.warm_up();
         Ok(ModelContext {
             markup,
-            grammars,
+            grammars: GrammarCompiler::new(dir, spec.vocab, &eos),
             sampling_defaults: SamplingDefaults::load(dir)?,
             name: sluice_runtime::model_host::model_name(dir),
             model_type: spec.model_type.clone(),

@@ -164,3 +164,106 @@ fn a_forced_tool_choice_becomes_the_request_constraint() {
     // Every tool is still offered to the model: the prompt lists both.
     assert!(req.prompt.contains("get_weather") && req.prompt.contains("\"book\""));
 }
+
+#[test]
+fn grpc_messages_render_as_the_openai_body_does_and_answers_come_back_typed() {
+    use sluice_proto::v1 as pb;
+    use sluice_router::chat::{GrpcChat, GrpcChatReader, ToolCallIds};
+    let tokenizer = Tokenizer::from_dir(&fixture()).unwrap();
+    let weather = &tools()[0]["function"];
+    // The same conversation through both edges: a tool offered, an earlier call and its
+    // result, reasoning in history, thinking off.
+    let body = json!({
+        "messages": [
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": "Weather in Oslo?"},
+            {"role": "assistant", "content": "", "reasoning_content": "Need the tool.",
+             "tool_calls": [{"id": "c1", "type": "function",
+                             "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\", \"days\": 2}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "{\"temp\": 4}"},
+        ],
+        "tools": [tools()[0].clone()],
+        "tool_choice": "required",
+        "chat_template_kwargs": {"enable_thinking": false},
+    });
+    let Value::Object(body) = body else {
+        unreachable!()
+    };
+    let (openai, _) = ChatRequest::from_body(body)
+        .unwrap()
+        .to_pb(&tokenizer)
+        .unwrap();
+    let message = |role: &str, content: &str| pb::ChatMessage {
+        role: role.into(),
+        content: content.into(),
+        ..Default::default()
+    };
+    let mut assistant = message("assistant", "");
+    assistant.reasoning_content = "Need the tool.".into();
+    assistant.tool_calls = vec![pb::ToolCall {
+        id: "c1".into(),
+        name: "get_weather".into(),
+        arguments: r#"{"city": "Oslo", "days": 2}"#.into(),
+    }];
+    let mut tool = message("tool", r#"{"temp": 4}"#);
+    tool.tool_call_id = "c1".into();
+    let grpc = pb::GenerateRequest {
+        messages: vec![
+            message("developer", "Be brief."),
+            message("user", "Weather in Oslo?"),
+            assistant,
+            tool,
+        ],
+        tools: vec![pb::Tool {
+            name: "get_weather".into(),
+            description: String::new(),
+            parameters: weather["parameters"].to_string(),
+        }],
+        tool_choice: Some(pb::ToolChoice {
+            mode: pb::ToolChoiceMode::Required as i32,
+            function: String::new(),
+        }),
+        chat_template_kwargs: r#"{"enable_thinking": false}"#.into(),
+        ..Default::default()
+    };
+    let chat = GrpcChat::read(&grpc).unwrap();
+    let mut constraint = None;
+    let (prompt, reader) = chat
+        .conversation(&grpc)
+        .unwrap()
+        .prepare(&tokenizer, &mut constraint, "sampling.constraint")
+        .unwrap();
+    assert_eq!(prompt, openai.prompt);
+    assert_eq!(constraint, openai.sampling.unwrap().constraint);
+    // The answer, split over chunks, comes back as typed calls with router-minted ids.
+    let answer = "<tool_call>\n<function=get_weather>\n<parameter=city>\nBergen\n</parameter>\n\
+                  <parameter=days>\n3\n</parameter>\n</function>\n</tool_call>";
+    let mut reader = GrpcChatReader::new(reader, ToolCallIds("req-1".into()));
+    let (mut text, mut calls) = (String::new(), Vec::new());
+    let pieces: Vec<&str> = answer.split_inclusive('>').collect();
+    for (i, piece) in pieces.iter().enumerate() {
+        let mut chunk = pb::GenerateChunk {
+            text: piece.to_string(),
+            ..Default::default()
+        };
+        if i + 1 == pieces.len() {
+            chunk.finish_reason = pb::FinishReason::Stop as i32;
+        }
+        reader.read(&mut chunk);
+        text.push_str(&chunk.text);
+        calls.extend(chunk.tool_calls);
+    }
+    assert_eq!(text.trim(), "");
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].id, "call_req-1_0");
+    assert_eq!(calls[0].name, "get_weather");
+    let args: Value = serde_json::from_str(&calls[0].arguments).unwrap();
+    assert_eq!(args, json!({"city": "Bergen", "days": 3}));
+    // Both a prompt and messages: refused, naming `messages`.
+    let both = pb::GenerateRequest {
+        prompt: "x".into(),
+        ..grpc
+    };
+    let err = GrpcChat::read(&both).err().unwrap().to_string();
+    assert!(err.contains("`messages`"), "{err}");
+}

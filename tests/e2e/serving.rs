@@ -308,6 +308,55 @@ async fn generation_rules_and_the_openai_api() {
     req.sampling.as_mut().unwrap().logit_bias = [(tokens[0], -100.0)].into();
     assert_ne!(c.generate(req).await.unwrap().token_ids, tokens[..1]);
 
+    // --- gRPC chat: `messages` and a forced tool choice; the call comes back typed (unary
+    // and streamed alike), its arguments valid for the tool's schema.
+    let chat = GenerateRequest {
+        messages: vec![sluice_client::ChatMessage {
+            role: "user".into(),
+            content: "Weather?".into(),
+            ..Default::default()
+        }],
+        tools: vec![sluice_client::Tool {
+            name: "get_weather".into(),
+            description: "Weather by city".into(),
+            parameters: json!({"type": "object", "properties": {
+                "city": {"type": "string", "maxLength": 8},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                "required": ["city", "days"]})
+            .to_string(),
+        }],
+        tool_choice: Some(sluice_client::ToolChoice {
+            mode: sluice_client::ToolChoiceMode::Required as i32,
+            function: String::new(),
+        }),
+        parallel_tool_calls: Some(false),
+        sampling: Some(SamplingParams {
+            temperature: Some(1.0),
+            seed: Some(3),
+            max_tokens: Some(200),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let answer = c.generate(chat.clone()).await.unwrap();
+    assert_eq!(answer.tool_calls.len(), 1, "{answer:?}");
+    let call = &answer.tool_calls[0];
+    assert_eq!(call.name, "get_weather");
+    let args: Value = serde_json::from_str(&call.arguments).unwrap();
+    assert!(
+        args["city"].as_str().unwrap().chars().count() <= 8,
+        "{args}"
+    );
+    assert!((1..=7).contains(&args["days"].as_i64().unwrap()), "{args}");
+    assert_eq!(answer.text.trim(), "", "{answer:?}");
+    let streamed = stream_chunks(&mut c, chat).await;
+    let calls: Vec<_> = streamed.iter().flat_map(|c| c.tool_calls.clone()).collect();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(
+        (&calls[0].name, &calls[0].arguments),
+        (&call.name, &call.arguments)
+    );
+
     // --- Log-probabilities: one per token, the sampled token first among the top ones, and
     // equal to the log-softmax of the same step's logits computed in one local process.
     let mut req = greedy(&base_prompt, 8);

@@ -29,6 +29,7 @@ fn request(args: &GenerateArgs) -> GenerateRequest {
             ignore_eos: args.ignore_eos,
             ..Default::default()
         }),
+        ..Default::default()
     }
 }
 

@@ -37,8 +37,9 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 pub use error::ClientError;
 pub use sluice_proto::v1::{
-    Constraint, FinishReason, GenerateChunk, GenerateRequest, GenerateResponse, ModelInfo,
-    SamplingParams, TokenLogprobs, TopLogprob, Usage, constraint,
+    ChatMessage, Constraint, FinishReason, GenerateChunk, GenerateRequest, GenerateResponse,
+    ModelInfo, SamplingParams, TokenLogprobs, Tool, ToolCall, ToolChoice, ToolChoiceMode,
+    TopLogprob, Usage, constraint,
 };
 pub use stream::GenerateStream;
 
