@@ -272,13 +272,12 @@ impl PrefillEngine {
                     _ => kept.push(job),
                 }
             }
-            let batch = kept;
+            let mut batch = kept;
             if batch.is_empty() {
                 continue;
             }
             LoadCounters::set(&self.counters.running, batch.len());
             self.metrics.load.running.set(batch.len() as f64);
-            let mut batch = batch;
             let results = self.prefill(&mut batch);
             for (job, result) in batch.into_iter().zip(results) {
                 let _ = job.reply.send(result);

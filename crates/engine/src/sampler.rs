@@ -245,8 +245,10 @@ impl Sampler {
             adjusted.clear();
             adjusted.extend_from_slice(logits);
             self.apply_penalties(&mut adjusted);
+            // An empty mask is checked by its words, not token by token (the vocabulary is
+            // 32 times longer).
             if let Some(mask) = allowed
-                && (0..adjusted.len() as u32).any(|t| mask.allows(t))
+                && mask.0.iter().any(|&w| w != 0)
             {
                 for (t, l) in adjusted.iter_mut().enumerate() {
                     if !mask.allows(t as u32) {
