@@ -220,7 +220,7 @@ pub async fn run(
                 .max_decoding_message_size(sluice_runtime::transport::MAX_PUSH_MESSAGE_BYTES),
         )
         .add_service(WorkerStatusServer::new(status));
-    serve_draining(listener, routes, worker, config.drain_timeout).await?;
+    serve_draining(listener, routes.finish()?, worker, config.drain_timeout).await?;
     engine.outcome(&shutdown).await
 }
 

@@ -131,7 +131,7 @@ pub async fn run(
             counters,
             registration,
         )));
-    serve(listener, routes, shutdown).await
+    serve(listener, routes.finish()?, shutdown).await
 }
 
 struct ExpertsService {

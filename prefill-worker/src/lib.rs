@@ -171,7 +171,7 @@ pub async fn run(
                 counters,
                 registration,
             )));
-    serve_draining(listener, routes, worker, config.drain_timeout).await?;
+    serve_draining(listener, routes.finish()?, worker, config.drain_timeout).await?;
     engine.outcome(&shutdown).await
 }
 

@@ -174,7 +174,7 @@ pub async fn run(
         .add_service(InferenceServer::new(service))
         .add_service(RouterStatusServer::new(RouterStatusService { pool }));
     tracing::info!(address = %listener.local_addr().map_err(sluice_runtime::RuntimeError::from)?, "router serving");
-    serve(listener, routes, shutdown).await?;
+    serve(listener, routes.finish()?, shutdown).await?;
     if let Some(server) = http_server {
         server
             .await

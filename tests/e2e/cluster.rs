@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use sluice_client::{ClientError, FinishReason, GenerateRequest, SamplingParams};
-use sluice_harness::{ClusterSpec, eventually, load_of, local_greedy, synth};
+use sluice_harness::{ClusterSpec, eventually, load_of, local_greedy, reflected_services, synth};
 use sluice_proto::worker::v1 as wpb;
 use sluice_proto::worker::v1::cache_transfer_client::CacheTransferClient;
 use tonic::Code;
@@ -46,6 +46,42 @@ async fn the_disaggregated_cluster_matches_local_generation() {
         .unwrap()
         .address
         .clone();
+
+    // --- Each server's reflection lists exactly what it serves (what `grpcurl list` shows):
+    // the router never advertises a worker's service, a worker never `Inference`.
+    let common = [
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ];
+    let listed = |own: &[&str]| {
+        let mut names: Vec<String> = own.iter().chain(&common).map(|s| s.to_string()).collect();
+        names.sort();
+        names
+    };
+    assert_eq!(
+        reflected_services(&cluster.router).await,
+        listed(&["sluice.v1.Inference", "sluice.worker.v1.RouterStatus"])
+    );
+    for w in &workers {
+        let own: &[&str] = match w.role.as_str() {
+            "prefill" => &["sluice.worker.v1.Prefill", "sluice.worker.v1.WorkerStatus"],
+            "decode" => &[
+                "sluice.worker.v1.Decode",
+                "sluice.worker.v1.CacheTransfer",
+                "sluice.worker.v1.WorkerStatus",
+            ],
+            "expert" => &["sluice.worker.v1.Experts", "sluice.worker.v1.WorkerStatus"],
+            role => panic!("unexpected role {role}"),
+        };
+        assert_eq!(
+            reflected_services(&w.address).await,
+            listed(own),
+            "{} worker at {}",
+            w.role,
+            w.address
+        );
+    }
 
     // --- Disaggregation is exact: prefill, decode and experts in different processes give the
     // tokens of one local process, several requests in flight at once.

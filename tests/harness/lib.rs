@@ -20,7 +20,7 @@ pub mod cluster;
 pub mod http;
 pub mod up;
 
-pub use cluster::{Cluster, ClusterSpec, Running, load_of};
+pub use cluster::{Cluster, ClusterSpec, Running, load_of, reflected_services};
 pub use up::Up;
 
 /// Path of a binary of this workspace built alongside the running test.

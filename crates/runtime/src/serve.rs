@@ -1,35 +1,94 @@
 //! gRPC serving plumbing shared by every service: health and reflection (v1 and v1alpha, for
-//! grpcurl and ghz) on every server, lazy client channels, and the `grpc-timeout` deadline.
+//! grpcurl and ghz, listing what that server serves) on every server, lazy client channels, and the `grpc-timeout` deadline.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::body::Body;
+use tonic::codegen::Service;
+use tonic::codegen::http::Request;
 use tonic::metadata::MetadataMap;
+use tonic::server::NamedService;
 use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic_health::server::HealthReporter;
+use tonic_reflection::server::v1::ServerReflectionServer;
+use tonic_reflection::server::v1alpha;
 
 use crate::error::{Result, RuntimeError};
 
-/// Routes every Sluice server starts from: `grpc.health.v1.Health` and server reflection.
-pub fn standard_routes() -> Result<(HealthReporter, Routes)> {
+/// One server's gRPC routes, which remember what they serve so that reflection lists exactly
+/// that: a client pointed at a worker must not find `sluice.v1.Inference` there and get
+/// UNIMPLEMENTED, and the router must not advertise the workers' internal services.
+pub struct ServerRoutes {
+    routes: Routes,
+    services: Vec<&'static str>,
+}
+
+/// Routes every Sluice server starts from: `grpc.health.v1.Health`, with the reporter its
+/// owner sets serving statuses through. Add the server's own services, then
+/// [`ServerRoutes::finish`] adds reflection.
+pub fn standard_routes() -> Result<(HealthReporter, ServerRoutes)> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(sluice_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let routes = ServerRoutes {
+        services: vec![service_name(&health)],
+        routes: Routes::new(health),
     };
-    let v1 = reflection()
-        .build_v1()
-        .map_err(|e| RuntimeError::Internal(format!("reflection: {e}")))?;
-    let v1alpha = reflection()
-        .build_v1alpha()
-        .map_err(|e| RuntimeError::Internal(format!("reflection: {e}")))?;
-    let routes = Routes::new(health).add_service(v1).add_service(v1alpha);
     Ok((reporter, routes))
+}
+
+fn service_name<S: NamedService>(_: &S) -> &'static str {
+    S::NAME
+}
+
+impl ServerRoutes {
+    /// Serves `service` and lists it in reflection.
+    pub fn add_service<S>(mut self, service: S) -> Self
+    where
+        S: Service<Request<Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Response: axum::response::IntoResponse,
+        S::Future: Send + 'static,
+    {
+        self.services.push(S::NAME);
+        self.routes = self.routes.add_service(service);
+        self
+    }
+
+    /// The services served so far, health included (reflection is added by `finish`).
+    pub fn services(&self) -> &[&'static str] {
+        &self.services
+    }
+
+    /// The routes with server reflection (v1 and v1alpha, for grpcurl and ghz), listing the
+    /// services added, health, and reflection itself.
+    pub fn finish(self) -> Result<Routes> {
+        let reflection = || {
+            let builder = tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(sluice_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .with_service_name(<ServerReflectionServer<()> as NamedService>::NAME)
+                .with_service_name(<v1alpha::ServerReflectionServer<()> as NamedService>::NAME);
+            self.services
+                .iter()
+                .fold(builder, |builder, name| builder.with_service_name(*name))
+        };
+        let v1 = reflection()
+            .build_v1()
+            .map_err(|e| RuntimeError::Internal(format!("reflection: {e}")))?;
+        let v1alpha = reflection()
+            .build_v1alpha()
+            .map_err(|e| RuntimeError::Internal(format!("reflection: {e}")))?;
+        Ok(self.routes.add_service(v1).add_service(v1alpha))
+    }
 }
 
 /// Binds `addr` (port 0 picks a free one).
