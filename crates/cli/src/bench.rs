@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{Result, ensure};
 use serde_json::json;
 use sluice_engine::backend::{Backend, BackendInfo};
-use sluice_engine::sampler::argmax;
+use sluice_engine::sampler::{Sampler, SamplingParams, argmax};
 use sluice_engine::{CacheConfig, LogitsMode, Model, ModelCache, PrefillPlan, SeqChunk};
 
 use crate::model_source::ModelArgs;
@@ -42,11 +42,43 @@ pub struct BenchArgs {
     /// Prompt tokens per prefill step of one sequence, as the services cut them.
     #[arg(long, default_value_t = sluice_engine::DEFAULT_PREFILL_CHUNK)]
     pub prefill_chunk: usize,
+    /// How each decode step picks every sequence's next token; the time it takes is reported
+    /// apart, as a share of the step.
+    #[arg(long, value_enum, default_value_t = BenchSampling::Greedy)]
+    pub sampling: BenchSampling,
     /// Bytes the read-bandwidth measurement streams per pass (0: skip it).
     #[arg(long, default_value_t = crate::read_bandwidth::DEFAULT_BYTES)]
     pub bandwidth_bytes: usize,
     #[arg(long)]
     pub json: bool,
+}
+
+/// The samplers `sluice bench --sampling` runs a decode step with.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchSampling {
+    /// The largest logit (what the services do at temperature 0).
+    Greedy,
+    /// Qwen3.5's recommended sampling: temperature 0.6, top_p 0.95, top_k 20.
+    Qwen,
+    /// Temperature 1 and top_p 0.95 without top_k: the nucleus weighed over the whole vocabulary.
+    Nucleus,
+}
+
+impl BenchSampling {
+    fn params(self) -> Option<SamplingParams> {
+        let (temperature, top_p, top_k) = match self {
+            BenchSampling::Greedy => return None,
+            BenchSampling::Qwen => (0.6, 0.95, 20),
+            BenchSampling::Nucleus => (1.0, 0.95, 0),
+        };
+        Some(SamplingParams {
+            temperature,
+            top_p,
+            top_k,
+            seed: Some(0),
+            ..SamplingParams::default()
+        })
+    }
 }
 
 /// Deterministic pseudo-random prompt tokens, avoiding the special ids at the top.
@@ -141,30 +173,57 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let logits = prefill(&model, plan, &mut cache, &seqs, &contexts)?;
     let mut next: Vec<u32> = logits.chunks_exact(vocab).map(argmax).collect();
     let mut logits = Vec::new();
+    let mut samplers: Option<Vec<Sampler>> = args
+        .sampling
+        .params()
+        .map(|params| {
+            contexts
+                .iter()
+                .map(|context| Sampler::new(params.clone(), context))
+                .collect::<Result<_, _>>()
+        })
+        .transpose()?;
+    // Seconds the timed steps spent picking tokens (part of the step's time).
+    let mut sample_s = 0.0;
     // One decode step; with `count`, the model's allocations in it (the bench's own
-    // bookkeeping around the step is not counted).
-    let mut step = |next: &mut Vec<u32>, count: bool| -> Result<allocations::AllocationCount> {
-        let batch: Vec<SeqChunk<'_>> = seqs
-            .iter()
-            .zip(next.iter())
-            .map(|(&seq, t)| SeqChunk {
-                seq,
-                tokens: std::slice::from_ref(t),
-            })
-            .collect();
-        let mode = LogitsMode::LastPerSequence;
-        let (out, allocated) = if count {
-            allocations::counted(|| model.forward_into(&mut cache, &batch, mode, &mut logits))
-        } else {
-            let out = model.forward_into(&mut cache, &batch, mode, &mut logits);
-            (out, allocations::AllocationCount::default())
+    // bookkeeping around the step is not counted). Returns the seconds spent sampling.
+    let mut step =
+        |next: &mut Vec<u32>, count: bool| -> Result<(allocations::AllocationCount, f64)> {
+            let batch: Vec<SeqChunk<'_>> = seqs
+                .iter()
+                .zip(next.iter())
+                .map(|(&seq, t)| SeqChunk {
+                    seq,
+                    tokens: std::slice::from_ref(t),
+                })
+                .collect();
+            let mode = LogitsMode::LastPerSequence;
+            let (out, allocated) = if count {
+                allocations::counted(|| model.forward_into(&mut cache, &batch, mode, &mut logits))
+            } else {
+                let out = model.forward_into(&mut cache, &batch, mode, &mut logits);
+                (out, allocations::AllocationCount::default())
+            };
+            out?;
+            let sampling = Instant::now();
+            match samplers.as_mut() {
+                None => {
+                    for (n, row) in next.iter_mut().zip(logits.chunks_exact(vocab)) {
+                        *n = argmax(row);
+                    }
+                }
+                Some(samplers) => {
+                    for ((n, row), sampler) in next
+                        .iter_mut()
+                        .zip(logits.chunks_exact(vocab))
+                        .zip(samplers.iter_mut())
+                    {
+                        *n = sampler.sample(row).token;
+                    }
+                }
+            }
+            Ok((allocated, sampling.elapsed().as_secs_f64()))
         };
-        out?;
-        for (n, row) in next.iter_mut().zip(logits.chunks_exact(vocab)) {
-            *n = argmax(row);
-        }
-        Ok(allocated)
-    };
     // The read-bandwidth passes run between decode steps (untimed for decode), so the roofline
     // compares the steps with the bandwidth of the same minutes: this machine's host moves
     // between phases that change both by a third.
@@ -180,9 +239,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
             windows.push((reader.pass(model.backend().pool()), 0.0, 0));
         }
         let start = Instant::now();
-        step(&mut next, false)?;
+        let (_, sampling) = step(&mut next, false)?;
         let seconds = start.elapsed().as_secs_f64();
         decode_s += seconds;
+        sample_s += sampling;
         if let Some(window) = windows.last_mut() {
             window.1 += seconds;
             window.2 += 1;
@@ -197,7 +257,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     // heavily allocating step down).
     let mut allocated = allocations::AllocationCount::default();
     for _ in 0..COUNTED_STEPS {
-        let step = step(&mut next, true)?;
+        let (step, _) = step(&mut next, true)?;
         allocated.allocations += step.allocations;
         allocated.bytes += step.bytes;
     }
@@ -224,6 +284,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let prefill_tps = warm_prefill_s.map_or(cold_prefill_tps, |s| prefill_tokens / s);
     let decode_tps = (b * args.gen_len) as f64 / decode_s;
     let step_ms = decode_s * 1000.0 / args.gen_len as f64;
+    let sample_ms = sample_s * 1000.0 / args.gen_len as f64;
     let weight_gbs = model.active_weight_bytes() as f64 / (step_ms / 1000.0) / 1e9;
     let read_gbs = step_bytes as f64 / (step_ms / 1000.0) / 1e9;
     // Decode tok/s as a fraction of what the bandwidth allows for this batch: per window (a
@@ -266,6 +327,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 "prefill_runs": args.prefill_runs,
                 "decode_tok_s": decode_tps,
                 "decode_step_ms": step_ms,
+                "sampling": format!("{:?}", args.sampling).to_lowercase(),
+                "sampling_ms_per_step": sample_ms,
+                "sampling_share_of_step": sample_ms / step_ms,
                 "active_weight_bytes": model.active_weight_bytes(),
                 "weight_read_gb_s": weight_gbs,
                 "step_read_bytes": step_bytes,
@@ -295,6 +359,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!(
             "decode       {decode_tps:.2} tok/s ({b} × {} tokens after {}; {step_ms:.1} ms/step)",
             args.gen_len, args.decode_context
+        );
+        println!(
+            "sampling     {sample_ms:.2} ms/step ({:.1}% of the step; {:?}, {b} rows)",
+            100.0 * sample_ms / step_ms,
+            args.sampling
         );
         println!(
             "weights read {weight_gbs:.1} GB/s per decode step (active weights {:.2} GB)",

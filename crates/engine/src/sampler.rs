@@ -3,9 +3,9 @@
 //! Each request owns a [`Sampler`] with its own RNG, so its tokens depend only on its logits
 //! and its seed, never on which other requests share the batch.
 
-use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::backend::cpu::sampling as scan;
 use crate::error::{EngineError, Result};
 
 /// Most top-n logprobs a request may ask for.
@@ -168,17 +168,97 @@ pub struct Sampled {
     pub top: Vec<(u32, f32)>,
 }
 
+/// Token counts for the repetition, presence and frequency penalties, sorted by token: a
+/// binary search counts a token, one walk in id order applies them. Only a request with such
+/// a penalty keeps one (no hashing, nothing per token for the rest).
+#[derive(Debug, Clone, Default)]
+struct TokenCounts(Vec<TokenCount>);
+
+#[derive(Debug, Clone, Copy)]
+struct TokenCount {
+    token: u32,
+    /// Times in the prompt and the output (repetition penalty).
+    seen: u32,
+    /// Times in the output (presence and frequency penalties).
+    generated: u32,
+}
+
+impl TokenCounts {
+    /// The prompt's counts, by one sort (not one insertion per token).
+    fn of_prompt(prompt: &[u32]) -> Self {
+        let mut sorted = prompt.to_vec();
+        sorted.sort_unstable();
+        let mut counts: Vec<TokenCount> = Vec::new();
+        for t in sorted {
+            match counts.last_mut() {
+                Some(last) if last.token == t => last.seen += 1,
+                _ => counts.push(TokenCount {
+                    token: t,
+                    seen: 1,
+                    generated: 0,
+                }),
+            }
+        }
+        TokenCounts(counts)
+    }
+
+    fn count_generated(&mut self, token: u32) {
+        match self.0.binary_search_by_key(&token, |c| c.token) {
+            Ok(i) => {
+                self.0[i].seen += 1;
+                self.0[i].generated += 1;
+            }
+            Err(i) => self.0.insert(
+                i,
+                TokenCount {
+                    token,
+                    seen: 1,
+                    generated: 1,
+                },
+            ),
+        }
+    }
+}
+
+/// What truncation left to draw from.
+enum Kept {
+    /// `candidates[..n]`, heaviest first.
+    Candidates(usize),
+    /// Every token, by `weights` (zero for those ruled out), summed per block in
+    /// `block_sums`.
+    Weights,
+}
+
+/// Thresholds on the weights (the favourite's is 1) tried for top-p, largest first: the
+/// nucleus lies among the tokens at or above the largest whose mass reaches it, so only those
+/// are gathered and sorted.
+const NUCLEUS_THRESHOLDS: [f32; 8] = [
+    0.25,
+    1.0 / 16.0,
+    1.0 / 64.0,
+    1.0 / 256.0,
+    1.0 / 2048.0,
+    1.0 / 16384.0,
+    1.0 / 262_144.0,
+    1.0 / 16_777_216.0,
+];
+
+/// Top-k up to this size is picked by one scan that keeps a sorted short list; larger k by a
+/// partial selection over every candidate.
+const SCAN_TOP_K: usize = 256;
+
 pub struct Sampler {
     params: SamplingParams,
     rng: Rng,
-    /// Tokens of the prompt and output (repetition penalty).
-    seen: HashMap<u32, u32>,
-    /// Times each token was generated (presence / frequency penalties).
-    generated: HashMap<u32, u32>,
+    /// Counts for the penalties (only when one is set).
+    counts: Option<TokenCounts>,
     /// Adjusted logits (only when a bias, penalty or mask changes them).
     scratch: Vec<f32>,
-    /// Candidates and their weights e^((logit - max) / T): reused, so a draw allocates nothing.
-    candidates: Vec<(u32, f64)>,
+    /// e^((logit − max) / T) over the vocabulary, and its sums per block.
+    weights: Vec<f32>,
+    block_sums: Vec<f64>,
+    /// Candidates truncation keeps and their weights: reused, so a draw allocates nothing.
+    candidates: Vec<(u32, f32)>,
 }
 
 impl Sampler {
@@ -189,16 +269,16 @@ impl Sampler {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0x5eed, |d| d.as_nanos() as u64)
         });
-        let mut seen = HashMap::new();
-        for &t in prompt {
-            *seen.entry(t).or_insert(0) += 1;
-        }
+        let counts = params
+            .counts_tokens()
+            .then(|| TokenCounts::of_prompt(prompt));
         Ok(Sampler {
             params,
             rng: Rng(seed),
-            seen,
-            generated: HashMap::new(),
+            counts,
             scratch: Vec::new(),
+            weights: Vec::new(),
+            block_sums: Vec::new(),
             candidates: Vec::new(),
         })
     }
@@ -223,9 +303,10 @@ impl Sampler {
     ) -> Result<Self> {
         let mut sampler = Sampler::new(params, prompt)?;
         sampler.rng = Rng(rng_state);
-        for &t in generated {
-            *sampler.seen.entry(t).or_insert(0) += 1;
-            *sampler.generated.entry(t).or_insert(0) += 1;
+        if let Some(counts) = sampler.counts.as_mut() {
+            for &t in generated {
+                counts.count_generated(t);
+            }
         }
         Ok(sampler)
     }
@@ -241,27 +322,19 @@ impl Sampler {
     pub fn sample_within(&mut self, logits: &[f32], allowed: Option<TokenMask<'_>>) -> Sampled {
         // The logits are copied only when a bias, a penalty or a mask has to change them.
         let mut adjusted = std::mem::take(&mut self.scratch);
-        let work: &[f32] = if self.has_penalties() || allowed.is_some() {
+        let work: &[f32] = if self.has_adjustments() || allowed.is_some() {
             adjusted.clear();
             adjusted.extend_from_slice(logits);
             self.apply_penalties(&mut adjusted);
-            // An empty mask is checked by its words, not token by token (the vocabulary is
-            // 32 times longer).
-            if let Some(mask) = allowed
-                && mask.0.iter().any(|&w| w != 0)
-            {
-                for (t, l) in adjusted.iter_mut().enumerate() {
-                    if !mask.allows(t as u32) {
-                        *l = f32::NEG_INFINITY;
-                    }
-                }
+            if let Some(mask) = allowed {
+                apply_mask(&mut adjusted, mask);
             }
             &adjusted
         } else {
             logits
         };
         let token = if self.params.temperature == 0.0 {
-            argmax(work)
+            scan::argmax(work)
         } else {
             self.draw(work)
         };
@@ -272,8 +345,9 @@ impl Sampler {
         } else {
             (None, Vec::new())
         };
-        *self.seen.entry(token).or_insert(0) += 1;
-        *self.generated.entry(token).or_insert(0) += 1;
+        if let Some(counts) = self.counts.as_mut() {
+            counts.count_generated(token);
+        }
         Sampled {
             token,
             logprob,
@@ -281,12 +355,8 @@ impl Sampler {
         }
     }
 
-    fn has_penalties(&self) -> bool {
-        let p = &self.params;
-        p.repetition_penalty != 1.0
-            || p.presence_penalty != 0.0
-            || p.frequency_penalty != 0.0
-            || !p.logit_bias.is_empty()
+    fn has_adjustments(&self) -> bool {
+        self.counts.is_some() || !self.params.logit_bias.is_empty()
     }
 
     /// Bias first (as OpenAI and vLLM apply it, to the raw logits), then the penalties.
@@ -297,158 +367,257 @@ impl Sampler {
                 *l += bias;
             }
         }
-        if p.repetition_penalty != 1.0 {
-            for &t in self.seen.keys() {
-                if let Some(l) = logits.get_mut(t as usize) {
-                    *l = if *l > 0.0 {
-                        *l / p.repetition_penalty
-                    } else {
-                        *l * p.repetition_penalty
-                    };
-                }
+        let Some(counts) = &self.counts else {
+            return;
+        };
+        for c in &counts.0 {
+            let Some(l) = logits.get_mut(c.token as usize) else {
+                continue;
+            };
+            if p.repetition_penalty != 1.0 {
+                *l = if *l > 0.0 {
+                    *l / p.repetition_penalty
+                } else {
+                    *l * p.repetition_penalty
+                };
             }
-        }
-        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
-            for (&t, &n) in &self.generated {
-                if let Some(l) = logits.get_mut(t as usize) {
-                    *l -= p.presence_penalty + p.frequency_penalty * n as f32;
-                }
+            if c.generated > 0 {
+                *l -= p.presence_penalty + p.frequency_penalty * c.generated as f32;
             }
         }
     }
 
-    /// Temperature, then top-k / min-p / top-p truncation, then one draw. Truncation selects
-    /// rather than sorts: top-k by one partial selection, min-p by a threshold on the weights
-    /// (p ≥ min_p · p_max is w ≥ min_p, the top weight being 1), top-p by sorting only as
-    /// long a prefix as its mass needs.
+    /// Temperature, then top-k / min-p / top-p truncation, then one draw.
     fn draw(&mut self, logits: &[f32]) -> u32 {
-        let keep = self.truncate(logits);
-        let kept = &self.candidates[..keep.max(1)];
-        let mass: f64 = kept.iter().map(|c| c.1).sum();
-        let mut u = self.rng.next_f64() * mass;
-        for c in kept {
-            if u < c.1 {
-                return c.0;
-            }
-            u -= c.1;
+        let best = scan::max(logits);
+        if best == f32::NEG_INFINITY || best.is_nan() {
+            return scan::argmax(logits);
         }
-        kept[kept.len() - 1].0
+        match self.truncate(logits, best) {
+            Kept::Candidates(n) => {
+                let kept = &self.candidates[..n.max(1)];
+                let mass: f64 = kept.iter().map(|c| c.1 as f64).sum();
+                let mut u = self.rng.next_f64() * mass;
+                for c in kept {
+                    if u < c.1 as f64 {
+                        return c.0;
+                    }
+                    u -= c.1 as f64;
+                }
+                kept[kept.len() - 1].0
+            }
+            Kept::Weights => {
+                let total: f64 = self.block_sums.iter().sum();
+                let u = self.rng.next_f64() * total;
+                draw_by_blocks(&self.weights, &self.block_sums, u)
+                    .unwrap_or_else(|| scan::argmax(logits))
+            }
+        }
     }
 
-    /// Fills `candidates` with the tokens truncation keeps first (how many: the result) and
-    /// their weights.
-    fn truncate(&mut self, logits: &[f32]) -> usize {
+    /// Truncation selects rather than sorts: top-k by one scan (or a partial selection),
+    /// min-p by a threshold on the weights (p ≥ min_p · p_max is w ≥ min_p, the top weight
+    /// being 1), top-p by gathering only the tokens above a threshold its mass allows and
+    /// sorting those. Kept tokens are ordered by weight, then by lower id.
+    fn truncate(&mut self, logits: &[f32], best: f32) -> Kept {
         let p = &self.params;
-        let inv_t = 1.0 / p.temperature as f64;
-        let cands = &mut self.candidates;
-        cands.clear();
-        // Tokens a mask ruled out (logit -inf) are never candidates.
-        cands.extend(
-            (0..logits.len() as u32)
-                .map(|i| (i, logits[i as usize] as f64))
-                .filter(|c| c.1 > f64::NEG_INFINITY),
-        );
-        if cands.is_empty() {
-            cands.push((argmax(logits), 1.0));
-            return 1;
+        let inv_t = 1.0 / p.temperature;
+        let by_weight = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if p.top_k > 0 && p.top_k < logits.len() {
+            top_k(logits, p.top_k, &mut self.candidates);
+            let mut total = 0.0f64;
+            for c in self.candidates.iter_mut() {
+                c.1 = scan::exp_nonpositive((c.1 - best) * inv_t);
+                total += c.1 as f64;
+            }
+            if p.min_p > 0.0 {
+                let floor = p.min_p;
+                self.candidates.retain(|c| c.1 >= floor);
+            }
+            self.candidates.sort_unstable_by(by_weight);
+            return Kept::Candidates(prefix_reaching(
+                &self.candidates,
+                p.top_p as f64 * total,
+                p.top_p,
+            ));
         }
-        // Larger logit first, then lower id: the order ties are broken in.
-        let by_weight = |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        if p.top_k > 0 && p.top_k < cands.len() {
-            cands.select_nth_unstable_by(p.top_k - 1, by_weight);
-            cands.truncate(p.top_k);
-        }
-        let max = cands.iter().map(|c| c.1).fold(f64::NEG_INFINITY, f64::max);
-        let mut total = 0.0;
-        for c in cands.iter_mut() {
-            c.1 = ((c.1 - max) * inv_t).exp();
-            total += c.1;
-        }
+        let total = scan::exp_weights(logits, best, inv_t, &mut self.weights, &mut self.block_sums);
         if p.min_p > 0.0 {
-            let floor = p.min_p as f64;
-            cands.retain(|c| c.1 >= floor);
+            scan::floor_weights(&mut self.weights, p.min_p, &mut self.block_sums);
         }
-        if p.top_p < 1.0 {
-            nucleus(cands, p.top_p as f64 * total, by_weight)
-        } else {
-            cands.len()
+        if p.top_p >= 1.0 {
+            return Kept::Weights;
         }
+        let need = p.top_p as f64 * total;
+        let weights = &self.weights;
+        let threshold = NUCLEUS_THRESHOLDS
+            .iter()
+            .copied()
+            .find(|&t| scan::mass_at_or_above(weights, t) >= need);
+        self.candidates.clear();
+        match threshold {
+            Some(t) => self.candidates.extend(
+                (0..weights.len() as u32)
+                    .filter(|&i| weights[i as usize] >= t)
+                    .map(|i| (i, weights[i as usize])),
+            ),
+            // Every token still in the running (a finite logit, above any min-p floor).
+            None => self.candidates.extend(
+                (0..weights.len() as u32)
+                    .filter(|&i| {
+                        logits[i as usize] > f32::NEG_INFINITY
+                            && (p.min_p == 0.0 || weights[i as usize] > 0.0)
+                    })
+                    .map(|i| (i, weights[i as usize])),
+            ),
+        }
+        self.candidates.sort_unstable_by(by_weight);
+        Kept::Candidates(prefix_reaching(&self.candidates, need, p.top_p))
     }
 
     fn logprobs(&self, logits: &[f32], token: u32) -> (f32, Vec<(u32, f32)>) {
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let lse = max
-            + logits
-                .iter()
-                .map(|l| ((l - max) as f64).exp())
-                .sum::<f64>()
-                .ln() as f32;
+        let max = scan::max(logits);
+        let lse = max + scan::sum_exp(logits, max).ln() as f32;
         let logprob = logits[token as usize] - lse;
         let n = self.params.top_logprobs;
         if n == 0 {
             return (logprob, Vec::new());
         }
-        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-        let cmp = |a: &u32, b: &u32| {
-            logits[*b as usize]
-                .total_cmp(&logits[*a as usize])
-                .then(a.cmp(b))
-        };
-        if n < idx.len() {
-            idx.select_nth_unstable_by(n - 1, cmp);
-            idx.truncate(n);
+        let mut top = Vec::with_capacity(n);
+        top_k(logits, n, &mut top);
+        for t in top.iter_mut() {
+            t.1 -= lse;
         }
-        idx.sort_unstable_by(cmp);
-        (
-            logprob,
-            idx.into_iter()
-                .map(|i| (i, logits[i as usize] - lse))
-                .collect(),
-        )
+        (logprob, top)
     }
 }
 
-/// How many of `cands`' heaviest (left sorted at its front) reach `need` of weight: the
-/// prefix sorted grows ×4 from 64 until it does, so a peaked distribution costs a partial
-/// selection and a short sort, not a sort of the vocabulary.
-fn nucleus(
-    cands: &mut [(u32, f64)],
-    need: f64,
-    by_weight: impl Fn(&(u32, f64), &(u32, f64)) -> std::cmp::Ordering + Copy,
-) -> usize {
-    let n = cands.len();
-    let mut k = n.min(64);
-    loop {
-        if k == 0 {
-            return 0;
-        }
-        if k < n {
-            cands.select_nth_unstable_by(k - 1, by_weight);
-        }
-        cands[..k].sort_unstable_by(by_weight);
-        let mut mass = 0.0;
-        for (j, c) in cands[..k].iter().enumerate() {
-            mass += c.1;
-            if mass >= need {
-                return j + 1;
+impl SamplingParams {
+    /// Whether a penalty needs the tokens' counts.
+    fn counts_tokens(&self) -> bool {
+        self.repetition_penalty != 1.0
+            || self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
+    }
+}
+
+/// Sets every token the mask rules out to −∞, a word of 32 at a time. An empty mask changes
+/// nothing (see [`Sampler::sample_within`]).
+fn apply_mask(logits: &mut [f32], mask: TokenMask<'_>) {
+    if mask.0.iter().all(|&w| w == 0) {
+        return;
+    }
+    for (i, chunk) in logits.chunks_mut(32).enumerate() {
+        match mask.0.get(i).copied().unwrap_or(0) {
+            u32::MAX => {}
+            0 => chunk.fill(f32::NEG_INFINITY),
+            word => {
+                for (b, l) in chunk.iter_mut().enumerate() {
+                    if word >> b & 1 == 0 {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
             }
         }
-        if k == n {
-            return n;
-        }
-        k = (k * 4).min(n);
     }
+}
+
+/// The `k` largest logits (finite ones only) into `out` as (id, logit), largest first, ties to
+/// the lower id.
+fn top_k(logits: &[f32], k: usize, out: &mut Vec<(u32, f32)>) {
+    out.clear();
+    let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    if k > SCAN_TOP_K {
+        out.extend(
+            logits
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| **l > f32::NEG_INFINITY)
+                .map(|(i, l)| (i as u32, *l)),
+        );
+        if k < out.len() {
+            out.select_nth_unstable_by(k - 1, by_logit);
+            out.truncate(k);
+        }
+        out.sort_unstable_by(by_logit);
+        return;
+    }
+    // A sorted short list; a later token enters only when strictly larger than its last
+    // (an equal one has a higher id and loses the tie), so blocks whose max is not above it
+    // are skipped whole.
+    let mut floor = f32::NEG_INFINITY;
+    for (b, block) in logits.chunks(64).enumerate() {
+        if out.len() == k && scan::max(block) <= floor {
+            continue;
+        }
+        for (j, &l) in block.iter().enumerate() {
+            if l <= floor || l == f32::NEG_INFINITY || l.is_nan() {
+                continue;
+            }
+            let id = (b * 64 + j) as u32;
+            let at = out.partition_point(|c| c.1 >= l);
+            if out.len() == k {
+                out.pop();
+            }
+            out.insert(at, (id, l));
+            if out.len() == k {
+                floor = out[k - 1].1;
+            }
+        }
+    }
+}
+
+/// How many of `kept` (heaviest first) reach `need` of weight (all when `top_p` is 1).
+fn prefix_reaching(kept: &[(u32, f32)], need: f64, top_p: f32) -> usize {
+    if top_p >= 1.0 {
+        return kept.len();
+    }
+    let mut mass = 0.0f64;
+    for (j, c) in kept.iter().enumerate() {
+        mass += c.1 as f64;
+        if mass >= need {
+            return j + 1;
+        }
+    }
+    kept.len()
+}
+
+/// The token the draw `u` lands on, walking the block sums and then one block; `None` when
+/// nothing has weight.
+fn draw_by_blocks(weights: &[f32], block_sums: &[f64], mut u: f64) -> Option<u32> {
+    let mut last = None;
+    for (b, &sum) in block_sums.iter().enumerate() {
+        if sum <= 0.0 {
+            continue;
+        }
+        let start = b * scan::WEIGHT_BLOCK;
+        let block = &weights[start..(start + scan::WEIGHT_BLOCK).min(weights.len())];
+        if u < sum {
+            let mut within = u;
+            for (j, &w) in block.iter().enumerate() {
+                if w > 0.0 {
+                    if within < w as f64 {
+                        return Some((start + j) as u32);
+                    }
+                    within -= w as f64;
+                    last = Some((start + j) as u32);
+                }
+            }
+            // Rounding between the block's lane sums and this walk: its last weighted token.
+            return last;
+        }
+        u -= sum;
+        last = block
+            .iter()
+            .rposition(|&w| w > 0.0)
+            .map(|j| (start + j) as u32);
+    }
+    last
 }
 
 /// Index of the largest logit (the lowest index on ties).
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, v) in logits.iter().enumerate() {
-        if *v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
+    scan::argmax(logits)
 }
 
 #[cfg(test)]
@@ -538,8 +707,9 @@ mod tests {
     }
 
     /// The candidates a reference keeps: all tokens sorted by logit (ties: lower id), the
-    /// first `top_k`, softmax at `temperature` over them, those with p ≥ min_p · p_max, then
-    /// the shortest prefix whose mass reaches `top_p`.
+    /// first `top_k`, weights e^((l − max)/T) (the sampler's exponential, checked against f64
+    /// in the scan's tests), those with w ≥ min_p, then, sorted by weight, the shortest prefix
+    /// whose mass reaches `top_p` of the top-k's.
     fn reference_candidates(logits: &[f32], p: &SamplingParams) -> Vec<u32> {
         let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
         ids.sort_by(|a, b| {
@@ -550,24 +720,25 @@ mod tests {
         if p.top_k > 0 {
             ids.truncate(p.top_k);
         }
-        let max = logits[ids[0] as usize] as f64;
-        let w: Vec<f64> = ids
+        let max = logits[ids[0] as usize];
+        let w: Vec<f32> = ids
             .iter()
-            .map(|&i| ((logits[i as usize] as f64 - max) / p.temperature as f64).exp())
+            .map(|&i| scan::exp_nonpositive((logits[i as usize] - max) * (1.0 / p.temperature)))
             .collect();
-        let total: f64 = w.iter().sum();
-        let mut kept: Vec<(u32, f64)> = ids
+        let total: f64 = w.iter().map(|w| *w as f64).sum();
+        let mut kept: Vec<(u32, f32)> = ids
             .iter()
             .zip(&w)
-            .filter(|(_, w)| **w >= p.min_p as f64)
+            .filter(|(_, w)| **w >= p.min_p)
             .map(|(i, w)| (*i, *w))
             .collect();
+        kept.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if p.top_p < 1.0 {
             let mut mass = 0.0;
             let n = kept
                 .iter()
                 .position(|(_, w)| {
-                    mass += w;
+                    mass += *w as f64;
                     mass >= p.top_p as f64 * total
                 })
                 .map_or(kept.len(), |j| j + 1);
@@ -576,6 +747,19 @@ mod tests {
         let mut out: Vec<u32> = kept.into_iter().map(|(i, _)| i).collect();
         out.sort_unstable();
         out
+    }
+
+    /// The tokens truncation leaves for the draw.
+    fn kept(s: &mut Sampler, logits: &[f32]) -> Vec<u32> {
+        let best = scan::max(logits);
+        let mut got: Vec<u32> = match s.truncate(logits, best) {
+            Kept::Candidates(n) => s.candidates[..n].iter().map(|c| c.0).collect(),
+            Kept::Weights => (0..logits.len() as u32)
+                .filter(|&i| s.weights[i as usize] > 0.0)
+                .collect(),
+        };
+        got.sort_unstable();
+        got
     }
 
     #[test]
@@ -600,6 +784,9 @@ mod tests {
                 (20, 1.0, 0.0, 1.0),
                 (100, 0.8, 0.1, 0.6),
                 (0, 0.3, 0.5, 2.0),
+                (300, 0.9, 0.0, 1.0),
+                (0, 0.999_999_9, 0.0, 1.0),
+                (0, 0.95, 0.02, 0.8),
             ] {
                 let p = params(|p| {
                     p.temperature = temperature;
@@ -609,10 +796,7 @@ mod tests {
                 });
                 let expected = reference_candidates(&logits, &p);
                 let mut s = Sampler::new(p.clone(), &[]).unwrap();
-                let keep = s.truncate(&logits);
-                let mut got: Vec<u32> = s.candidates[..keep].iter().map(|c| c.0).collect();
-                got.sort_unstable();
-                assert_eq!(got, expected, "{p:?} spread {spread}");
+                assert_eq!(kept(&mut s, &logits), expected, "{p:?} spread {spread}");
                 for _ in 0..50 {
                     let t = s.sample(&logits).token;
                     assert!(
@@ -622,6 +806,73 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_nucleus_past_every_threshold_is_still_exact() {
+        // One favourite and a tail each below the smallest threshold that together carry
+        // more than 1 − top_p of the mass: the nucleus reaches into the tail.
+        let mut logits = vec![-17.0f32; 5000];
+        logits[0] = 0.0;
+        let p = params(|p| {
+            p.temperature = 1.0;
+            p.top_p = 0.9999;
+        });
+        let expected = reference_candidates(&logits, &p);
+        assert!(
+            expected.len() > 1000 && expected.len() < 5000,
+            "{}",
+            expected.len()
+        );
+        let mut s = Sampler::new(p, &[]).unwrap();
+        assert_eq!(kept(&mut s, &logits), expected);
+    }
+
+    #[test]
+    fn draws_across_blocks_follow_the_weights() {
+        // Four live tokens in different blocks of the sum (and the last, partial, one).
+        let mut logits = vec![-200.0f32; 5000];
+        let live = [(10usize, 1.0f64), (1500, 2.0), (3000, 3.0), (4999, 4.0)];
+        for (t, w) in live {
+            logits[t] = w.ln() as f32;
+        }
+        let mut s = Sampler::new(params(|p| p.temperature = 1.0), &[]).unwrap();
+        let mut hits = [0usize; 4];
+        let n = 20_000;
+        for _ in 0..n {
+            let t = s.sample(&logits).token as usize;
+            let k = live.iter().position(|l| l.0 == t).expect("a live token");
+            hits[k] += 1;
+        }
+        for (k, (_, w)) in live.iter().enumerate() {
+            let freq = hits[k] as f64 / n as f64;
+            assert!((freq - w / 10.0).abs() < 0.015, "token {k}: {freq}");
+        }
+    }
+
+    #[test]
+    fn top_k_by_scan_matches_a_sort() {
+        let logits: Vec<f32> = (0..3000)
+            .map(|i| ((i * 7919) % 997) as f32 * 0.01)
+            .collect();
+        for k in [1, 5, 20, 256, 257, 1000] {
+            let mut got = Vec::new();
+            top_k(&logits, k, &mut got);
+            let mut ids: Vec<u32> = (0..3000).collect();
+            ids.sort_by(|a, b| {
+                logits[*b as usize]
+                    .total_cmp(&logits[*a as usize])
+                    .then(a.cmp(b))
+            });
+            let want: Vec<u32> = ids[..k].to_vec();
+            assert_eq!(got.iter().map(|c| c.0).collect::<Vec<_>>(), want, "k {k}");
+        }
+        // Tokens ruled out (−∞) are never among them.
+        let mut masked = vec![f32::NEG_INFINITY; 100];
+        masked[7] = 1.0;
+        let mut got = Vec::new();
+        top_k(&masked, 5, &mut got);
+        assert_eq!(got, vec![(7, 1.0)]);
     }
 
     #[test]

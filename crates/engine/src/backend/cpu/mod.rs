@@ -25,6 +25,7 @@ mod experts;
 mod gated_delta;
 pub mod pool;
 mod products;
+pub mod sampling;
 pub(crate) mod vector;
 
 pub(crate) use super::scratch;

@@ -11,8 +11,9 @@ pub(super) fn fmadd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FMA { a.mul_add(b, c) } else { a * b + c }
 }
 
+/// The lanes folded pairwise: a fixed order, so every variant sums alike.
 #[inline(always)]
-pub(super) fn lane_sum(v: &[f32; LANES]) -> f32 {
+pub(super) fn lane_sum<T: Copy + std::ops::AddAssign>(v: &[T; LANES]) -> T {
     let mut h = *v;
     let mut width = LANES / 2;
     while width > 0 {
