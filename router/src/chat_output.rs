@@ -94,6 +94,7 @@ pub struct ChatOutputReader {
     /// Text not yet assigned (a possible tag start, or a call body).
     held: String,
     calls: usize,
+    opens_reasoning: bool,
 }
 
 impl ChatOutputReader {
@@ -110,7 +111,13 @@ impl ChatOutputReader {
             parallel,
             held: String::new(),
             calls: 0,
+            opens_reasoning,
         }
+    }
+
+    /// Whether the answer begins inside a reasoning block.
+    pub fn opens_reasoning(&self) -> bool {
+        self.opens_reasoning
     }
 
     /// Whether any tool call was read (the answer's finish reason is then `tool_calls`).

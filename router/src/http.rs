@@ -1,5 +1,5 @@
 //! The router's HTTP side (axum): OpenAI-compatible `/v1/completions`,
-//! `/v1/chat/completions` (SSE with `stream: true`) and `/v1/models`, plus `/health` and
+//! `/v1/chat/completions`, `/v1/responses` (SSE with `stream: true`) and `/v1/models`, plus `/health` and
 //! `/metrics`. Requests go through the same [`Frontend`] as gRPC: same validation, admission
 //! and relay; errors come in OpenAI's JSON shape with the matching HTTP status.
 
@@ -29,6 +29,7 @@ use crate::chat::ToolCallIds;
 use crate::chat_output::ChatDelta;
 use crate::error::RouterError;
 use crate::openai::{self, ChatRequest, CompletionRequest, ErrorBody, ErrorDetail, WireRequest};
+use crate::responses::{ResponseBuilder, ResponsesRequest, StreamEvent};
 use crate::service::{ChunkRx, Frontend};
 
 #[derive(Clone)]
@@ -42,6 +43,7 @@ pub fn app(frontend: Arc<Frontend>, directory: Arc<WorkerDirectory>) -> Router {
     Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/responses", post(responses))
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/metrics", get(sluice_runtime::metrics::metrics_response))
@@ -248,15 +250,19 @@ fn sse(
                 .into_iter()
                 .map(|v| Event::default().data(v.to_string()))
                 .collect(),
-            Err(s) => {
-                let e = ApiError::from(RouterError::Runtime(sluice_runtime::RuntimeError::Rpc(s)));
-                vec![Event::default().data(json!(e.body).to_string())]
-            }
+            Err(s) => vec![Event::default().data(json!(stream_error(s).body).to_string())],
         };
         futures::stream::iter(events)
     });
     let done = futures::stream::iter([Event::default().data("[DONE]")]);
     Sse::new(head.chain(body).chain(done).map(Ok))
+}
+
+/// An error from the relay after a stream began, as the client sees it.
+fn stream_error(status: tonic::Status) -> ApiError {
+    ApiError::from(RouterError::Runtime(sluice_runtime::RuntimeError::Rpc(
+        status,
+    )))
 }
 
 async fn completions(
@@ -417,6 +423,71 @@ fn delta_json(d: &ChatDelta, ids: &ToolCallIds, streamed: bool) -> Value {
         v["tool_calls"] = Value::Array(calls);
     }
     v
+}
+
+/// `POST /v1/responses`: the same conversation path as chat, answered as output items; with
+/// `stream: true`, the Responses API's named events (no `[DONE]`: `response.completed`,
+/// `response.incomplete` or `response.failed` ends it).
+async fn responses(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Body(request): Body<ResponsesRequest>,
+) -> Result<Response, ApiError> {
+    let frontend = &app.frontend;
+    let model = check_model(frontend, request.sampling.model.as_deref())?;
+    let stream = request.sampling.stream;
+    let prepared = request
+        .prepare(&frontend.model().tokenizer, model)
+        .inspect_err(|e| frontend.refused(e))?;
+    let (id, mut rx) = start(frontend, prepared.request, headers).await?;
+    let mut builder = ResponseBuilder::new(&id, unix_now(), prepared.echo);
+    let head = builder.start();
+    let mut reader = prepared.reader;
+    let mut reasoning = prepared.reasoning;
+    // One step of the relay: a chunk's events, and whether the response has ended.
+    let mut step = move |chunk: Result<pb::GenerateChunk, tonic::Status>| match chunk {
+        Ok(c) => {
+            reasoning.push(&c.token_ids);
+            let mut delta = reader.push(&c.text);
+            if c.finish_reason == pb::FinishReason::Unspecified as i32 {
+                return (builder.push(delta), None);
+            }
+            delta.append(reader.finish());
+            let mut events = builder.push(delta);
+            let (end, response) =
+                builder.finish(c.finish_reason, c.usage.as_ref(), reasoning.count());
+            events.extend(end);
+            (events, Some(Ok(response)))
+        }
+        Err(s) => {
+            let e = stream_error(s);
+            let d = &e.body.error;
+            let events = builder.fail(d.code.unwrap_or(d.kind), &d.message, d.param.as_deref());
+            (events, Some(Err(e)))
+        }
+    };
+    if !stream {
+        while let Some(chunk) = rx.recv().await {
+            match step(chunk).1 {
+                Some(Ok(response)) => return Ok(Json(response).into_response()),
+                Some(Err(e)) => return Err(e),
+                None => {}
+            }
+        }
+        return Err(
+            RouterError::Internal("the generation ended without a finish reason".into()).into(),
+        );
+    }
+    let named = |(kind, body): StreamEvent| Event::default().event(kind).data(body.to_string());
+    let head: Vec<Event> = head.into_iter().map(named).collect();
+    let body = ReceiverStream::new(rx)
+        .flat_map(move |chunk| futures::stream::iter(step(chunk).0.into_iter().map(named)));
+    Ok(Sse::new(
+        futures::stream::iter(head)
+            .chain(body)
+            .map(Ok::<_, Infallible>),
+    )
+    .into_response())
 }
 
 async fn models(State(app): State<AppState>) -> Json<Value> {

@@ -12,6 +12,7 @@ pub mod http;
 pub mod metrics;
 pub mod openai;
 pub mod pool;
+pub mod responses;
 pub mod service;
 pub mod stop;
 pub mod tool_grammar;

@@ -162,7 +162,6 @@ pub struct JsonSchemaFormat {
 impl ResponseFormat {
     /// The constraint this format asks for (`None`: free text).
     fn constraint(&self) -> Result<Option<pb::Constraint>, RouterError> {
-        use pb::constraint::Kind;
         let schema = match self.kind.as_str() {
             "text" => return Ok(None),
             // OpenAI's JSON mode: some JSON object.
@@ -183,10 +182,15 @@ impl ResponseFormat {
                 ));
             }
         };
-        Ok(Some(pb::Constraint {
-            kind: Some(Kind::JsonSchema(schema.to_string())),
-            after_token: None,
-        }))
+        Ok(Some(json_constraint(schema)))
+    }
+}
+
+/// Guided decoding to `schema`.
+pub fn json_constraint(schema: Value) -> pb::Constraint {
+    pb::Constraint {
+        kind: Some(pb::constraint::Kind::JsonSchema(schema.to_string())),
+        after_token: None,
     }
 }
 
@@ -238,13 +242,14 @@ const SAMPLING_FIELDS: &[&str] = &[
 pub trait WireRequest: serde::de::DeserializeOwned {
     /// Fields of this body beyond the sampling ones.
     const FIELDS: &'static [&'static str];
+    /// The sampling fields it takes.
+    const SHARED_FIELDS: &'static [&'static str] = SAMPLING_FIELDS;
 
     /// Refuses the first field of `body` that is not known.
     fn check_fields(body: &Map<String, Value>) -> Result<(), RouterError> {
-        match body
-            .keys()
-            .find(|k| !Self::FIELDS.contains(&k.as_str()) && !SAMPLING_FIELDS.contains(&k.as_str()))
-        {
+        match body.keys().find(|k| {
+            !Self::FIELDS.contains(&k.as_str()) && !Self::SHARED_FIELDS.contains(&k.as_str())
+        }) {
             Some(k) => Err(RouterError::invalid(
                 k.clone(),
                 format!("`{k}` is not supported by this server"),

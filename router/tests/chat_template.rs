@@ -149,3 +149,108 @@ fn a_response_format_holds_from_the_end_of_reasoning() {
     // Thinking off: the reasoning block is closed in the prompt; the schema holds at once.
     assert_eq!(constraint_of(false).after_token, None);
 }
+
+/// A chat completions conversation as the Responses API's `input` items (and flat tools), the
+/// way a client moving between the two writes it.
+fn as_responses_body(case: &Map<String, Value>) -> Map<String, Value> {
+    let mut items = Vec::new();
+    for m in case["messages"].as_array().unwrap() {
+        let text_parts = |c: &Value, kind: &str| match c {
+            Value::Array(parts) => Value::Array(
+                parts
+                    .iter()
+                    .map(|p| serde_json::json!({"type": kind, "text": p["text"]}))
+                    .collect(),
+            ),
+            other => other.clone(),
+        };
+        match m["role"].as_str().unwrap() {
+            "tool" => items.push(serde_json::json!({
+                "type": "function_call_output", "call_id": m["tool_call_id"],
+                "output": text_parts(&m["content"], "input_text"),
+            })),
+            role => {
+                if let Some(r) = m.get("reasoning_content") {
+                    items.push(serde_json::json!({"type": "reasoning", "summary": [],
+                        "content": [{"type": "reasoning_text", "text": r}]}));
+                }
+                let kind = if role == "assistant" {
+                    "output_text"
+                } else {
+                    "input_text"
+                };
+                let content = m.get("content").cloned().unwrap_or(Value::Null);
+                let empty = content.is_null() || content == "";
+                if !(empty && m.get("tool_calls").is_some()) {
+                    items.push(serde_json::json!({"type": "message", "role": role,
+                        "content": text_parts(&content, kind)}));
+                }
+                for c in m
+                    .get("tool_calls")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    items.push(
+                        serde_json::json!({"type": "function_call", "call_id": c["id"],
+                        "name": c["function"]["name"], "arguments": c["function"]["arguments"]}),
+                    );
+                }
+            }
+        }
+    }
+    let mut body = Map::new();
+    body.insert("input".into(), Value::Array(items));
+    if let Some(Value::Array(tools)) = case.get("tools") {
+        let flat = tools
+            .iter()
+            .map(|t| {
+                let mut f = t["function"].as_object().unwrap().clone();
+                f.insert("type".into(), "function".into());
+                Value::Object(f)
+            })
+            .collect();
+        body.insert("tools".into(), Value::Array(flat));
+    }
+    if let Some(k) = case.get("chat_template_kwargs") {
+        body.insert("chat_template_kwargs".into(), k.clone());
+    }
+    body
+}
+
+#[test]
+fn responses_input_gives_hf_token_ids_too() {
+    use sluice_router::responses::ResponsesRequest;
+    let tokenizer =
+        Tokenizer::from_dir(&repo().join("../shared/fixtures/qwen3_5-tokenizer")).unwrap();
+    let text =
+        std::fs::read_to_string(repo().join("tests/fixtures/chat_template/conversations.json"))
+            .unwrap();
+    let cases: Vec<Map<String, Value>> = serde_json::from_str(&text).unwrap();
+    let mut checked = 0;
+    for case in cases {
+        // The Responses API always asks for the assistant's turn.
+        if case.get("add_generation_prompt") == Some(&Value::Bool(false)) {
+            continue;
+        }
+        let name = &case["name"];
+        let body = as_responses_body(&case);
+        let prepared = ResponsesRequest::from_body(body)
+            .unwrap()
+            .prepare(&tokenizer, "m".into())
+            .unwrap();
+        assert_eq!(
+            prepared.request.prompt,
+            case["text"].as_str().unwrap(),
+            "{name}: text"
+        );
+        let ids: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+        assert_eq!(
+            tokenizer.encode(&prepared.request.prompt).unwrap(),
+            ids,
+            "{name}: ids"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 10, "{checked} conversations");
+}
