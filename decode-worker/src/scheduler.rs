@@ -420,31 +420,50 @@ impl Scheduler {
     /// One forward over every running sequence, then sampling where a sequence is caught up.
     fn step(&mut self) {
         let feeds = self.plan();
-        let batch: Vec<SeqChunk> = self
-            .running
-            .iter()
-            .zip(&feeds)
-            .filter(|(_, f)| !f.is_empty())
-            .filter_map(|(s, f)| {
-                s.lease.as_ref().map(|l| SeqChunk {
-                    seq: l.id(),
-                    tokens: &s.tokens[f.clone()],
-                })
-            })
-            .collect();
+        let mut batch: Vec<SeqChunk> = Vec::with_capacity(feeds.len());
+        // Samplers that pick after this step under a grammar: their masks are made while
+        // the forward runs.
+        let mut guided: Vec<&mut GuidedSampler> = Vec::new();
+        for (s, f) in self.running.iter_mut().zip(&feeds) {
+            let Sequence {
+                tokens,
+                lease,
+                sampler,
+                ..
+            } = s;
+            let (Some(lease), false) = (lease.as_ref(), f.is_empty()) else {
+                continue;
+            };
+            if f.end == tokens.len() && sampler.is_guided() {
+                guided.push(sampler);
+            }
+            let tokens: &Vec<u32> = tokens;
+            batch.push(SeqChunk {
+                seq: lease.id(),
+                tokens: &tokens[f.clone()],
+            });
+        }
         if batch.is_empty() {
             return;
         }
         let fed: usize = batch.iter().map(|c| c.tokens.len()).sum();
         let started = std::time::Instant::now();
-        let step = self.model.forward_into(
-            &mut self.cache,
-            &batch,
-            LogitsMode::LastPerSequence,
-            &mut self.logits,
-        );
+        let (model, cache, logits) = (&self.model, &mut self.cache, &mut self.logits);
+        let step = std::thread::scope(|scope| {
+            let masks = (!guided.is_empty()).then(|| {
+                scope.spawn(move || guided.into_iter().for_each(GuidedSampler::prepare_mask))
+            });
+            let step = model.forward_into(cache, &batch, LogitsMode::LastPerSequence, logits);
+            // A panic there leaves the masks unmade: sampling makes them itself.
+            if let Some(masks) = masks {
+                let _ = masks.join();
+            }
+            step
+        });
+        let sequences = batch.len();
+        drop(batch);
         if let Err(e) = step {
-            tracing::warn!("decode step of {} sequences failed: {e}", batch.len());
+            tracing::warn!("decode step of {sequences} sequences failed: {e}");
             let status = engine_status(&e);
             for s in std::mem::take(&mut self.running) {
                 let _ = s.tx.send(Err(status.clone()));

@@ -258,6 +258,7 @@ impl GrammarCompiler {
         let mut guide = TokenGuide {
             matcher: self.matcher(&constraint.grammar)?,
             mask: SimpleVob::alloc(self.vocab),
+            prepared: None,
             after_token: constraint.after_token,
         };
         for &t in generated {
@@ -274,6 +275,8 @@ pub struct TokenGuide {
     matcher: Matcher,
     /// The last mask computed (kept to lend it to the sampler).
     mask: SimpleVob,
+    /// `mask` was computed ahead, for the next step (`prepare`), with this outcome.
+    prepared: Option<Result<()>>,
     /// Until this token has been generated, tokens are free (and not fed to the matcher).
     after_token: Option<u32>,
 }
@@ -285,6 +288,22 @@ impl TokenGuide {
         if self.after_token.is_some() {
             return Ok(None);
         }
+        match self.prepared.take() {
+            Some(outcome) => outcome?,
+            None => self.compute()?,
+        }
+        Ok(Some(TokenMask(self.mask.as_slice())))
+    }
+
+    /// Computes the next step's mask now — it depends only on the tokens accepted so far, so
+    /// it can be made while the step's forward runs — for `mask` to use.
+    fn prepare(&mut self) {
+        if self.after_token.is_none() && self.prepared.is_none() {
+            self.prepared = Some(self.compute());
+        }
+    }
+
+    fn compute(&mut self) -> Result<()> {
         self.mask = self
             .matcher
             .compute_mask_or_eos()
@@ -295,10 +314,12 @@ impl TokenGuide {
                 "the grammar allows no token here",
             ));
         }
-        Ok(Some(TokenMask(self.mask.as_slice())))
+        Ok(())
     }
 
     fn accept(&mut self, token: u32) -> Result<()> {
+        // A mask made ahead was for the state before this token.
+        self.prepared = None;
         if let Some(after) = self.after_token {
             if token == after {
                 self.after_token = None;
@@ -337,6 +358,20 @@ impl GuidedSampler {
         let sampled = self.sampler.sample_within(logits, mask);
         guide.accept(sampled.token)?;
         Ok(sampled)
+    }
+
+    /// Whether a grammar guides this sampler's picks.
+    pub fn is_guided(&self) -> bool {
+        self.guide.is_some()
+    }
+
+    /// Makes the next pick's mask ahead of the logits (off the step's critical path: the
+    /// decode scheduler calls it on a thread of its own while the forward runs). `sample`
+    /// computes it itself when this was not called; the picks are the same either way.
+    pub fn prepare_mask(&mut self) {
+        if let Some(guide) = self.guide.as_mut() {
+            guide.prepare();
+        }
     }
 
     /// The constraint is satisfied and admits nothing more: the sequence is over.

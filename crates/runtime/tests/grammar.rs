@@ -208,3 +208,43 @@ fn constraints_that_cannot_hold_are_refused_naming_the_field() {
     let e = refused(Grammar::Regex("a".into()), Some(VOCAB as u32));
     assert!(e.contains("`constraint.after_token`"), "{e}");
 }
+
+/// A mask made ahead on another thread (as the decode scheduler makes it while the forward
+/// runs) gives the same picks as one made at sampling time, with `after_token` too.
+#[test]
+fn masks_made_ahead_on_another_thread_pick_the_same_tokens() {
+    let s = setup();
+    for after_token in [None, Some(s.tokenizer.token_id("</think>").unwrap())] {
+        let constraint = Constraint {
+            grammar: Grammar::JsonSchema(booking_schema()),
+            after_token,
+        };
+        for seed in 1..=3 {
+            let new = || {
+                let guide = s.compiler.guide(&constraint, &[]).unwrap();
+                GuidedSampler::new(Sampler::new(sampling(seed), &[]).unwrap(), Some(guide))
+            };
+            let inline = run(&s, &mut new(), seed, 0, 400);
+            let mut ahead = new();
+            let mut tokens = Vec::new();
+            for step in 0..400 {
+                // Sometimes twice (a step that did not sample), sometimes not at all.
+                for _ in 0..(step % 3) {
+                    std::thread::scope(|scope| {
+                        scope.spawn(|| ahead.prepare_mask());
+                    });
+                }
+                let logits = noise_logits(seed, step, VOCAB);
+                let t = ahead.sample(&logits).unwrap().token;
+                if t == s.eos {
+                    break;
+                }
+                tokens.push(t);
+                if ahead.grammar_complete() {
+                    break;
+                }
+            }
+            assert_eq!(tokens, inline, "seed {seed}, after {after_token:?}");
+        }
+    }
+}
