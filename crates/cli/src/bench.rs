@@ -1,10 +1,13 @@
 //! `sluice bench`: prefill and decode speed on one model, batch 1 or more, against the
-//! machine's own read bandwidth measured in the same run (the decode roofline).
+//! machine's own read bandwidth and arithmetic peak measured in the same run: prefill as a
+//! fraction of the peak, each decode step against its bound, max(bytes ÷ bandwidth, flops ÷
+//! peak).
 
 use std::time::Instant;
 
 use anyhow::{Result, ensure};
 use serde_json::json;
+use sluice_engine::backend::cpu::flop_peak::FlopPeakMeter;
 use sluice_engine::backend::{Backend, BackendInfo};
 use sluice_engine::sampler::{Sampler, SamplingParams, argmax};
 use sluice_engine::{CacheConfig, LogitsMode, Model, ModelCache, PrefillPlan, SeqChunk};
@@ -18,6 +21,10 @@ const COUNTED_STEPS: usize = 3;
 const BANDWIDTH_EVERY: usize = 8;
 /// ...and at least this many passes in all.
 const MIN_BANDWIDTH_PASSES: usize = 3;
+/// Passes of the arithmetic-peak measurement after the prefill (the median is kept; during
+/// decode one runs with each bandwidth pass), and each one's length.
+const PEAK_PASSES: usize = 7;
+const PEAK_PASS_SECONDS: f64 = 0.03;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -162,6 +169,20 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let cold_prefill_s = prefill_s.remove(0);
     prefill_s.sort_by(f64::total_cmp);
     let warm_prefill_s = prefill_s.get(prefill_s.len() / 2).copied();
+    // The arithmetic peak of these minutes, with the instruction this precision's products
+    // use, right after the prefill it is compared to.
+    let pool = model.backend().pool();
+    let mut peak_meter = FlopPeakMeter::new(
+        pool,
+        model.backend().describe().precision,
+        PEAK_PASS_SECONDS,
+    );
+    for _ in 0..PEAK_PASSES {
+        peak_meter.pass(pool);
+    }
+    let prefill_peak = peak_meter.peak();
+    // The decode steps are compared with the passes taken between them (below).
+    peak_meter.clear();
 
     // Decode: b sequences with `decode_context` tokens cached, one token each per step.
     let contexts: Vec<Vec<u32>> = (0..b)
@@ -238,6 +259,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         {
             windows.push((reader.pass(model.backend().pool()), 0.0, 0));
         }
+        if i % BANDWIDTH_EVERY == 0 {
+            peak_meter.pass(model.backend().pool());
+        }
         let start = Instant::now();
         let (_, sampling) = step(&mut next, false)?;
         let seconds = start.elapsed().as_secs_f64();
@@ -299,8 +323,27 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let roofline_whole_run = bandwidth.map(|bw| read_gbs * 1e9 / bw);
     let roofline_tps = bandwidth.map(|bw| bw / step_bytes as f64 * b as f64);
     // Two flops per active weight per token (attention's own flops aside).
-    let prefill_gflops =
-        2.0 * (model.active_weight_bytes() / model.dtype().size()) as f64 * prefill_tps / 1e9;
+    let active_params = (model.active_weight_bytes() / model.dtype().size()) as f64;
+    let prefill_gflops = 2.0 * active_params * prefill_tps / 1e9;
+    for _ in peak_meter.passes()..MIN_BANDWIDTH_PASSES {
+        peak_meter.pass(model.backend().pool());
+    }
+    let (Some(prefill_peak), Some(decode_peak)) = (prefill_peak, peak_meter.peak()) else {
+        anyhow::bail!("no arithmetic-peak pass ran");
+    };
+    let peak_gflops = prefill_peak.flops_per_s / 1e9;
+    let decode_peak_gflops = decode_peak.flops_per_s / 1e9;
+    let prefill_peak_fraction = prefill_gflops / peak_gflops;
+    // A decode step's bound: what it must read at the measured bandwidth, or what it must
+    // compute at the measured peak, whichever takes longer.
+    let flop_bound_ms = 2.0 * active_params * b as f64 / decode_peak.flops_per_s * 1e3;
+    let byte_bound_ms = bandwidth.map(|bw| step_bytes as f64 / bw * 1e3);
+    let bound_ms = byte_bound_ms.map_or(flop_bound_ms, |m| m.max(flop_bound_ms));
+    let bound_by = if byte_bound_ms.is_some_and(|m| m >= flop_bound_ms) {
+        "bytes"
+    } else {
+        "flops"
+    };
     let rss = peak_rss_bytes();
     let BackendInfo {
         threads,
@@ -340,6 +383,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 "roofline_windows": fractions.len(),
                 "roofline_fraction_whole_run": roofline_whole_run,
                 "prefill_gflop_s": prefill_gflops,
+                "machine_peak_gflop_s": peak_gflops,
+                "machine_peak_gflop_s_decode": decode_peak_gflops,
+                "peak_instruction": prefill_peak.instruction,
+                "prefill_peak_fraction": prefill_peak_fraction,
+                "step_bound_ms": bound_ms,
+                "step_bound_by": bound_by,
+                "step_byte_bound_ms": byte_bound_ms,
+                "step_flop_bound_ms": flop_bound_ms,
+                "step_bound_fraction": bound_ms / step_ms,
                 "decode_allocations_per_step": per_step.map(|p| p.0),
                 "decode_allocated_bytes_per_step": per_step.map(|p| p.1),
                 "peak_rss_bytes": rss,
@@ -379,6 +431,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 step_bytes as f64 / 1e6
             );
         }
+        println!(
+            "peak         {peak_gflops:.1} GFLOP/s measured here ({}, {threads} threads; {decode_peak_gflops:.1} between the decode steps); prefill is {prefill_peak_fraction:.2} of it",
+            prefill_peak.instruction
+        );
+        println!(
+            "bound        {bound_ms:.1} ms/step by {bound_by} (bytes {}, flops {flop_bound_ms:.1} ms); the step is {:.2} of it",
+            byte_bound_ms.map_or("not measured".to_string(), |m| format!("{m:.1} ms")),
+            bound_ms / step_ms
+        );
         if let Some((count, bytes)) = per_step {
             println!(
                 "allocations  {count:.0} per decode step after warm-up ({:.2} MB)",

@@ -22,6 +22,7 @@ mod attention;
 mod avx512;
 mod delta_rule;
 mod experts;
+pub mod flop_peak;
 mod gated_delta;
 pub mod pool;
 mod products;
