@@ -26,7 +26,7 @@ use sluice_runtime::status::{LoadCounters, WorkerLimits, WorkerStatusService, re
 use sluice_runtime::transport::TransferHeader;
 use sluice_runtime::{
     CacheTransport, Destination, Handoff, Membership, Result, Role, RuntimeError, TransportKind,
-    WorkerId, WorkerInfo, sampling,
+    WorkerDirectory, WorkerId, WorkerInfo, sampling,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -153,10 +153,14 @@ pub async fn run(
         config.worker_id.as_str(),
         worker.clone(),
     );
+    // The decode workers a cache may be pushed to: the registered ones, never an address a
+    // caller makes up.
+    let directory = WorkerDirectory::start(membership.clone(), worker.clone()).await?;
     let service = PrefillService {
         model: model.clone(),
         jobs,
         transports,
+        directory,
         counters: counters.clone(),
         metrics,
         max_context: config.max_context,
@@ -394,6 +398,7 @@ struct PrefillService {
     model: Arc<dyn LanguageModel>,
     jobs: mpsc::UnboundedSender<Job>,
     transports: Vec<Arc<dyn CacheTransport>>,
+    directory: Arc<WorkerDirectory>,
     counters: Arc<LoadCounters>,
     metrics: Arc<PrefillMetrics>,
     max_context: usize,
@@ -401,7 +406,36 @@ struct PrefillService {
     grammars: Option<Arc<GrammarCompiler>>,
 }
 
+/// How long a push to a decode worker not yet in this worker's view of the membership waits
+/// for it to appear (it may have registered a moment ago, seen by the router first).
+const DESTINATION_GRACE: Duration = Duration::from_secs(2);
+
 impl PrefillService {
+    /// A cache goes only to a registered decode worker at the address it registered: the
+    /// internal plane is no relay to wherever a caller points it.
+    async fn check_destination(&self, dest: &Destination) -> Result<()> {
+        let registered = |d: &WorkerDirectory| {
+            d.get(&dest.worker_id)
+                .is_some_and(|w| w.role == Role::Decode && w.address == dest.address)
+        };
+        let mut changes = self.directory.changes();
+        let wait = async {
+            while !registered(&self.directory) {
+                if changes.changed().await.is_err() {
+                    return false;
+                }
+            }
+            true
+        };
+        match tokio::time::timeout(DESTINATION_GRACE, wait).await {
+            Ok(true) => Ok(()),
+            _ => Err(RuntimeError::TransferRefused(format!(
+                "`{}` at {} is not a registered decode worker",
+                dest.worker_id, dest.address
+            ))),
+        }
+    }
+
     async fn prefill(&self, req: pb::PrefillRequest) -> Result<pb::PrefillResponse> {
         let vocab = self.model.spec().vocab;
         if req.prompt_token_ids.is_empty() {
@@ -438,6 +472,7 @@ impl PrefillService {
                 worker_id: WorkerId::new(req.decode_worker_id.clone())?,
                 address: req.decode_address.clone(),
             };
+            self.check_destination(&dest).await?;
             let kind = TransportKind::from_pb("transport", req.transport)?;
             let transport = self
                 .transports

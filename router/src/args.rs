@@ -76,4 +76,8 @@ pub struct HttpArgs {
     /// Serve gRPC only.
     #[arg(long, env = "SLUICE_NO_HTTP")]
     pub no_http: bool,
+    /// Address of the internal `RouterStatus` service (every worker's address and load):
+    /// never on the public port, loopback unless an operator opens it.
+    #[arg(long, env = "SLUICE_STATUS_LISTEN", default_value = "127.0.0.1:50052")]
+    pub status_listen: SocketAddr,
 }

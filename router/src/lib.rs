@@ -101,6 +101,7 @@ impl RouterConfig {
 pub async fn run(
     listener: TcpListener,
     http: Option<TcpListener>,
+    status: TcpListener,
     membership: Arc<dyn Membership>,
     config: RouterConfig,
     shutdown: CancellationToken,
@@ -171,11 +172,20 @@ pub async fn run(
     let service = InferenceService {
         frontend: frontend.clone(),
     };
-    let routes = routes
-        .add_service(InferenceServer::new(service))
-        .add_service(RouterStatusServer::new(RouterStatusService { pool }));
-    tracing::info!(address = %listener.local_addr().map_err(sluice_runtime::RuntimeError::from)?, "router serving");
+    let routes = routes.add_service(InferenceServer::new(service));
+    // The internal plane (worker addresses and loads) has a listener of its own: the public
+    // port serves only `Inference`, health and reflection.
+    let (_, status_routes) = standard_routes()?;
+    let status_routes =
+        status_routes.add_service(RouterStatusServer::new(RouterStatusService { pool }));
+    let address = |l: &TcpListener| l.local_addr().map_err(sluice_runtime::RuntimeError::from);
+    tracing::info!(address = %address(&status)?, "router status (internal) serving");
+    let status_server = tokio::spawn(serve(status, status_routes.finish()?, shutdown.clone()));
+    tracing::info!(address = %address(&listener)?, "router serving");
     serve(listener, routes.finish()?, shutdown).await?;
+    status_server
+        .await
+        .map_err(|e| RouterError::Internal(format!("status server task: {e}")))??;
     if let Some(server) = http_server {
         server
             .await

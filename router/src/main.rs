@@ -33,9 +33,11 @@ fn main() -> anyhow::Result<()> {
         } else {
             Some(sluice_runtime::serve::bind(args.http.http_listen).await?)
         };
+        let status = sluice_runtime::serve::bind(args.http.status_listen).await?;
         sluice_router::run(
             start.listener,
             http,
+            status,
             start.membership,
             config,
             start.shutdown,

@@ -61,8 +61,23 @@ async fn the_disaggregated_cluster_matches_local_generation() {
     };
     assert_eq!(
         reflected_services(&cluster.router).await,
-        listed(&["sluice.v1.Inference", "sluice.worker.v1.RouterStatus"])
+        listed(&["sluice.v1.Inference"])
     );
+    // Worker addresses and loads only on the router's internal listener.
+    assert_eq!(
+        reflected_services(&cluster.router_status[0]).await,
+        listed(&["sluice.worker.v1.RouterStatus"])
+    );
+    let mut public = sluice_proto::worker::v1::router_status_client::RouterStatusClient::connect(
+        cluster.router.clone(),
+    )
+    .await
+    .unwrap();
+    let refused = public
+        .workers(sluice_proto::worker::v1::WorkersRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unimplemented, "{refused}");
     for w in &workers {
         let own: &[&str] = match w.role.as_str() {
             "prefill" => &["sluice.worker.v1.Prefill", "sluice.worker.v1.WorkerStatus"],
@@ -80,6 +95,54 @@ async fn the_disaggregated_cluster_matches_local_generation() {
             "{} worker at {}",
             w.role,
             w.address
+        );
+    }
+
+    // --- A prefill worker pushes a cache only to a registered decode worker at the address
+    // it registered: never to one a caller names (no server-side request forgery).
+    {
+        use sluice_proto::worker::v1 as wpb;
+        let prefill = workers.iter().find(|w| w.role == "prefill").unwrap();
+        let decode = workers.iter().find(|w| w.role == "decode").unwrap();
+        let trap = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        trap.set_nonblocking(true).unwrap();
+        let elsewhere = trap.local_addr().unwrap().to_string();
+        let mut client = wpb::prefill_client::PrefillClient::connect(prefill.address.clone())
+            .await
+            .unwrap();
+        for (worker_id, address) in [
+            (decode.worker_id.clone(), elsewhere.clone()),
+            (decode.worker_id.clone(), format!("http://{elsewhere}")),
+            // A registered worker, but not a decode one.
+            (prefill.worker_id.clone(), prefill.address.clone()),
+        ] {
+            let refused = client
+                .prefill(wpb::PrefillRequest {
+                    request_id: "forged".into(),
+                    prompt_token_ids: vec![1, 2, 3],
+                    decode_worker_id: worker_id,
+                    decode_address: address.clone(),
+                    transfer_id: "forged-transfer".into(),
+                    transport: wpb::TransportKind::Tcp as i32,
+                    max_new_tokens: 4,
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(
+                refused.code(),
+                tonic::Code::FailedPrecondition,
+                "{address}: {refused}"
+            );
+            assert!(
+                refused.message().contains("not a registered decode worker"),
+                "{refused}"
+            );
+        }
+        assert_eq!(
+            trap.accept().map(|_| ()).unwrap_err().kind(),
+            std::io::ErrorKind::WouldBlock,
+            "nothing connected to the forged address"
         );
     }
 

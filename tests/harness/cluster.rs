@@ -151,12 +151,16 @@ impl ClusterSpec {
         }
         let mut routers = Vec::new();
         let mut https = Vec::new();
+        let mut statuses = Vec::new();
         for i in 0..self.routers {
             let port = free_port();
             let http_port = free_port();
+            let status_port = free_port();
             let mut cmd = service("sluice-router", &etcd.url, model, port, self.ttl);
             cmd.arg("--http-listen")
                 .arg(format!("127.0.0.1:{http_port}"))
+                .arg("--status-listen")
+                .arg(format!("127.0.0.1:{status_port}"))
                 .args(&self.router_args)
                 .args(&self.all_args);
             let name = if i == 0 {
@@ -167,12 +171,14 @@ impl ClusterSpec {
             procs.push(Proc::spawn(&name, &mut cmd, logs.path()));
             routers.push(format!("http://127.0.0.1:{port}"));
             https.push(format!("127.0.0.1:{http_port}"));
+            statuses.push(format!("http://127.0.0.1:{status_port}"));
         }
         Running {
             cluster: Cluster {
                 router: routers[0].clone(),
                 http: https[0].clone(),
                 routers,
+                router_status: statuses,
                 metrics,
                 procs,
             },
@@ -189,6 +195,8 @@ pub struct Cluster {
     pub http: String,
     /// Every router's gRPC endpoint (the first is `router`).
     pub routers: Vec<String>,
+    /// Every router's internal `RouterStatus` endpoint, in the order of `routers`.
+    pub router_status: Vec<String>,
     /// Each worker's `/metrics` base URL, by process name.
     pub metrics: Vec<(String, String)>,
     pub procs: Vec<Proc>,
@@ -211,10 +219,10 @@ impl Cluster {
     }
 
     pub async fn workers(&self) -> Option<Vec<wpb::WorkerView>> {
-        Self::workers_at(&self.router).await
+        Self::workers_at(&self.router_status[0]).await
     }
 
-    /// The workers the router at `endpoint` schedules on.
+    /// The workers the router whose status service is at `endpoint` schedules on.
     pub async fn workers_at(endpoint: &str) -> Option<Vec<wpb::WorkerView>> {
         let mut c = RouterStatusClient::connect(endpoint.to_string())
             .await
@@ -236,7 +244,7 @@ impl Cluster {
             "every worker registered",
             || async {
                 let mut first = None;
-                for endpoint in &self.routers {
+                for endpoint in &self.router_status {
                     let w = Self::workers_at(endpoint).await?;
                     let reported = w
                         .iter()

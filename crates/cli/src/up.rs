@@ -146,7 +146,9 @@ pub fn run(args: UpArgs) -> Result<()> {
         router_config.grammars = Some(grammars.clone());
         {
             let (m, s) = (membership.clone(), shutdown.clone());
-            tasks.spawn(async move { Ok(sluice_router::run(listener, http, m, router_config, s).await?) });
+            // The internal status service on a loopback port of its own.
+            let status = sluice_runtime::serve::bind(SocketAddr::from(LOOPBACK)).await?;
+            tasks.spawn(async move { Ok(sluice_router::run(listener, http, status, m, router_config, s).await?) });
         }
         wait_for_workers(&directory, &args, &mut tasks).await?;
         let engine = if mock { ", mock engine" } else { "" };

@@ -75,41 +75,55 @@ fn main() {
         seed: Some(1),
         ..SamplingParams::default()
     };
-    for (name, guided) in [("plain", false), ("schema", true)] {
-        let (mut per_token, mut masks, mut picks) = (Vec::new(), Vec::new(), Vec::new());
-        for round in 0..5 {
-            let mut tokens = 0usize;
-            let (mut mask_s, mut pick_s) = (0.0, 0.0);
-            let t = Instant::now();
-            // Whole answers, from the schema's start to its end (or 200 tokens).
-            for answer in 0..4u64 {
-                let guide = guided.then(|| compiler.guide(&schema, &[]).unwrap());
-                let mut s = GuidedSampler::new(Sampler::new(params.clone(), &[]).unwrap(), guide);
-                for step in 0..200 {
-                    let row = &rows[(answer as usize + step + round) % rows.len()];
-                    // The mask apart (the decode scheduler makes it while the forward runs),
-                    // then the pick, which is all that stays on the step's critical path.
-                    let t0 = Instant::now();
-                    s.prepare_mask();
-                    let t1 = Instant::now();
-                    let token = s.sample(row).unwrap().token;
-                    mask_s += (t1 - t0).as_secs_f64();
-                    pick_s += t1.elapsed().as_secs_f64();
-                    tokens += 1;
-                    if token == eos || s.grammar_complete() {
-                        break;
+    // Batch 1: four whole answers one after another; batch 32: 32 answers side by side, each
+    // step sampling every unfinished one in turn, as a decode step does.
+    for batch in [1usize, 32] {
+        for (name, guided) in [("plain", false), ("schema", true)] {
+            let (mut per_token, mut masks, mut picks) = (Vec::new(), Vec::new(), Vec::new());
+            for round in 0..5 {
+                let (mut tokens, mut mask_s, mut pick_s) = (0usize, 0.0, 0.0);
+                let t = Instant::now();
+                for answers in 0..(4 / batch).max(1) {
+                    let mut samplers: Vec<Option<GuidedSampler>> = (0..batch)
+                        .map(|_| {
+                            let guide = guided.then(|| compiler.guide(&schema, &[]).unwrap());
+                            let sampler = Sampler::new(params.clone(), &[]).unwrap();
+                            Some(GuidedSampler::new(sampler, guide))
+                        })
+                        .collect();
+                    // Whole answers, from the schema's start to its end (or 200 tokens).
+                    for step in 0..200 {
+                        for (i, slot) in samplers.iter_mut().enumerate() {
+                            let Some(s) = slot.as_mut() else { continue };
+                            let row = &rows[(answers + i + step + round) % rows.len()];
+                            // The mask apart (the decode scheduler makes it while the forward
+                            // runs), then the pick: all that stays on the step's critical path.
+                            let t0 = Instant::now();
+                            s.prepare_mask();
+                            let t1 = Instant::now();
+                            let token = s.sample(row).unwrap().token;
+                            mask_s += (t1 - t0).as_secs_f64();
+                            pick_s += t1.elapsed().as_secs_f64();
+                            tokens += 1;
+                            if token == eos || s.grammar_complete() {
+                                *slot = None;
+                            }
+                        }
+                        if samplers.iter().all(Option::is_none) {
+                            break;
+                        }
                     }
                 }
+                per_token.push(t.elapsed().as_secs_f64() * 1e6 / tokens as f64);
+                masks.push(mask_s * 1e6 / tokens as f64);
+                picks.push(pick_s * 1e6 / tokens as f64);
             }
-            per_token.push(t.elapsed().as_secs_f64() * 1e6 / tokens as f64);
-            masks.push(mask_s * 1e6 / tokens as f64);
-            picks.push(pick_s * 1e6 / tokens as f64);
+            println!(
+                "batch {batch}, {name}: {:.0} µs per token (median of 5): mask {:.0} µs, pick {:.0} µs",
+                median(per_token),
+                median(masks),
+                median(picks)
+            );
         }
-        println!(
-            "{name}: {:.0} µs per token (median of 5): mask {:.0} µs, pick {:.0} µs",
-            median(per_token),
-            median(masks),
-            median(picks)
-        );
     }
 }
