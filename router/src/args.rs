@@ -48,9 +48,21 @@ pub struct RouterArgs {
     /// both off.
     #[arg(long, env = "SLUICE_MIGRATION_LIMIT", default_value_t = 3)]
     pub migration_limit: usize,
+    /// API keys, one `ID:KEY` per line: with it (or `SLUICE_API_KEYS`, the same entries
+    /// inline, comma-separated) every public request needs `authorization: Bearer <KEY>`.
+    /// Health stays open.
+    #[arg(long, env = "SLUICE_API_KEYS_FILE")]
+    pub api_keys_file: Option<std::path::PathBuf>,
 }
 
 impl RouterArgs {
+    /// The API keys of `--api-keys-file` and `SLUICE_API_KEYS` (an environment variable only,
+    /// so that no key shows in a process list); `None`: requests need no key.
+    pub fn api_keys(&self) -> Result<Option<crate::api_keys::ApiKeys>, crate::RouterError> {
+        let inline = std::env::var("SLUICE_API_KEYS").ok();
+        crate::api_keys::ApiKeys::load(self.api_keys_file.as_deref(), inline.as_deref())
+    }
+
     pub fn apply(&self, config: &mut RouterConfig) {
         config.max_in_flight = self.max_in_flight;
         config.max_queue = self.max_queue;

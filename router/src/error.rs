@@ -7,6 +7,8 @@ use tonic::{Code, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
     #[error("invalid argument `{field}`: {message}")]
     InvalidArgument {
         field: Cow<'static, str>,
@@ -42,6 +44,7 @@ impl RouterError {
     pub fn outcome(&self) -> &'static str {
         match self {
             RouterError::InvalidArgument { .. } => "invalid",
+            RouterError::Unauthenticated(_) => "unauthenticated",
             RouterError::Overloaded { .. } => "overloaded",
             RouterError::NoWorker(_) | RouterError::WorkerFailed { .. } => "unavailable",
             RouterError::DeadlineExceeded(_) => "deadline",
@@ -61,6 +64,7 @@ impl RouterError {
     pub fn code(&self) -> Code {
         match self {
             RouterError::InvalidArgument { .. } => Code::InvalidArgument,
+            RouterError::Unauthenticated(_) => Code::Unauthenticated,
             RouterError::Overloaded { .. } => Code::ResourceExhausted,
             RouterError::NoWorker(_) | RouterError::WorkerFailed { .. } => Code::Unavailable,
             RouterError::DeadlineExceeded(_) => Code::DeadlineExceeded,

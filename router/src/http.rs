@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic::metadata::MetadataMap;
 
+use crate::api_keys::KeyGuard;
 use crate::chat::ToolCallIds;
 use crate::chat_output::ChatDelta;
 use crate::error::RouterError;
@@ -38,13 +39,15 @@ struct AppState {
     directory: Arc<WorkerDirectory>,
 }
 
-/// The HTTP routes over `frontend`.
-pub fn app(frontend: Arc<Frontend>, directory: Arc<WorkerDirectory>) -> Router {
+/// The HTTP routes over `frontend`; with API keys in `guard`, every `/v1` route needs one
+/// (`/health` and `/metrics` stay open).
+pub fn app(frontend: Arc<Frontend>, directory: Arc<WorkerDirectory>, guard: KeyGuard) -> Router {
     Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/responses", post(responses))
         .route("/v1/models", get(models))
+        .route_layer(axum::middleware::from_fn_with_state(guard, require_key))
         .route("/health", get(health))
         .route("/metrics", get(sluice_runtime::metrics::metrics_response))
         .with_state(AppState {
@@ -69,6 +72,29 @@ pub async fn serve(
         .map_err(|e| RouterError::Internal(format!("HTTP server: {e}")))
 }
 
+/// Refuses a request without a valid key before anything reads its body (401, OpenAI's
+/// `invalid_api_key`).
+async fn require_key(
+    State(guard): State<KeyGuard>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let header = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match guard.admit(header) {
+        Ok(_) => next.run(request).await,
+        Err(e) => {
+            let mut response = ApiError::from(e).into_response();
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            response
+        }
+    }
+}
+
 /// An error as OpenAI clients expect it.
 pub struct ApiError {
     status: StatusCode,
@@ -83,6 +109,11 @@ impl From<RouterError> for ApiError {
             Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
                 (StatusCode::BAD_REQUEST, "invalid_request_error", None)
             }
+            Code::Unauthenticated => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                Some("invalid_api_key"),
+            ),
             Code::NotFound => (
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",

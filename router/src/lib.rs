@@ -3,6 +3,7 @@
 //! [`pool::SchedulingPolicy`]), and streams each request's tokens back.
 
 pub mod admission;
+pub mod api_keys;
 pub mod args;
 pub mod chat;
 pub mod chat_output;
@@ -73,6 +74,8 @@ pub struct RouterConfig {
     /// The constraint compiler to share (one vocabulary trie for the workers of the same
     /// process); `None`: the router builds its own from `model`.
     pub grammars: Option<Arc<GrammarCompiler>>,
+    /// Keys a public request must present (`None`: none needed).
+    pub api_keys: Option<api_keys::ApiKeys>,
 }
 
 impl RouterConfig {
@@ -92,6 +95,7 @@ impl RouterConfig {
             migration_limit: 3,
             disagg_min_tokens: 0,
             grammars: None,
+            api_keys: None,
         }
     }
 }
@@ -160,19 +164,29 @@ pub async fn run(
         max_in_flight: config.max_in_flight,
         max_queue: config.max_queue,
     });
+    let guard = api_keys::KeyGuard {
+        keys: config.api_keys.clone().map(Arc::new),
+        metrics: frontend.metrics_handle(),
+    };
+    if let Some(keys) = &guard.keys {
+        tracing::info!(?keys, "API keys required on the public API");
+    }
     let mut http_server = None;
     if let Some(http) = http {
         let address = http
             .local_addr()
             .map_err(sluice_runtime::RuntimeError::from)?;
         tracing::info!(%address, "router HTTP (OpenAI-compatible) serving");
-        let app = http::app(frontend.clone(), directory.clone());
+        let app = http::app(frontend.clone(), directory.clone(), guard.clone());
         http_server = Some(tokio::spawn(http::serve(http, app, shutdown.clone())));
     }
     let service = InferenceService {
         frontend: frontend.clone(),
     };
-    let routes = routes.add_service(InferenceServer::new(service));
+    let routes = routes.add_service(InferenceServer::with_interceptor(service, {
+        let guard = guard.clone();
+        move |request| guard.intercept(request)
+    }));
     // The internal plane (worker addresses and loads) has a listener of its own: the public
     // port serves only `Inference`, health and reflection.
     let (_, status_routes) = standard_routes()?;

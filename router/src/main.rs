@@ -28,6 +28,7 @@ fn main() -> anyhow::Result<()> {
         let start = s.start(50051).await?;
         let mut config = RouterConfig::new(s.model.clone());
         args.router.apply(&mut config);
+        config.api_keys = args.router.api_keys()?;
         let http = if args.http.no_http {
             None
         } else {

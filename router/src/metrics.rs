@@ -21,6 +21,7 @@ pub struct RouterMetrics {
     /// Each judged request's estimated start.
     pub estimated_start: Arc<Histogram>,
     refusals: CounterFamily,
+    authenticated: CounterFamily,
     pub prompt_tokens: Arc<Counter>,
     pub generated_tokens: Arc<Counter>,
 }
@@ -55,7 +56,7 @@ impl RouterMetrics {
                 .with(&[]),
             requests: r.counter(
                 "sluice_requests_total",
-                "Requests by outcome: stop, length, eos, cancelled, invalid, overloaded, unavailable, deadline, error.",
+                "Requests by outcome: stop, length, eos, cancelled, invalid, unauthenticated, overloaded, unavailable, deadline, error.",
                 &["outcome"],
             ),
             migrations: r.counter(
@@ -102,6 +103,11 @@ impl RouterMetrics {
                 "Requests refused for load, by reason: estimate (the queues would make it miss its targets or deadline), limit (in-flight limit and queue full), shed (queued past its time-to-first-token budget).",
                 &["reason"],
             ),
+            authenticated: r.counter(
+                "sluice_router_authenticated_requests_total",
+                "Public requests that presented a valid API key, by key id (with --api-keys-file or SLUICE_API_KEYS; the unauthenticated are sluice_requests_total{outcome=\"unauthenticated\"}).",
+                &["key"],
+            ),
             prompt_tokens: r
                 .counter("sluice_prompt_tokens_total", "Prompt tokens of admitted requests.", &[])
                 .with(&[]),
@@ -117,6 +123,10 @@ impl RouterMetrics {
 
     pub fn refused(&self, reason: &str) {
         self.refusals.with(&[reason]).inc();
+    }
+
+    pub fn authenticated(&self, key: &str) {
+        self.authenticated.with(&[key]).inc();
     }
 
     pub fn migrated(&self, reason: &str) {

@@ -50,6 +50,10 @@ impl Frontend {
         &self.relay.metrics
     }
 
+    pub fn metrics_handle(&self) -> Arc<RouterMetrics> {
+        self.relay.metrics.clone()
+    }
+
     /// Counts a request refused before admission.
     pub fn refused(&self, e: &RouterError) {
         self.metrics().outcome(e.outcome());

@@ -421,3 +421,103 @@ fn device_transports_a_worker_cannot_run_are_refused_at_start() {
         );
     }
 }
+
+/// With API keys on, a request without a valid key is refused (gRPC `UNAUTHENTICATED`, HTTP
+/// 401 in OpenAI's shape) before anything runs; a valid key is served and counted by its id,
+/// never by the key; health stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_need_a_valid_api_key_when_keys_are_set() {
+    use sluice_harness::http::{metric, request, request_with};
+    use sluice_proto::v1 as pb;
+    use sluice_proto::v1::inference_client::InferenceClient;
+
+    let model_dir = tempfile::tempdir().unwrap();
+    synth("tiny", model_dir.path());
+    let keys = model_dir.path().join("api-keys.txt");
+    std::fs::write(
+        &keys,
+        "# id:key\nops:ops-0123456789abcdef\nci:ci-fedcba9876543210\n",
+    )
+    .unwrap();
+    let running = ClusterSpec::new(1, 1)
+        .router_args(&["--api-keys-file", keys.to_str().unwrap()])
+        .start(model_dir.path());
+    let cluster = &running.cluster;
+    cluster.wait_ready(2).await;
+
+    let mut grpc = InferenceClient::connect(cluster.router.clone())
+        .await
+        .unwrap();
+    let generate = |key: Option<&str>| {
+        let mut r = tonic::Request::new(pb::GenerateRequest {
+            prompt_token_ids: vec![1, 2, 3],
+            sampling: Some(pb::SamplingParams {
+                max_tokens: Some(3),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        if let Some(k) = key {
+            r.metadata_mut().insert("authorization", k.parse().unwrap());
+        }
+        r
+    };
+    for key in [
+        None,
+        Some("Bearer ops-0123456789abcdeX"),
+        Some("ops-0123456789abcdef"),
+    ] {
+        let e = grpc.generate(generate(key)).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{key:?}: {e}");
+    }
+    let http = &cluster.http;
+    let body = r#"{"prompt": "hi", "max_tokens": 2}"#;
+    let refused = request(http, "POST", "/v1/completions", Some(body));
+    assert_eq!(refused.status, 401, "{}", refused.body);
+    assert_eq!(refused.json()["error"]["code"], "invalid_api_key");
+    assert_eq!(refused.header("www-authenticate"), Some("Bearer"));
+    let wrong = [("authorization", "Bearer ci-fedcba987654321")];
+    assert_eq!(
+        request_with(http, "GET", "/v1/models", None, &wrong).status,
+        401
+    );
+    // Nothing ran for the refused ones.
+    let metrics = request(http, "GET", "/metrics", None).body;
+    assert_eq!(
+        metric(&metrics, "sluice_prompt_tokens_total"),
+        Some(0.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"sluice_requests_total{outcome="unauthenticated"}"#
+        ),
+        Some(5.0)
+    );
+    // Health is open; valid keys are served and counted by id.
+    assert_eq!(request(http, "GET", "/health", None).status, 200);
+    let out = grpc
+        .generate(generate(Some("Bearer ops-0123456789abcdef")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(out.usage.unwrap().completion_tokens, 3);
+    let ok = [("authorization", "Bearer ci-fedcba9876543210")];
+    let served = request_with(http, "POST", "/v1/completions", Some(body), &ok);
+    assert_eq!(served.status, 200, "{}", served.body);
+    let metrics = request(http, "GET", "/metrics", None).body;
+    for id in ["ops", "ci"] {
+        let series = format!(r#"sluice_router_authenticated_requests_total{{key="{id}"}}"#);
+        assert_eq!(metric(&metrics, &series), Some(1.0), "{id}");
+    }
+    assert!(
+        !metrics.contains("0123456789abcdef"),
+        "a key in the metrics"
+    );
+    assert!(
+        !cluster.procs[cluster.procs.len() - 1]
+            .log()
+            .contains("0123456789abcdef")
+    );
+}

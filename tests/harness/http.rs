@@ -37,14 +37,29 @@ impl HttpResponse {
 
 /// Sends one request to `address` (host:port) and reads the whole response.
 pub fn request(address: &str, method: &str, path: &str, body: Option<&str>) -> HttpResponse {
+    request_with(address, method, path, body, &[])
+}
+
+/// As `request`, with extra `headers` (`authorization`, ...).
+pub fn request_with(
+    address: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> HttpResponse {
     let mut stream = TcpStream::connect(address).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(120)))
         .unwrap();
     let body = body.unwrap_or("");
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\
-Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+Content-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).unwrap();

@@ -143,6 +143,7 @@ pub fn run(args: UpArgs) -> Result<()> {
         };
         let mut router_config = sluice_router::RouterConfig::new(dir.clone());
         args.router.apply(&mut router_config);
+        router_config.api_keys = args.router.api_keys()?;
         router_config.grammars = Some(grammars.clone());
         {
             let (m, s) = (membership.clone(), shutdown.clone());
