@@ -520,4 +520,39 @@ async fn requests_need_a_valid_api_key_when_keys_are_set() {
             .log()
             .contains("0123456789abcdef")
     );
+
+    // The Rust SDK and `sluice generate` send a key when given one.
+    let request = GenerateRequest {
+        prompt_token_ids: vec![1, 2, 3],
+        sampling: Some(SamplingParams {
+            max_tokens: Some(2),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut open = sluice_client::Client::connect(&cluster.router)
+        .await
+        .unwrap();
+    match open.generate(request.clone()).await {
+        Err(ClientError::Unauthenticated(_)) => {}
+        other => panic!("expected Unauthenticated, got {other:?}"),
+    }
+    let mut keyed = sluice_client::Client::builder(&cluster.router)
+        .api_key("ops-0123456789abcdef")
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(keyed.generate(request).await.unwrap().token_ids.len(), 2);
+    let cli = |key: &str| {
+        std::process::Command::new(sluice_harness::bin("sluice"))
+            .args(["generate", "--endpoint", &cluster.router, "--prompt", "hi"])
+            .args(["--max-tokens", "2", "--json"])
+            .env("SLUICE_API_KEY", key)
+            .output()
+            .unwrap()
+    };
+    assert!(cli("ci-fedcba9876543210").status.success());
+    let refused = cli("wrong-key-0000000000");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("unauthenticated"));
 }

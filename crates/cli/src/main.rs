@@ -57,6 +57,14 @@ struct SynthArgs {
     seed: u64,
 }
 
+/// The API key `sluice generate --endpoint` and `sluice load` send, from `SLUICE_API_KEY`
+/// (an environment variable only, so that no key shows in a process list).
+fn api_key() -> Option<String> {
+    std::env::var("SLUICE_API_KEY")
+        .ok()
+        .filter(|k| !k.is_empty())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {

@@ -43,7 +43,11 @@ pub fn generate(endpoint: &str, args: &GenerateArgs) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
-        let mut client = Client::connect(endpoint).await?;
+        let mut builder = Client::builder(endpoint);
+        if let Some(key) = crate::api_key() {
+            builder = builder.api_key(key);
+        }
+        let mut client = builder.connect().await?;
         let req = request(args);
         let mut stdout = std::io::stdout().lock();
         if !args.stream {

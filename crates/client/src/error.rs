@@ -23,6 +23,13 @@ pub enum ClientError {
     DeadlineExceeded(String),
     #[error("cancelled: {0}")]
     Cancelled(String),
+    /// The router wants an API key and this client's is missing or wrong
+    /// (`UNAUTHENTICATED`). Do not retry with the same key.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// The API key given to the builder cannot be sent as a header value.
+    #[error("the API key is not valid header text")]
+    InvalidApiKey,
     /// Any other gRPC status (e.g. `NOT_FOUND` for an unknown model, `INTERNAL`).
     #[error("{}: {}", .0.code(), .0.message())]
     Rpc(tonic::Status),
@@ -32,7 +39,10 @@ impl ClientError {
     /// The gRPC status code behind this error; `None` when no call was made.
     pub fn code(&self) -> Option<Code> {
         Some(match self {
-            ClientError::InvalidEndpoint { .. } | ClientError::Connect { .. } => return None,
+            ClientError::InvalidEndpoint { .. }
+            | ClientError::Connect { .. }
+            | ClientError::InvalidApiKey => return None,
+            ClientError::Unauthenticated(_) => Code::Unauthenticated,
             ClientError::InvalidArgument(_) => Code::InvalidArgument,
             ClientError::Overloaded(_) => Code::ResourceExhausted,
             ClientError::Unavailable(_) => Code::Unavailable,
@@ -52,7 +62,9 @@ impl ClientError {
             | ClientError::Overloaded(m)
             | ClientError::Unavailable(m)
             | ClientError::DeadlineExceeded(m)
-            | ClientError::Cancelled(m) => m.clone(),
+            | ClientError::Cancelled(m)
+            | ClientError::Unauthenticated(m) => m.clone(),
+            ClientError::InvalidApiKey => self.to_string(),
             ClientError::Rpc(s) => s.message().to_string(),
         }
     }
@@ -67,6 +79,7 @@ impl From<tonic::Status> for ClientError {
             Code::Unavailable => ClientError::Unavailable(message),
             Code::DeadlineExceeded => ClientError::DeadlineExceeded(message),
             Code::Cancelled => ClientError::Cancelled(message),
+            Code::Unauthenticated => ClientError::Unauthenticated(message),
             _ => ClientError::Rpc(s),
         }
     }

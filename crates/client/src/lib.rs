@@ -33,6 +33,7 @@ mod stream;
 use std::time::Duration;
 
 use sluice_proto::v1::inference_client::InferenceClient;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 pub use error::ClientError;
@@ -106,10 +107,28 @@ pub struct ClientBuilder {
     retry: RetryPolicy,
     ca_certificate: Option<Vec<u8>>,
     domain_name: Option<String>,
+    api_key: Option<ApiKey>,
     lazy: bool,
 }
 
+/// An API key, kept out of `Debug` output.
+#[derive(Clone)]
+struct ApiKey(String);
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(…)")
+    }
+}
+
 impl ClientBuilder {
+    /// Sends `authorization: Bearer KEY` with every request (a router started with API
+    /// keys refuses requests without one).
+    pub fn api_key(mut self, key: impl Into<String>) -> Self {
+        self.api_key = Some(ApiKey(key.into()));
+        self
+    }
+
     /// Time allowed to open the connection (default 5 s).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
@@ -182,6 +201,14 @@ impl ClientBuilder {
 
     pub async fn connect(self) -> Result<Client, ClientError> {
         let endpoint = self.endpoint()?;
+        let authorization = match &self.api_key {
+            Some(ApiKey(key)) => Some(
+                format!("Bearer {key}")
+                    .parse::<MetadataValue<Ascii>>()
+                    .map_err(|_| ClientError::InvalidApiKey)?,
+            ),
+            None => None,
+        };
         let channel = if self.lazy {
             endpoint.connect_lazy()
         } else {
@@ -194,6 +221,7 @@ impl ClientBuilder {
             inner: InferenceClient::new(channel),
             timeout: self.timeout,
             retry: self.retry,
+            authorization,
         })
     }
 }
@@ -205,6 +233,8 @@ pub struct Client {
     inner: InferenceClient<Channel>,
     timeout: Option<Duration>,
     retry: RetryPolicy,
+    /// `Bearer KEY`, when the builder was given a key.
+    authorization: Option<MetadataValue<Ascii>>,
 }
 
 impl Client {
@@ -222,6 +252,7 @@ impl Client {
             retry: RetryPolicy::default(),
             ca_certificate: None,
             domain_name: None,
+            api_key: None,
             lazy: false,
         }
     }
@@ -230,6 +261,9 @@ impl Client {
         let mut request = tonic::Request::new(message);
         if let Some(t) = self.timeout {
             request.set_timeout(t);
+        }
+        if let Some(a) = &self.authorization {
+            request.metadata_mut().insert("authorization", a.clone());
         }
         request
     }

@@ -14,6 +14,14 @@ use super::report::Outcome;
 use super::workload::Prompt;
 use super::{Clock, RequestSpec};
 
+/// The HTTP API a load run drives: its `host:port` and the `authorization` it sends.
+#[derive(Clone, Default)]
+pub struct HttpApi {
+    pub authority: String,
+    /// `Bearer KEY` (a router with API keys refuses requests without it).
+    pub authorization: Option<String>,
+}
+
 /// `host:port` of an `http://host:port[/...]` address.
 pub fn authority(address: &str) -> Result<String> {
     let rest = address
@@ -23,11 +31,12 @@ pub fn authority(address: &str) -> Result<String> {
 }
 
 async fn send(
-    authority: &str,
+    api: &HttpApi,
     method: &str,
     path: &str,
     body: Option<Value>,
 ) -> Result<hyper::Response<hyper::body::Incoming>> {
+    let authority = api.authority.as_str();
     let stream = TcpStream::connect(authority)
         .await
         .with_context(|| format!("connecting to {authority}"))?;
@@ -35,20 +44,23 @@ async fn send(
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(connection);
-    let request = hyper::Request::builder()
+    let mut request = hyper::Request::builder()
         .method(method)
         .uri(path)
         .header("host", authority)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(
-            body.map(|b| b.to_string()).unwrap_or_default(),
-        )))?;
+        .header("content-type", "application/json");
+    if let Some(a) = &api.authorization {
+        request = request.header("authorization", a);
+    }
+    let request = request.body(Full::new(Bytes::from(
+        body.map(|b| b.to_string()).unwrap_or_default(),
+    )))?;
     Ok(sender.send_request(request).await?)
 }
 
 /// The served model's id and vocabulary size, from `GET /v1/models`.
-pub async fn model(authority: &str) -> Result<(String, u32)> {
-    let response = send(authority, "GET", "/v1/models", None).await?;
+pub async fn model(api: &HttpApi) -> Result<(String, u32)> {
+    let response = send(api, "GET", "/v1/models", None).await?;
     let body = response.into_body().collect().await?.to_bytes();
     let v: Value = serde_json::from_slice(&body).context("GET /v1/models")?;
     let m = &v["data"][0];
@@ -61,8 +73,8 @@ pub async fn model(authority: &str) -> Result<(String, u32)> {
 }
 
 /// Sends one streamed completion and times each event that carries a token.
-pub async fn completion(authority: &str, model: &str, spec: &RequestSpec) -> Outcome {
-    match stream_completion(authority, model, spec).await {
+pub async fn completion(api: &HttpApi, model: &str, spec: &RequestSpec) -> Outcome {
+    match stream_completion(api, model, spec).await {
         Ok(outcome) => outcome,
         Err(e) => Outcome::Failed {
             status: "CONNECTION".into(),
@@ -71,7 +83,7 @@ pub async fn completion(authority: &str, model: &str, spec: &RequestSpec) -> Out
     }
 }
 
-async fn stream_completion(authority: &str, model: &str, spec: &RequestSpec) -> Result<Outcome> {
+async fn stream_completion(api: &HttpApi, model: &str, spec: &RequestSpec) -> Result<Outcome> {
     let prompt = match &spec.prompt {
         Prompt::Tokens(ids) => json!(ids),
         Prompt::Text(t) => json!(t),
@@ -81,7 +93,7 @@ async fn stream_completion(authority: &str, model: &str, spec: &RequestSpec) -> 
         "ignore_eos": true, "stream_options": {"include_usage": true},
     });
     let mut clock = Clock::start();
-    let response = send(authority, "POST", "/v1/completions", Some(body)).await?;
+    let response = send(api, "POST", "/v1/completions", Some(body)).await?;
     let status = response.status();
     let mut body = response.into_body();
     if !status.is_success() {

@@ -157,7 +157,7 @@ impl Clock {
 /// Where requests go.
 enum Target {
     Grpc(Vec<Client>),
-    Http { authority: String, model: String },
+    Http { api: http::HttpApi, model: String },
 }
 
 impl Target {
@@ -167,7 +167,7 @@ impl Target {
                 let mut client = clients[index % clients.len()].clone();
                 grpc_request(&mut client, spec).await
             }
-            Target::Http { authority, model } => http::completion(authority, model, spec).await,
+            Target::Http { api, model } => http::completion(api, model, spec).await,
         }
     }
 }
@@ -346,17 +346,21 @@ fn cpu_time() -> Duration {
 
 async fn connect(args: &LoadArgs) -> Result<(Target, u32)> {
     if let Some(address) = &args.http {
-        let authority = http::authority(address)?;
-        let (model, vocab) = http::model(&authority).await?;
-        return Ok((Target::Http { authority, model }, vocab));
+        let api = http::HttpApi {
+            authority: http::authority(address)?,
+            authorization: crate::api_key().map(|k| format!("Bearer {k}")),
+        };
+        let (model, vocab) = http::model(&api).await?;
+        return Ok((Target::Http { api, model }, vocab));
     }
     let mut clients = Vec::new();
     for _ in 0..args.connections.max(1) {
         // No retries: a refusal is a measurement, not something to hide.
-        let client = Client::builder(&args.endpoint)
-            .retry(RetryPolicy::none())
-            .connect()
-            .await?;
+        let mut builder = Client::builder(&args.endpoint).retry(RetryPolicy::none());
+        if let Some(key) = crate::api_key() {
+            builder = builder.api_key(key);
+        }
+        let client = builder.connect().await?;
         clients.push(client);
     }
     let models = clients[0]
@@ -518,7 +522,7 @@ mod tests {
     fn request_draws_depend_on_seed_and_index_only() {
         let w = |seed| Workload {
             target: Target::Http {
-                authority: String::new(),
+                api: http::HttpApi::default(),
                 model: String::new(),
             },
             source: PromptSource::Random {
