@@ -1,7 +1,7 @@
 """Python client for Sluice's gRPC API (`sluice.v1.Inference`)."""
 
 from .client import AsyncClient, Client
-from .errors import DeadlineExceeded, InvalidArgument, Overloaded, SluiceError, Unavailable
+from .errors import DeadlineExceeded, InvalidArgument, Overloaded, SluiceError, Unauthenticated, Unavailable
 from .types import Chunk, Completion, Logprob, Model, Usage
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "Model",
     "Overloaded",
     "SluiceError",
+    "Unauthenticated",
     "Unavailable",
     "Usage",
 ]

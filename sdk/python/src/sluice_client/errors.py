@@ -30,11 +30,16 @@ class DeadlineExceeded(SluiceError):
     """The request's deadline passed."""
 
 
+class Unauthenticated(SluiceError):
+    """The router wants an API key and this client's is missing or wrong. Do not retry."""
+
+
 _BY_CODE = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
 }
 
 
