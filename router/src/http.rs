@@ -40,20 +40,29 @@ struct AppState {
 }
 
 /// The HTTP routes over `frontend`; with API keys in `guard`, every `/v1` route needs one
-/// (`/health` and `/metrics` stay open).
-pub fn app(frontend: Arc<Frontend>, directory: Arc<WorkerDirectory>, guard: KeyGuard) -> Router {
-    Router::new()
+/// (`/health` and, when `metrics`, `/metrics` stay open).
+pub fn app(
+    frontend: Arc<Frontend>,
+    directory: Arc<WorkerDirectory>,
+    guard: KeyGuard,
+    metrics: bool,
+) -> Router {
+    let router = Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/responses", post(responses))
         .route("/v1/models", get(models))
         .route_layer(axum::middleware::from_fn_with_state(guard, require_key))
-        .route("/health", get(health))
-        .route("/metrics", get(sluice_runtime::metrics::metrics_response))
-        .with_state(AppState {
-            frontend,
-            directory,
-        })
+        .route("/health", get(health));
+    let router = if metrics {
+        router.route("/metrics", get(sluice_runtime::metrics::metrics_response))
+    } else {
+        router
+    };
+    router.with_state(AppState {
+        frontend,
+        directory,
+    })
 }
 
 /// Serves `app` on `listener` until `shutdown`, letting responses in flight finish.

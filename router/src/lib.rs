@@ -76,6 +76,9 @@ pub struct RouterConfig {
     pub grammars: Option<Arc<GrammarCompiler>>,
     /// Keys a public request must present (`None`: none needed).
     pub api_keys: Option<api_keys::ApiKeys>,
+    /// Serve `/metrics` on the public HTTP port too (off when metrics have a listener of
+    /// their own).
+    pub metrics_on_http: bool,
 }
 
 impl RouterConfig {
@@ -96,6 +99,7 @@ impl RouterConfig {
             disagg_min_tokens: 0,
             grammars: None,
             api_keys: None,
+            metrics_on_http: true,
         }
     }
 }
@@ -177,7 +181,12 @@ pub async fn run(
             .local_addr()
             .map_err(sluice_runtime::RuntimeError::from)?;
         tracing::info!(%address, "router HTTP (OpenAI-compatible) serving");
-        let app = http::app(frontend.clone(), directory.clone(), guard.clone());
+        let app = http::app(
+            frontend.clone(),
+            directory.clone(),
+            guard.clone(),
+            config.metrics_on_http,
+        );
         http_server = Some(tokio::spawn(http::serve(http, app, shutdown.clone())));
     }
     let service = InferenceService {

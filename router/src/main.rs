@@ -29,6 +29,8 @@ fn main() -> anyhow::Result<()> {
         let mut config = RouterConfig::new(s.model.clone());
         args.router.apply(&mut config);
         config.api_keys = args.router.api_keys()?;
+        // With `--metrics-listen`, metrics are served there only, not on the public port.
+        config.metrics_on_http = s.metrics_listen.is_none();
         let http = if args.http.no_http {
             None
         } else {
