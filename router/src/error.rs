@@ -91,6 +91,12 @@ impl RouterError {
     }
 }
 
+/// Whole seconds to wait, rounded up (a client retrying sooner would be refused again), at
+/// least 1.
+pub fn retry_after_secs(after: std::time::Duration) -> u64 {
+    (after.as_secs_f64().ceil() as u64).max(1)
+}
+
 impl From<RouterError> for Status {
     fn from(e: RouterError) -> Status {
         let retry_after = e.retry_after();
@@ -100,7 +106,7 @@ impl From<RouterError> for Status {
         };
         // As HTTP's header, in whole seconds: gRPC clients read it from the trailers.
         if let Some(after) = retry_after
-            && let Ok(value) = after.as_secs().max(1).to_string().parse()
+            && let Ok(value) = retry_after_secs(after).to_string().parse()
         {
             status.metadata_mut().insert("retry-after", value);
         }

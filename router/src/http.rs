@@ -14,7 +14,7 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use futures::{Stream, StreamExt};
 use serde_json::{Value, json};
 use sluice_proto::v1 as pb;
@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic::metadata::MetadataMap;
 
-use crate::api_keys::KeyGuard;
+use crate::api_keys::{HeldKey, KeyGuard};
 use crate::chat::ToolCallIds;
 use crate::chat_output::ChatDelta;
 use crate::error::RouterError;
@@ -93,7 +93,13 @@ async fn require_key(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     match guard.admit(header) {
-        Ok(_) => next.run(request).await,
+        Ok(held) => {
+            let mut request = request;
+            if let Some(held) = held {
+                request.extensions_mut().insert(held);
+            }
+            next.run(request).await
+        }
         Err(e) => {
             let mut response = ApiError::from(e).into_response();
             response
@@ -153,7 +159,7 @@ impl From<RouterError> for ApiError {
         };
         let retry_after = match status {
             StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
-                Some(e.retry_after().map_or(1, |d| d.as_secs().max(1)))
+                Some(e.retry_after().map_or(1, crate::error::retry_after_secs))
             }
             _ => None,
         };
@@ -248,6 +254,7 @@ async fn start(
     frontend: &Frontend,
     request: pb::GenerateRequest,
     headers: HeaderMap,
+    key: Option<HeldKey>,
 ) -> Result<(String, ChunkRx), ApiError> {
     let valid = frontend
         .model()
@@ -255,7 +262,7 @@ async fn start(
         .inspect_err(|e| frontend.refused(e))?;
     let id = valid.request_id.clone();
     let metadata = MetadataMap::from_headers(headers);
-    Ok((id, frontend.start(valid, None, &metadata).await?))
+    Ok((id, frontend.start(valid, None, &metadata, key).await?))
 }
 
 /// Collects a whole generation.
@@ -307,6 +314,7 @@ fn stream_error(status: tonic::Status) -> ApiError {
 
 async fn completions(
     State(app): State<AppState>,
+    key: Option<Extension<HeldKey>>,
     headers: HeaderMap,
     Body(request): Body<CompletionRequest>,
 ) -> Result<Response, ApiError> {
@@ -316,7 +324,7 @@ async fn completions(
     let include_usage = request.sampling.include_usage();
     let logprobs = request.logprobs.is_some();
     let wire = request.to_pb().inspect_err(|e| frontend.refused(e))?;
-    let (id, rx) = start(frontend, wire, headers).await?;
+    let (id, rx) = start(frontend, wire, headers, key.map(|Extension(k)| k)).await?;
     let id = format!("cmpl-{id}");
     let created = unix_now();
     let f = frontend.clone();
@@ -359,6 +367,7 @@ async fn completions(
 
 async fn chat_completions(
     State(app): State<AppState>,
+    key: Option<Extension<HeldKey>>,
     headers: HeaderMap,
     Body(request): Body<ChatRequest>,
 ) -> Result<Response, ApiError> {
@@ -370,7 +379,7 @@ async fn chat_completions(
     let (wire, mut reader) = request
         .to_pb(&frontend.model().tokenizer)
         .inspect_err(|e| frontend.refused(e))?;
-    let (id, rx) = start(frontend, wire, headers).await?;
+    let (id, rx) = start(frontend, wire, headers, key.map(|Extension(k)| k)).await?;
     let call_ids = ToolCallIds(id.clone());
     let id = format!("chatcmpl-{id}");
     let created = unix_now();
@@ -470,6 +479,7 @@ fn delta_json(d: &ChatDelta, ids: &ToolCallIds, streamed: bool) -> Value {
 /// `response.incomplete` or `response.failed` ends it).
 async fn responses(
     State(app): State<AppState>,
+    key: Option<Extension<HeldKey>>,
     headers: HeaderMap,
     Body(request): Body<ResponsesRequest>,
 ) -> Result<Response, ApiError> {
@@ -479,7 +489,13 @@ async fn responses(
     let prepared = request
         .prepare(&frontend.model().tokenizer, model)
         .inspect_err(|e| frontend.refused(e))?;
-    let (id, mut rx) = start(frontend, prepared.request, headers).await?;
+    let (id, mut rx) = start(
+        frontend,
+        prepared.request,
+        headers,
+        key.map(|Extension(k)| k),
+    )
+    .await?;
     let mut builder = ResponseBuilder::new(&id, unix_now(), prepared.echo);
     let head = builder.start();
     let mut reader = prepared.reader;

@@ -100,7 +100,7 @@ impl RouterMetrics {
                 .with(&[]),
             refusals: r.counter(
                 "sluice_router_refusals_total",
-                "Requests refused for load, by reason: estimate (the queues would make it miss its targets or deadline), limit (in-flight limit and queue full), shed (queued past its time-to-first-token budget).",
+                "Requests refused for load, by reason: estimate (the queues would make it miss its targets or deadline), limit (in-flight limit and queue full), shed (queued past its time-to-first-token budget), key_limit (its API key over its in_flight or rps).",
                 &["reason"],
             ),
             authenticated: r.counter(

@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::admission::{Admission, estimate};
+use crate::api_keys::HeldKey;
 use crate::chat::{GrpcChat, GrpcChatReader, ToolCallIds};
 use crate::error::RouterError;
 use crate::generation::Relay;
@@ -61,12 +62,14 @@ impl Frontend {
 
     /// Admits `request` and runs it on a task; the chunks come on the receiver. Refusals
     /// (overloaded, deadline in the queue) are returned at once, before any chunk. The
-    /// request's span continues the trace in the caller's `metadata` (`traceparent`), if any.
+    /// request's span continues the trace in the caller's `metadata` (`traceparent`), if any,
+    /// and names its API key; the key's permit is held until the request ends.
     pub async fn start(
         &self,
         request: ValidRequest,
         deadline: Option<Duration>,
         metadata: &MetadataMap,
+        key: Option<HeldKey>,
     ) -> Result<ChunkRx, RouterError> {
         let arrived = Instant::now();
         let deadline = deadline.unwrap_or(self.default_deadline);
@@ -124,7 +127,9 @@ impl Frontend {
         let (tx, rx) = mpsc::channel(64);
         let relay = self.relay.clone();
         let request_id = request.request_id.clone();
-        let span = tracing::info_span!("request", id = %request_id);
+        let key_id = key.as_ref().map(|k| k.id.to_string());
+        let permit = key.as_ref().and_then(HeldKey::take);
+        let span = tracing::info_span!("request", id = %request_id, key = key_id.as_deref());
         sluice_runtime::telemetry::continue_trace(&span, metadata);
         let remaining = deadline.saturating_sub(arrived.elapsed());
         tokio::spawn(
@@ -135,6 +140,7 @@ impl Frontend {
                     Err(_) => Err(RouterError::DeadlineExceeded(format!("after {deadline:?}"))),
                 };
                 drop(admitted);
+                drop(permit);
                 metrics.in_flight.set(admission.in_flight() as f64);
                 match outcome {
                     Ok(reason) => {
@@ -180,6 +186,7 @@ impl InferenceService {
     ) -> Result<(ChunkRx, Option<GrpcChatReader>), Status> {
         let deadline = grpc_timeout(request.metadata());
         let metadata = request.metadata().clone();
+        let key = request.extensions().get::<HeldKey>().cloned();
         let mut request = request.into_inner();
         let model = self.frontend.model();
         let reader = if request.messages.is_empty() {
@@ -191,7 +198,7 @@ impl InferenceService {
             .validate(request)
             .inspect_err(|e| self.frontend.refused(e))?;
         Ok((
-            self.frontend.start(valid, deadline, &metadata).await?,
+            self.frontend.start(valid, deadline, &metadata, key).await?,
             reader,
         ))
     }

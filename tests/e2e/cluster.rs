@@ -436,7 +436,7 @@ async fn requests_need_a_valid_api_key_when_keys_are_set() {
     let keys = model_dir.path().join("api-keys.txt");
     std::fs::write(
         &keys,
-        "# id:key\nops:ops-0123456789abcdef\nci:ci-fedcba9876543210\n",
+        "# id:key\nops:ops-0123456789abcdef\nci:ci-fedcba9876543210\nslow:slow-0123456789abcdef rps=0.5\n",
     )
     .unwrap();
     let running = ClusterSpec::new(1, 1)
@@ -521,6 +521,20 @@ async fn requests_need_a_valid_api_key_when_keys_are_set() {
             .contains("0123456789abcdef")
     );
 
+    // A key over its rate is refused with when to retry; the others are not held back.
+    let slow = [("authorization", "Bearer slow-0123456789abcdef")];
+    assert_eq!(
+        request_with(http, "GET", "/v1/models", None, &slow).status,
+        200
+    );
+    let limited = request_with(http, "GET", "/v1/models", None, &slow);
+    assert_eq!(limited.status, 429, "{}", limited.body);
+    assert_eq!(limited.header("retry-after"), Some("2"));
+    assert_eq!(
+        request_with(http, "GET", "/v1/models", None, &ok).status,
+        200
+    );
+
     // The Rust SDK and `sluice generate` send a key when given one.
     let request = GenerateRequest {
         prompt_token_ids: vec![1, 2, 3],
@@ -572,6 +586,10 @@ async fn a_router_with_a_metrics_listener_keeps_metrics_off_the_public_port() {
     assert_eq!(request(&cluster.http, "GET", "/metrics", None).status, 404);
     let own = request(&metrics, "GET", "/metrics", None);
     assert_eq!(own.status, 200);
-    assert!(own.body.contains("sluice_requests_in_flight"), "{}", own.body);
+    assert!(
+        own.body.contains("sluice_requests_in_flight"),
+        "{}",
+        own.body
+    );
     assert_eq!(request(&cluster.http, "GET", "/health", None).status, 200);
 }
