@@ -571,18 +571,28 @@ async fn requests_need_a_valid_api_key_when_keys_are_set() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("unauthenticated"));
 }
 
-/// A router given `--metrics-listen` serves its metrics there only, not on the public port.
+/// A router given `--metrics-listen` serves its metrics there only, not on the public port;
+/// with `--no-reflection` no server lists its services.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_router_with_a_metrics_listener_keeps_metrics_off_the_public_port() {
+async fn metrics_off_the_public_port_and_reflection_off() {
     use sluice_harness::http::request;
     let model_dir = tempfile::tempdir().unwrap();
     synth("tiny", model_dir.path());
     let metrics = format!("127.0.0.1:{}", sluice_harness::free_port());
     let running = ClusterSpec::new(1, 1)
         .router_args(&["--metrics-listen", &metrics])
+        .all_args(&["--no-reflection"])
         .start(model_dir.path());
     let cluster = &running.cluster;
-    cluster.wait_ready(2).await;
+    let workers = cluster.wait_ready(2).await;
+    assert!(reflected_services(&cluster.router).await.is_empty());
+    for w in &workers {
+        assert!(
+            reflected_services(&w.address).await.is_empty(),
+            "{}",
+            w.role
+        );
+    }
     assert_eq!(request(&cluster.http, "GET", "/metrics", None).status, 404);
     let own = request(&metrics, "GET", "/metrics", None);
     assert_eq!(own.status, 200);

@@ -310,11 +310,12 @@ pub async fn reflected_services(endpoint: &str) -> Vec<String> {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
     };
-    let mut responses = c
-        .server_reflection_info(tokio_stream::once(request))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut responses = match c.server_reflection_info(tokio_stream::once(request)).await {
+        Ok(r) => r.into_inner(),
+        // `--no-reflection`: the server lists nothing.
+        Err(s) if s.code() == tonic::Code::Unimplemented => return Vec::new(),
+        Err(s) => panic!("{endpoint}: reflection: {s}"),
+    };
     let response = responses.message().await.unwrap().unwrap();
     let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
         panic!("{endpoint}: not a service list: {response:?}");

@@ -40,6 +40,9 @@ pub struct UpArgs {
     /// Serve gRPC only.
     #[arg(long, env = "SLUICE_NO_HTTP")]
     pub no_http: bool,
+    /// Serve no gRPC server reflection.
+    #[arg(long, env = "SLUICE_NO_REFLECTION")]
+    pub no_reflection: bool,
     #[command(flatten)]
     pub engine: EngineArgs,
     #[command(flatten)]
@@ -59,6 +62,9 @@ pub fn run(args: UpArgs) -> Result<()> {
     let mock = args.engine.engine == EngineKind::Mock;
     if mock && args.experts > 0 {
         bail!("--engine mock has no experts to place: drop --experts");
+    }
+    if args.no_reflection {
+        sluice_runtime::serve::disable_reflection();
     }
     let backend = args.model.open_backend()?;
     let dir = args.model.resolve()?;

@@ -69,8 +69,12 @@ impl ServerRoutes {
     }
 
     /// The routes with server reflection (v1 and v1alpha, for grpcurl and ghz), listing the
-    /// services added, health, and reflection itself.
+    /// services added, health, and reflection itself — or without it, when this process was
+    /// started with `--no-reflection` ([`disable_reflection`]).
     pub fn finish(self) -> Result<Routes> {
+        if REFLECTION_OFF.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(self.routes);
+        }
         let reflection = || {
             let builder = tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(sluice_proto::FILE_DESCRIPTOR_SET)
@@ -89,6 +93,16 @@ impl ServerRoutes {
             .map_err(|e| RuntimeError::Internal(format!("reflection: {e}")))?;
         Ok(self.routes.add_service(v1).add_service(v1alpha))
     }
+}
+
+/// Set once at start-up: every server of the process then serves no reflection. A process
+/// setting because `--no-reflection` is a property of the deployment, the same for every
+/// server `sluice up` runs in one process.
+static REFLECTION_OFF: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Turns server reflection off for every server this process starts from now on.
+pub fn disable_reflection() {
+    REFLECTION_OFF.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Binds `addr` (port 0 picks a free one).

@@ -51,6 +51,9 @@ pub struct ServiceArgs {
     /// migrates. Keep it below the pod's termination grace period.
     #[arg(long, env = "SLUICE_DRAIN_TIMEOUT", default_value_t = 30)]
     pub drain_timeout: u64,
+    /// Serve no gRPC server reflection (grpcurl and ghz then need the proto files).
+    #[arg(long, env = "SLUICE_NO_REFLECTION")]
+    pub no_reflection: bool,
 }
 
 impl ServiceArgs {
@@ -75,6 +78,9 @@ impl ServiceArgs {
     /// Connects to etcd, arms the shutdown signals and binds `--listen` (`0.0.0.0:default_port`
     /// when absent).
     pub async fn start(&self, default_port: u16) -> Result<ServiceStart> {
+        if self.no_reflection {
+            crate::serve::disable_reflection();
+        }
         let membership = self.membership().await?;
         let shutdown = CancellationToken::new();
         crate::cli::cancel_on_signal(shutdown.clone());
