@@ -1048,34 +1048,21 @@ mod tests {
 
     #[test]
     fn reasoning_tokens_are_counted_by_id() {
-        let mut r = ReasoningTokens {
-            open: Some(1),
-            close: Some(2),
-            inside: true,
-            started: false,
-            count: 0,
+        // `<think>` is 1, `</think>` 2; `inside`: the prompt left a block open.
+        let count = |inside: bool, ids: &[&[u32]]| {
+            let mut r = ReasoningTokens {
+                open: Some(1),
+                close: Some(2),
+                inside,
+                started: false,
+                count: 0,
+            };
+            ids.iter().for_each(|c| r.push(c));
+            r.count
         };
-        r.push(&[5, 6]);
-        r.push(&[2, 7, 8, 2]);
-        assert_eq!(r.count, 3);
+        assert_eq!(count(true, &[&[5, 6], &[2, 7, 8, 2]]), 3);
         // Thinking off, but the model opens a block itself.
-        let mut r = ReasoningTokens {
-            open: Some(1),
-            close: Some(2),
-            inside: false,
-            started: false,
-            count: 0,
-        };
-        r.push(&[1, 5, 2, 9]);
-        assert_eq!(r.count, 3);
-        let mut r = ReasoningTokens {
-            open: Some(1),
-            close: Some(2),
-            inside: false,
-            started: false,
-            count: 0,
-        };
-        r.push(&[9, 1, 5, 2]);
-        assert_eq!(r.count, 0);
+        assert_eq!(count(false, &[&[1, 5, 2, 9]]), 3);
+        assert_eq!(count(false, &[&[9, 1, 5, 2]]), 0);
     }
 }
